@@ -1,0 +1,178 @@
+"""The `mlip` command line: train, evaluate, validate.
+
+Heavy modules (JAX, flax) are imported inside the commands so ``mlip --help`` is
+instant. Errors a user can cause print one line naming the file and key, and exit
+with status 2; they never show a JAX stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mlip.errors import MLIPError
+
+
+def _enable_precision(dtype: str) -> None:
+    # x64 is switched on only at entry points, never when a library module is imported.
+    import jax
+
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+
+
+def _compilation_cache() -> None:
+    """Reuse compiled XLA programs across runs (first run compiles, later runs load)."""
+    import jax
+
+    directory = os.environ.get("MLIP_COMPILATION_CACHE", os.path.expanduser("~/.cache/mlip/xla"))
+    if directory and directory.lower() != "off":
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def command_train(args) -> int:
+    from mlip.training.config import load_config
+
+    if args.resume:
+        config_path = os.path.join(args.resume, "config.yaml")
+        if not os.path.exists(config_path):
+            raise MLIPError(f"{args.resume}: no config.yaml; is this a run directory of `mlip train`?")
+        config = load_config(config_path, args.set or ())
+        if os.path.abspath(config.run_dir) != os.path.abspath(args.resume):
+            config = config.model_copy(update={"run_dir": args.resume})
+    else:
+        if not args.config:
+            raise MLIPError("mlip train: give a CONFIG.yaml or --resume RUN_DIR")
+        config = load_config(args.config, args.set or ())
+    _enable_precision(config.model.dtype)
+    _compilation_cache()
+    from mlip.training.trainer import train
+
+    summary = train(config, resume=bool(args.resume))
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"run: {summary['run_dir']}  epochs: {summary['epochs']}  time: {summary['elapsed_s']} s "
+          f"(stopped by {summary['stop_reason']}), best epoch {summary['best_epoch']}")
+    for split in ("valid", "test"):
+        if split in summary:
+            print(f"{split:>5}: " + _format_metrics(summary[split]))
+
+
+def _format_metrics(metrics: dict) -> str:
+    parts = [f"{metrics['n_frames']} frames"]
+    if "energy_mae_per_atom" in metrics:
+        parts.append(f"E MAE {1000 * metrics['energy_mae_per_atom']:.2f} meV/atom")
+    if "forces_mae" in metrics:
+        parts.append(f"F MAE {1000 * metrics['forces_mae']:.1f} meV/Å (RMSE {1000 * metrics['forces_rmse']:.1f})")
+    if "stress_mae" in metrics:
+        parts.append(f"stress MAE {1000 * metrics['stress_mae']:.2f} meV/Å³")
+    return ", ".join(parts)
+
+
+def command_evaluate(args) -> int:
+    from mlip.training.checkpoint import read_model_json
+
+    metadata = read_model_json(args.run_dir)
+    _enable_precision(metadata["model"].get("dtype", "float32"))
+    _compilation_cache()
+    from mlip.data.batching import build_samples
+    from mlip.data.reader import read_frames
+    from mlip.training.checkpoint import atomic_write_text, load_potential
+    from mlip.training.config import load_config
+    from mlip.training.evaluation import Predictor, compute_metrics, parity_plot
+    from mlip.training.trainer import check_elements, label_keys
+
+    potential, params = load_potential(args.run_dir, args.which)
+    config = load_config(os.path.join(args.run_dir, "config.yaml"))
+    frames = read_frames(args.data, label_keys(config))
+    check_elements(frames, potential.statistics.atomic_numbers, "evaluated")
+    samples = build_samples(frames, potential.cutoff)
+    predictions = Predictor(potential).predict(params, samples, args.batch_size)
+    metrics = compute_metrics(samples, predictions)
+    metrics["data"] = args.data
+    metrics["run_dir"] = args.run_dir
+    rows = [("frames", str(metrics["n_frames"]))]
+    for key, label, factor, unit in (("energy_mae_per_atom", "energy MAE", 1000, "meV/atom"),
+                                     ("energy_rmse_per_atom", "energy RMSE", 1000, "meV/atom"),
+                                     ("forces_mae", "forces MAE", 1000, "meV/Å"),
+                                     ("forces_rmse", "forces RMSE", 1000, "meV/Å"),
+                                     ("stress_mae", "stress MAE", 1000, "meV/Å³"),
+                                     ("stress_rmse", "stress RMSE", 1000, "meV/Å³")):
+        if key in metrics:
+            rows.append((label, f"{factor * metrics[key]:.3f} {unit}"))
+    width = max(len(label) for label, _ in rows)
+    print(f"{args.data} with {args.run_dir}")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
+    plot_path = args.plot or (os.path.splitext(args.json)[0] + "_parity.png" if args.json else None)
+    if plot_path:
+        parity_plot(samples, predictions, plot_path, f"{args.data}")
+    return 0
+
+
+def command_validate(args) -> int:
+    from mlip.training.config import load_config
+
+    config = load_config(args.config, args.set or ())
+    print(f"{args.config}: valid")
+    if args.show:
+        import yaml
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlip import __version__
+
+    parser = argparse.ArgumentParser(prog="mlip", description="Machine-learned interatomic potentials on JAX.")
+    parser.add_argument("--version", action="version", version=f"mlip {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", nargs="?", help="YAML run config")
+    train.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                       help="override a config value (repeatable), e.g. --set training.max_epochs=5")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    train.set_defaults(handler=command_train)
+
+    evaluate = commands.add_parser("evaluate", help="errors of a trained model on a data set")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("data", help="data source, path@index (ASE index, e.g. test.xyz@-100:)")
+    evaluate.add_argument("--json", help="write the metrics to this JSON file")
+    evaluate.add_argument("--plot", help="parity plot PNG (default: beside --json)")
+    evaluate.add_argument("--which", choices=["best", "last"], default="best")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.set_defaults(handler=command_evaluate)
+
+    validate = commands.add_parser("validate", help="check a config without running anything")
+    validate.add_argument("config")
+    validate.add_argument("--set", action="append", metavar="KEY.PATH=VALUE")
+    validate.add_argument("--show", action="store_true", help="print the resolved config with all defaults")
+    validate.set_defaults(handler=command_validate)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except MLIPError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is saved; continue with `mlip train --resume RUN_DIR`",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

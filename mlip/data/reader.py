@@ -1,0 +1,234 @@
+"""Reading labelled structures from any file ASE reads into plain `Frame` records.
+
+A data source is written ``path@index``, where ``index`` is an ASE index string:
+``data.extxyz`` (all frames), ``data.extxyz@0:450``, ``data.extxyz@-50:``,
+``data.db@7``. Labels are looked up under configurable keys, first in
+``atoms.info`` / ``atoms.arrays`` and then in the results of an attached
+calculator (ASE's extxyz reader puts ``energy``/``forces``/``stress`` there), so
+``energy``, ``REF_energy`` and ``dft_forces`` all work without editing the file.
+Every problem is reported with the file, the frame and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from mlip.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelKeys:
+    """Where the labels of a frame live. ``None`` means: this data set has no such label."""
+
+    energy: Optional[str] = "REF_energy"
+    forces: Optional[str] = "REF_forces"
+    stress: Optional[str] = "REF_stress"
+    charge: Optional[str] = "total_charge"
+    spin: Optional[str] = "total_spin"
+    fidelity: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Frame:
+    """One labelled structure on the host, in float64.
+
+    Attributes:
+        positions: [n, 3] Å.
+        numbers: [n] atomic numbers.
+        cell: [3, 3] Å, rows are lattice vectors (may be non-zero for a
+            non-periodic frame; it is then ignored).
+        pbc: [3] periodic directions.
+        energy: total energy, eV (absolute, as labelled), or None.
+        forces: [n, 3] eV/Å, or None.
+        stress: [3, 3] eV/Å³ in ASE's sign convention, or None.
+        charge: total charge, e.
+        spin: spin multiplicity.
+        fidelity: index of the level of theory.
+        source: ``file@frame`` for error messages.
+    """
+
+    positions: np.ndarray
+    numbers: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    energy: Optional[float] = None
+    forces: Optional[np.ndarray] = None
+    stress: Optional[np.ndarray] = None
+    charge: float = 0.0
+    spin: float = 1.0
+    fidelity: int = 0
+    source: str = ""
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.numbers)
+
+    @property
+    def is_periodic(self) -> bool:
+        return bool(np.any(self.pbc))
+
+
+def split_data_spec(spec: str) -> tuple[str, str]:
+    """Split ``path@index`` into the path and an ASE index string (``":"`` if absent)."""
+    spec = os.fspath(spec)
+    if "@" in spec:
+        path, index = spec.rsplit("@", 1)
+        if not index:
+            raise DataError(f"{spec}: empty index after '@' (use e.g. {path}@0:100)")
+        return path, index
+    return spec, ":"
+
+
+def read_atoms(spec: str) -> list:
+    """Read the ASE ``Atoms`` objects selected by ``path@index``."""
+    import ase.io
+
+    path, index = split_data_spec(spec)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found (from data source '{spec}')")
+    try:
+        images = ase.io.read(path, index=index)
+    except (ValueError, IndexError, KeyError) as error:
+        raise DataError(f"{spec}: ASE cannot read this selection: {error}") from error
+    except Exception as error:  # ASE raises many kinds for malformed files
+        raise DataError(f"{spec}: not a structure file ASE can read ({type(error).__name__}: {error})") from error
+    if not isinstance(images, list):
+        images = [images]
+    if len(images) == 0:
+        raise DataError(f"{spec}: the selection '{index}' contains no frames")
+    return images
+
+
+def _calc_results(atoms) -> dict:
+    calc = getattr(atoms, "calc", None)
+    return dict(getattr(calc, "results", {}) or {}) if calc is not None else {}
+
+
+def _lookup(atoms, key: str, per_atom: bool):
+    """Find a label under ``key`` in info/arrays, then in calculator results."""
+    store = atoms.arrays if per_atom else atoms.info
+    if key in store:
+        return store[key]
+    results = _calc_results(atoms)
+    if key in results:
+        return results[key]
+    # ASE's extxyz reader renames plain energy/forces/stress into calculator results.
+    return None
+
+
+def _available_keys(atoms) -> str:
+    keys = sorted(set(atoms.info) | set(atoms.arrays) | set(_calc_results(atoms)))
+    keys = [k for k in keys if k not in ("numbers", "positions")]
+    return ", ".join(keys) if keys else "(none)"
+
+
+def _as_stress_matrix(value, where: str) -> np.ndarray:
+    value = np.asarray(value, dtype=np.float64)
+    if value.shape == (3, 3):
+        return value
+    if value.size == 9:
+        return value.reshape(3, 3)
+    if value.size == 6:  # Voigt order xx, yy, zz, yz, xz, xy (ASE)
+        xx, yy, zz, yz, xz, xy = value.reshape(6)
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    raise DataError(f"{where}: stress must have 6 (Voigt) or 9 values, got shape {value.shape}")
+
+
+def atoms_to_frame(atoms, keys: LabelKeys, source: str, require_energy: bool = True,
+                   require_forces: bool = True) -> Frame:
+    """Convert one ASE ``Atoms`` into a `Frame`, checking every label."""
+    numbers = np.asarray(atoms.numbers, dtype=np.int64)
+    if len(numbers) == 0:
+        raise DataError(f"{source}: frame has no atoms")
+    bad = np.flatnonzero((numbers <= 0) | (numbers > 118))
+    if bad.size:
+        raise DataError(f"{source}: atom {bad[0]} has invalid atomic number {numbers[bad[0]]}")
+    positions = np.asarray(atoms.positions, dtype=np.float64)
+    if not np.all(np.isfinite(positions)):
+        atom = int(np.argwhere(~np.isfinite(positions))[0, 0])
+        raise DataError(f"{source}: atom {atom} has a non-finite position")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    if pbc.any() and abs(np.linalg.det(cell)) < 1e-9:
+        raise DataError(f"{source}: periodic frame (pbc={pbc.tolist()}) has a zero-volume cell")
+    frame = Frame(positions=positions, numbers=numbers, cell=cell, pbc=pbc, source=source)
+
+    if keys.energy is not None:
+        value = _lookup(atoms, keys.energy, per_atom=False)
+        if value is None:
+            if require_energy:
+                raise DataError(f"{source}: no energy under key '{keys.energy}'; keys present: "
+                                f"{_available_keys(atoms)} (set data.energy_key)")
+        else:
+            energy = float(np.asarray(value, dtype=np.float64).reshape(()))
+            if not np.isfinite(energy):
+                raise DataError(f"{source}: energy '{keys.energy}' is {energy}")
+            frame.energy = energy
+    if keys.forces is not None:
+        value = _lookup(atoms, keys.forces, per_atom=True)
+        if value is None:
+            if require_forces:
+                raise DataError(f"{source}: no forces under key '{keys.forces}'; keys present: "
+                                f"{_available_keys(atoms)} (set data.forces_key)")
+        else:
+            forces = np.asarray(value, dtype=np.float64)
+            if forces.shape != positions.shape:
+                raise DataError(f"{source}: forces '{keys.forces}' have shape {forces.shape}, "
+                                f"expected {positions.shape}")
+            if not np.all(np.isfinite(forces)):
+                atom = int(np.argwhere(~np.isfinite(forces))[0, 0])
+                raise DataError(f"{source}: forces '{keys.forces}' are not finite on atom {atom}")
+            frame.forces = forces
+    if keys.stress is not None and pbc.all():
+        value = _lookup(atoms, keys.stress, per_atom=False)
+        if value is not None:
+            stress = _as_stress_matrix(value, f"{source}: '{keys.stress}'")
+            if not np.all(np.isfinite(stress)):
+                raise DataError(f"{source}: stress '{keys.stress}' is not finite")
+            frame.stress = stress
+    if keys.charge is not None and keys.charge in atoms.info:
+        frame.charge = float(atoms.info[keys.charge])
+    if keys.spin is not None and keys.spin in atoms.info:
+        frame.spin = float(atoms.info[keys.spin])
+    if keys.fidelity is not None and keys.fidelity in atoms.info:
+        frame.fidelity = int(atoms.info[keys.fidelity])
+    return frame
+
+
+def read_frames(spec: str, keys: LabelKeys = LabelKeys(), require_energy: bool = True,
+                require_forces: bool = True) -> list[Frame]:
+    """Read and check every frame of a ``path@index`` data source.
+
+    Raises:
+        DataError: file missing or unreadable, empty selection, missing or
+            non-finite labels, invalid atomic numbers.
+    """
+    path, index = split_data_spec(spec)
+    images = read_atoms(spec)
+    frame_numbers = _frame_numbers(path, index, len(images))
+    return [
+        atoms_to_frame(atoms, keys, f"{path}@{number}", require_energy, require_forces)
+        for atoms, number in zip(images, frame_numbers)
+    ]
+
+
+def _frame_numbers(path: str, index: str, count: int) -> Sequence:
+    """Frame numbers in the file for error messages (relative numbers if unknown)."""
+    try:
+        if ":" in index:
+            parts = [int(p) if p else None for p in index.split(":")]
+            start = parts[0] or 0
+            step = parts[2] if len(parts) > 2 and parts[2] else 1
+            if start >= 0 and step > 0:
+                return range(start, start + step * count, step)
+        else:
+            number = int(index)
+            if number >= 0:
+                return [number]
+    except ValueError:
+        pass
+    return [f"{index}[{i}]" for i in range(count)]

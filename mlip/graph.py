@@ -1,0 +1,105 @@
+"""`AtomsGraph`: the one data structure every stage of mlip reads and writes.
+
+A batch of atomic structures as a padded graph. Host side the fields are NumPy
+arrays, device side jax arrays; the class is a frozen dataclass registered as a JAX
+pytree so it passes through `jit`, `grad` and `vmap` unchanged.
+
+Conventions (see DESIGN.md):
+  * edge ``k`` carries a message from ``senders[k]`` (neighbour j) to
+    ``receivers[k]`` (centre i); its vector is
+    ``r_ij = positions[j] + shifts[k] @ cell[g] - positions[i]``, i.e. ``shifts`` are
+    the integer lattice translations of the *sender* image (ASE's ``neighbor_list``
+    "ijS" with i = receiver, j = sender).
+  * padding nodes have ``species == 0``; padding edges join a padding node to itself;
+    padding graphs (at the end) hold only padding nodes. Masks, not branches, remove
+    padding from every sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = Any  # np.ndarray on the host, jax.Array on device
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AtomsGraph:
+    """A padded batch of atomic structures.
+
+    Attributes:
+        positions: [N, 3] Cartesian positions, Å.
+        species: [N] atomic numbers, 0 for padding nodes.
+        cell: [G, 3, 3] lattice vectors as rows, Å; zeros for a non-periodic graph.
+        senders: [E] index of the neighbour atom j of each edge.
+        receivers: [E] index of the centre atom i of each edge.
+        shifts: [E, 3] integer lattice translations of the sender image.
+        n_node: [G] number of nodes in each graph.
+        n_edge: [G] number of edges in each graph.
+        node_graph: [N] graph index of each node.
+        charge: [G] total charge, e.
+        spin: [G] spin multiplicity (1 = singlet).
+        fidelity: [G] index of the level of theory that labelled the graph.
+        targets: dict of labels: ``energy`` [G] (eV, above the reference energies),
+            ``forces`` [N, 3] (eV/Å), ``stress`` [G, 3, 3] (eV/Å³), each with a
+            matching ``<name>_mask`` ([G] or [N]) that is 1 where the label exists.
+    """
+
+    positions: Array  # [N, 3]
+    species: Array  # [N]
+    cell: Array  # [G, 3, 3]
+    senders: Array  # [E]
+    receivers: Array  # [E]
+    shifts: Array  # [E, 3]
+    n_node: Array  # [G]
+    n_edge: Array  # [G]
+    node_graph: Array  # [N]
+    charge: Array  # [G]
+    spin: Array  # [G]
+    fidelity: Array  # [G]
+    targets: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_graph(self) -> int:
+        return self.n_node.shape[0]
+
+    @property
+    def node_mask(self) -> Array:
+        """[N] 1 for real atoms, 0 for padding."""
+        return self.species > 0
+
+    @property
+    def edge_mask(self) -> Array:
+        """[E] True for real edges (padding edges start and end on padding nodes)."""
+        return self.species[self.receivers] > 0
+
+    @property
+    def graph_mask(self) -> Array:
+        """[G] True for graphs with at least one real atom."""
+        xp = jnp if isinstance(self.species, jax.Array) else np
+        real_count = _segment_sum(xp, self.node_mask.astype(xp.int32), self.node_graph, self.n_graph)
+        return real_count > 0
+
+    @property
+    def edge_graph(self) -> Array:
+        """[E] graph index of each edge."""
+        return self.node_graph[self.receivers]
+
+    def replace(self, **changes) -> "AtomsGraph":
+        return dataclasses.replace(self, **changes)
+
+    def to_device(self) -> "AtomsGraph":
+        return jax.tree.map(jnp.asarray, self)
+
+
+def _segment_sum(xp, values, segment_ids, num_segments):
+    if xp is jnp:
+        return jax.ops.segment_sum(values, segment_ids, num_segments)
+    out = np.zeros((num_segments,) + values.shape[1:], dtype=values.dtype)
+    np.add.at(out, segment_ids, values)
+    return out

@@ -1,0 +1,162 @@
+"""MACE-class backbone: equivariant convolutions with higher body order (e3nn-jax, flax).
+
+Per layer t, for receiver i and neighbours j (periodic images included):
+
+    A_i = (1/avg_num_neighbors) Σ_j R(r_ij) ⊙ [ Y(r̂_ij) ⊗ W_up h_j ]       (atomic basis)
+    B_i = SymmetricContraction_{Z_i}(A_i)                                 (correlation ν)
+    h_i ← Linear(B_i) + Linear_{Z_i}(h_i)                                 (species skip)
+
+The backbone returns the invariant (0e) channels of every layer, concatenated, as
+per-node features [N, num_interactions * num_channels]; a head turns them into
+energies. It knows nothing of energy, forces or normalisation.
+
+References:
+    Batatia et al., NeurIPS 2022, arXiv:2206.07697 (ACEsuit/mace, ACEsuit/mace-jax).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import e3nn_jax as e3nn
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlip.graph import AtomsGraph
+from mlip.models.radial import radial_embedding
+from mlip.models.symmetric_contraction import SymmetricContraction, irreps_up_to
+from mlip.registry import register_backbone
+
+
+def species_index_table(atomic_numbers: Sequence[int]) -> np.ndarray:
+    """[119] map from atomic number to the model's element index (unknown -> 0)."""
+    table = np.zeros(119, np.int32)
+    for index, z in enumerate(atomic_numbers):
+        table[z] = index
+    return table
+
+
+def edge_vectors(positions: jnp.ndarray, cell: jnp.ndarray, graph: AtomsGraph) -> jnp.ndarray:
+    """[E, 3] r_ij = r_j + S·cell − r_i, recomputed from positions so autodiff sees them."""
+    sender_offset = jnp.einsum("ea,eab->eb", graph.shifts.astype(positions.dtype), cell[graph.edge_graph])
+    return positions[graph.senders] + sender_offset - positions[graph.receivers]
+
+
+class MACEInteraction(nn.Module):
+    """One MACE layer: convolution to the atomic basis, symmetric contraction, skip."""
+
+    num_channels: int
+    hidden_irreps: str  # irreps of the output node features (per all channels)
+    max_ell: int
+    correlation: int
+    radial_mlp: tuple[int, ...]
+    avg_num_neighbors: float
+    num_species: int
+    residual: bool
+
+    @nn.compact
+    def __call__(self, node_features: e3nn.IrrepsArray, species_index: jnp.ndarray,
+                 edge_sh: e3nn.IrrepsArray, edge_radial: jnp.ndarray,
+                 senders: jnp.ndarray, receivers: jnp.ndarray) -> e3nn.IrrepsArray:
+        num_nodes = node_features.shape[0]
+        hidden_irreps = e3nn.Irreps(self.hidden_irreps)
+        if self.residual:
+            skip = e3nn.flax.Linear(hidden_irreps, num_indexed_weights=self.num_species,
+                                    name="skip")(species_index, node_features)
+        node_features = e3nn.flax.Linear(node_features.irreps, name="linear_up")(node_features)
+        # Channel-wise tensor product of neighbour features with the edge harmonics.
+        messages = e3nn.tensor_product(node_features[senders], edge_sh,
+                                       filter_ir_out=irreps_up_to(self.max_ell))  # [E, paths]
+        # One radial weight per irrep channel; the MLP has no biases, so the weight is
+        # zero wherever the (enveloped) radial features are zero: at and beyond r_c.
+        mix = e3nn.flax.MultiLayerPerceptron(self.radial_mlp + (messages.irreps.num_irreps,),
+                                             act=jax.nn.silu, output_activation=False,
+                                             name="radial_mlp")(edge_radial)
+        messages = messages * mix
+        atomic_basis = e3nn.scatter_sum(messages, dst=receivers, output_size=num_nodes)
+        atomic_basis = atomic_basis / self.avg_num_neighbors
+        target_irreps = irreps_up_to(self.max_ell, self.num_channels)
+        atomic_basis = e3nn.flax.Linear(target_irreps, name="linear_basis")(atomic_basis)
+        per_channel = atomic_basis.mul_to_axis(self.num_channels)  # [N, C, irreps]
+        keep = e3nn.Irreps([ir for _, ir in hidden_irreps])
+        product = SymmetricContraction(self.correlation, str(keep), self.num_species,
+                                       name="symmetric_contraction")(per_channel, species_index)
+        product = product.axis_to_mul()
+        updated = e3nn.flax.Linear(hidden_irreps, name="linear_product")(product)
+        if self.residual:
+            updated = updated + skip
+        return updated
+
+
+@register_backbone("mace")
+class MACE(nn.Module):
+    """MACE backbone: AtomsGraph -> per-node invariant features.
+
+    Attributes:
+        atomic_numbers: elements the model knows (sorted).
+        avg_num_neighbors: normalisation of the neighbour sum, from training data.
+        r_max: cutoff radius, Å.
+        num_bessel, envelope_p: radial basis size and polynomial envelope order.
+        max_ell: highest degree of the edge spherical harmonics.
+        num_channels, max_l: node features are num_channels x (0e + 1o + ... up to max_l).
+        correlation: body order of the symmetric contraction (ν; ν+1-body per layer).
+        num_interactions: number of layers.
+        radial_mlp: hidden sizes of the radial MLP.
+    """
+
+    atomic_numbers: tuple[int, ...]
+    avg_num_neighbors: float
+    r_max: float = 5.0
+    num_bessel: int = 8
+    envelope_p: int = 5
+    max_ell: int = 3
+    num_channels: int = 64
+    max_l: int = 1
+    correlation: int = 3
+    num_interactions: int = 2
+    radial_mlp: tuple[int, ...] = (64, 64, 64)
+
+    @property
+    def feature_irreps(self) -> e3nn.Irreps:
+        return e3nn.Irreps(f"{self.num_interactions * self.num_channels}x0e")
+
+    @nn.compact
+    def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> e3nn.IrrepsArray:
+        """Per-node features [N, num_interactions * num_channels] (0e).
+
+        Args:
+            graph: the batch (species, edges, shifts, ...).
+            positions: [N, 3] Å, possibly strained; differentiated by the potential.
+            cell: [G, 3, 3] Å, possibly strained.
+        """
+        num_species = len(self.atomic_numbers)
+        species_index = jnp.asarray(species_index_table(self.atomic_numbers))[graph.species]
+        vectors = edge_vectors(positions, cell, graph)
+        # Padding edges have zero length: give them a length beyond the cutoff, where the
+        # envelope is exactly zero, before any norm, so no NaN reaches the gradient.
+        far = jnp.array([2.0 * self.r_max, 0.0, 0.0], vectors.dtype)
+        vectors = jnp.where(graph.edge_mask[:, None], vectors, far)
+        lengths = jnp.linalg.norm(vectors, axis=-1)
+        edge_radial = radial_embedding(lengths, self.r_max, self.num_bessel, self.envelope_p)
+        edge_sh = e3nn.spherical_harmonics(e3nn.Irreps.spherical_harmonics(self.max_ell), vectors,
+                                           normalize=True, normalization="component")
+
+        one_hot = jax.nn.one_hot(species_index, num_species, dtype=positions.dtype)
+        node_features = e3nn.flax.Linear(f"{self.num_channels}x0e", name="embedding")(
+            e3nn.IrrepsArray(f"{num_species}x0e", one_hot))
+        scalars_per_layer = []
+        for layer in range(self.num_interactions):
+            last = layer == self.num_interactions - 1
+            # The last layer only feeds the energy readout, so it keeps scalars only.
+            hidden = irreps_up_to(0 if last else self.max_l, self.num_channels)
+            node_features = MACEInteraction(
+                num_channels=self.num_channels, hidden_irreps=str(hidden), max_ell=self.max_ell,
+                correlation=self.correlation, radial_mlp=tuple(self.radial_mlp),
+                avg_num_neighbors=self.avg_num_neighbors, num_species=num_species,
+                residual=layer > 0, name=f"interaction_{layer}")(
+                    node_features, species_index, edge_sh, edge_radial,
+                    graph.senders, graph.receivers)
+            scalars_per_layer.append(node_features.filter(keep="0e"))
+        return e3nn.concatenate(scalars_per_layer, axis=-1)

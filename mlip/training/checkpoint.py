@@ -1,0 +1,167 @@
+"""Saving and restoring runs without pickle: JSON metadata plus flax msgpack state.
+
+A run directory holds
+  * ``config.yaml``     the resolved run config,
+  * ``model.json``      what is needed to rebuild the model (model config, data-set
+                        statistics, mlip version, format version),
+  * ``best.msgpack``    the parameters (EMA if enabled) with the best validation loss,
+  * ``last.msgpack``    everything needed to resume: parameters, optimizer state, EMA,
+                        epoch, step, elapsed time, schedule and early-stopping state.
+Every file is written to a temporary file and renamed, so a killed run never leaves a
+half-written checkpoint. Restoring checks the tree structure and every leaf shape
+against a freshly initialised template and fails loudly on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+
+from mlip.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_pytree(path: str, tree: Any) -> None:
+    host_tree = jax.tree.map(np.asarray, tree)
+    atomic_write_bytes(path, flax.serialization.to_bytes(host_tree))
+
+
+def load_pytree(path: str, template: Any) -> Any:
+    """Restore ``path`` into the structure of ``template``; shapes must match exactly."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as stream:
+        payload = stream.read()
+    try:
+        raw = flax.serialization.msgpack_restore(payload)
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from error
+    template_state = flax.serialization.to_state_dict(template)
+    _check_same_structure(template_state, raw, path, "")
+    return flax.serialization.from_state_dict(template, raw)
+
+
+def _check_same_structure(expected: Any, found: Any, path: str, where: str) -> None:
+    if isinstance(expected, dict):
+        if not isinstance(found, dict):
+            raise CheckpointError(f"{path}: at '{where or '/'}' expected a mapping, found {type(found).__name__}")
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        if missing or extra:
+            raise CheckpointError(f"{path}: at '{where or '/'}' the checkpoint does not match the model "
+                                  f"(missing {missing[:5]}, unexpected {extra[:5]}); was it written "
+                                  "with a different model config?")
+        for key in expected:
+            _check_same_structure(expected[key], found[key], path, f"{where}/{key}")
+        return
+    expected_shape = np.shape(expected)
+    found_shape = np.shape(found)
+    if expected_shape != found_shape:
+        raise CheckpointError(f"{path}: '{where}' has shape {found_shape}, the model expects "
+                              f"{expected_shape}; was it written with a different model config?")
+
+
+def read_model_json(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "model.json")
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"{run_dir}: run directory not found")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{run_dir}: no model.json; is this a run directory of `mlip train`?")
+    with open(path) as stream:
+        data = json.load(stream)
+    version = int(data.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer mlip (format {version}, this mlip reads up to "
+                              f"{FORMAT_VERSION}); upgrade mlip to load it")
+    return data
+
+
+def model_metadata(potential) -> dict:
+    from mlip import __version__
+
+    return {"format_version": FORMAT_VERSION, "mlip_version": __version__,
+            "model": potential.config.model_dump(mode="json"),
+            "statistics": potential.statistics.to_json()}
+
+
+def dummy_graph(atomic_numbers):
+    """A small molecule holding each known element once: enough to initialise parameters."""
+    from mlip.data.batching import build_sample, pack_samples
+    from mlip.data.reader import Frame
+
+    numbers = np.asarray(list(atomic_numbers) * (1 if len(atomic_numbers) > 1 else 2))
+    positions = np.zeros((len(numbers), 3))
+    positions[:, 0] = 1.5 * np.arange(len(numbers))
+    frame = Frame(positions=positions, numbers=numbers, cell=np.zeros((3, 3)),
+                  pbc=np.zeros(3, bool))
+    return pack_samples([build_sample(frame, 5.0)])
+
+
+def parameter_template(potential) -> Any:
+    """Parameter shapes of ``potential`` without running it."""
+    graph = dummy_graph(potential.statistics.atomic_numbers)
+    return jax.eval_shape(potential.init, jax.random.PRNGKey(0), graph)
+
+
+def load_potential(run_dir: str, which: str = "best"):
+    """The `Potential` of a run and its parameters (``best`` or ``last``).
+
+    Raises:
+        CheckpointError: no such run, a newer format, or parameters that do not fit
+            the model described in model.json.
+    """
+    from mlip.data.statistics import DatasetStatistics
+    from mlip.potential import Potential
+    from mlip.training.config import ModelConfig
+    import mlip.models  # noqa: F401  (registers backbones and heads)
+    import mlip.heads  # noqa: F401
+
+    metadata = read_model_json(run_dir)
+    potential = Potential(ModelConfig.model_validate(metadata["model"]),
+                          DatasetStatistics.from_json(metadata["statistics"]))
+    template = parameter_template(potential)
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    if which == "best":
+        params = load_pytree(os.path.join(run_dir, "best.msgpack"), zeros)
+    else:
+        state = load_pytree_raw(os.path.join(run_dir, "last.msgpack"))
+        params = flax.serialization.from_state_dict(zeros, state["ema_params"] or state["params"])
+    return potential, jax.tree.map(np.asarray, params)
+
+
+def load_pytree_raw(path: str) -> dict:
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as stream:
+        return flax.serialization.msgpack_restore(stream.read())

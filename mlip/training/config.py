@@ -1,0 +1,219 @@
+"""The run configuration: a pydantic schema that the YAML file maps onto one to one.
+
+Every default is written here. Unknown keys are errors that name their dotted path,
+variants (backbone, head) are picked by their ``name`` field, and the resolved config
+is saved next to every checkpoint. ``load_config`` reads a YAML file and applies
+``key.path=value`` overrides from the command line before validation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat,
+                      PositiveInt, ValidationError, field_validator, model_validator)
+
+from mlip.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MACEConfig(StrictModel):
+    """MACE backbone (METHODS.md §1). Defaults follow mace's, sized for small systems."""
+
+    name: Literal["mace"] = "mace"
+    r_max: PositiveFloat = Field(5.0, description="cutoff radius, Å")
+    num_bessel: PositiveInt = 8
+    envelope_p: PositiveInt = 5
+    max_ell: int = Field(3, ge=1, le=4, description="degree of edge spherical harmonics")
+    num_channels: PositiveInt = 64
+    max_l: int = Field(1, ge=0, le=3, description="highest irrep degree of node features")
+    correlation: int = Field(3, ge=1, le=4)
+    num_interactions: int = Field(2, ge=1, le=6)
+    radial_mlp: tuple[PositiveInt, ...] = (64, 64, 64)
+
+
+class EnergyHeadConfig(StrictModel):
+    name: Literal["energy"] = "energy"
+    mlp_hidden: PositiveInt = 16
+
+
+BackboneConfig = Union[MACEConfig]
+HeadConfig = Union[EnergyHeadConfig]
+
+
+class ModelConfig(StrictModel):
+    backbone: BackboneConfig = Field(default_factory=MACEConfig, discriminator="name")
+    head: HeadConfig = Field(default_factory=EnergyHeadConfig, discriminator="name")
+    dtype: Literal["float32", "float64"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_variant_names(cls, data):
+        # `backbone: {num_channels: 32}` means the default backbone; only a change of
+        # variant needs `name:`.
+        if isinstance(data, dict):
+            data = dict(data)
+            for key, default in (("backbone", "mace"), ("head", "energy")):
+                if isinstance(data.get(key), dict) and "name" not in data[key]:
+                    data[key] = {"name": default, **data[key]}
+        return data
+
+
+class DataConfig(StrictModel):
+    """Data sources are ``path@index`` strings (ASE index syntax, e.g. ``file.xyz@0:450``)."""
+
+    train: str
+    valid: Optional[str] = None
+    valid_fraction: float = Field(0.1, gt=0.0, lt=1.0,
+                                  description="split off train when `valid` is not given")
+    test: Optional[str] = None
+    energy_key: Optional[str] = "REF_energy"
+    forces_key: Optional[str] = "REF_forces"
+    stress_key: Optional[str] = "REF_stress"
+    charge_key: Optional[str] = "total_charge"
+    spin_key: Optional[str] = "total_spin"
+    fidelity_key: Optional[str] = None
+    e0s: Union[Literal["fit"], str, dict[str, float]] = Field(
+        "fit", description="'fit' (least squares), a JSON file of isolated-atom energies, "
+                           "or a mapping element -> eV")
+    scaling: Literal["rms_forces", "std_energy"] = "rms_forces"
+
+
+class LossConfig(StrictModel):
+    """Weighted MSE (or Huber) of energy per atom, force components and stress."""
+
+    energy_weight: NonNegativeFloat = 1.0
+    forces_weight: NonNegativeFloat = 100.0
+    stress_weight: NonNegativeFloat = 1.0
+    kind: Literal["mse", "huber"] = "mse"
+    huber_delta: PositiveFloat = 0.01
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adam", "adamw"] = "adam"
+    learning_rate: PositiveFloat = 0.01
+    amsgrad: bool = True
+    weight_decay: NonNegativeFloat = 5e-7
+    clip_grad_norm: Optional[PositiveFloat] = 10.0
+
+
+class ScheduleConfig(StrictModel):
+    """Learning-rate schedule over the run's progress.
+
+    Progress is the larger of epoch/max_epochs and elapsed/max_time, so a cosine
+    schedule also ends on time when the run is limited by wall clock.
+    """
+
+    name: Literal["constant", "cosine", "plateau"] = "cosine"
+    warmup_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    final_fraction: float = Field(0.01, gt=0.0, le=1.0)
+    plateau_factor: float = Field(0.8, gt=0.0, lt=1.0)
+    plateau_patience: PositiveInt = 50
+
+
+class TrainingConfig(StrictModel):
+    max_epochs: PositiveInt = 100
+    max_time: Optional[PositiveFloat] = Field(None, description="wall-clock limit, seconds")
+    batch_size: PositiveInt = 10
+    eval_batch_size: PositiveInt = 32
+    ema_decay: Optional[float] = Field(0.99, ge=0.0, lt=1.0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    progress_bar: bool = True
+    plots: bool = True
+
+
+class RunConfig(StrictModel):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+def apply_override(tree: dict, assignment: str, source: str = "--set") -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, null, lists)."""
+    if "=" not in assignment:
+        raise ConfigError(f"{source} '{assignment}': expected key.path=value")
+    path, raw_value = assignment.split("=", 1)
+    keys = [k for k in path.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"{source} '{assignment}': empty key in '{path}'")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source} '{assignment}': '{'.'.join(keys[:depth + 1])}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        value = item.get("input")
+        shown = "" if item["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{source}: {path}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def config_from_dict(tree: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+def load_config(path: str, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``key.path=value`` overrides, validate.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, unknown keys, bad values; the message
+            names the file and the dotted key.
+    """
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path) as handle:
+            tree = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        hint = ""
+        if "mapping values are not allowed" in str(error):
+            hint = " (a value that ends with ':' must be quoted, e.g. train: \"data.xyz@-50:\")"
+        raise ConfigError(f"{path}: invalid YAML{hint}: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(tree).__name__}")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return config_from_dict(tree, path)
+
+
+def save_config(config: RunConfig, path: str) -> None:
+    from mlip.training.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

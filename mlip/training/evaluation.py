@@ -1,0 +1,124 @@
+"""Prediction over a list of structures and the error metrics reported everywhere.
+
+Predictions are batched into padded buckets (one compilation per bucket) and
+returned per structure with absolute energies: the per-element references are
+added back on the host in float64. Metrics are in eV, eV/Å and eV/Å³.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from mlip.data.batching import GraphSample, pack_samples, sizes_for
+
+
+class Predictor:
+    """Jitted energy/forces/stress of a `Potential` for batches of structures."""
+
+    def __init__(self, potential, compute_stress: bool = True):
+        self.potential = potential
+        self.compute_stress = compute_stress
+        self._apply = jax.jit(lambda params, graph: potential.apply(
+            params, graph, compute_forces=True, compute_stress=compute_stress))
+
+    def predict(self, params: Any, samples: Sequence[GraphSample], batch_size: int = 32) -> list[dict]:
+        """Per structure: ``energy`` (eV, absolute), ``forces`` [n, 3], ``stress`` [3, 3] or None."""
+        results = []
+        dtype = np.float64 if self.potential.config.dtype == "float64" else np.float32
+        for start in range(0, len(samples), batch_size):
+            chunk = list(samples[start:start + batch_size])
+            graph = pack_samples(chunk, sizes_for(chunk, batch_size + 1), None, dtype)
+            outputs = jax.device_get(self._apply(params, graph))
+            offset = 0
+            for g, sample in enumerate(chunk):
+                n = sample.n_atoms
+                reference = self.potential.reference_energy(sample.frame.numbers)
+                result = {"energy": reference + float(outputs["energy"][g]),
+                          "forces": np.asarray(outputs["forces"][offset:offset + n], np.float64),
+                          "stress": None}
+                if self.compute_stress and sample.frame.is_periodic:
+                    result["stress"] = np.asarray(outputs["stress"][g], np.float64)
+                results.append(result)
+                offset += n
+        return results
+
+
+def compute_metrics(samples: Sequence[GraphSample], predictions: Sequence[dict]) -> dict:
+    """Errors of ``predictions`` against the labels of ``samples`` (only labelled values count)."""
+    energy_errors, per_atom_errors, force_errors, stress_errors = [], [], [], []
+    for sample, prediction in zip(samples, predictions):
+        frame = sample.frame
+        if frame.energy is not None:
+            energy_errors.append(prediction["energy"] - frame.energy)
+            per_atom_errors.append((prediction["energy"] - frame.energy) / frame.n_atoms)
+        if frame.forces is not None:
+            force_errors.append((prediction["forces"] - frame.forces).reshape(-1))
+        if frame.stress is not None and prediction.get("stress") is not None:
+            stress_errors.append((prediction["stress"] - frame.stress).reshape(-1))
+    metrics: dict = {"n_frames": len(samples)}
+    if energy_errors:
+        per_atom = np.asarray(per_atom_errors)
+        total = np.asarray(energy_errors)
+        metrics.update(energy_mae_per_atom=float(np.mean(np.abs(per_atom))),
+                       energy_rmse_per_atom=float(np.sqrt(np.mean(per_atom**2))),
+                       energy_mae=float(np.mean(np.abs(total))),
+                       energy_rmse=float(np.sqrt(np.mean(total**2))))
+    if force_errors:
+        forces = np.concatenate(force_errors)
+        metrics.update(forces_mae=float(np.mean(np.abs(forces))),
+                       forces_rmse=float(np.sqrt(np.mean(forces**2))))
+    if stress_errors:
+        stress = np.concatenate(stress_errors)
+        metrics.update(stress_mae=float(np.mean(np.abs(stress))),
+                       stress_rmse=float(np.sqrt(np.mean(stress**2))))
+    return metrics
+
+
+def loss_from_metrics(metrics: dict, weights) -> float:
+    """Validation loss on the same scale as the training loss (RMSE² terms, weighted)."""
+    loss = 0.0
+    if "energy_rmse_per_atom" in metrics:
+        loss += weights.energy_weight * metrics["energy_rmse_per_atom"] ** 2
+    if "forces_rmse" in metrics:
+        loss += weights.forces_weight * metrics["forces_rmse"] ** 2
+    if "stress_rmse" in metrics:
+        loss += weights.stress_weight * metrics["stress_rmse"] ** 2
+    return float(loss)
+
+
+def parity_plot(samples: Sequence[GraphSample], predictions: Sequence[dict], path: str,
+                title: Optional[str] = None) -> None:
+    """Energy-per-atom and force-component parity plots in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlip.training.checkpoint import atomic_write_bytes
+
+    labelled = [(s.frame, p) for s, p in zip(samples, predictions)]
+    energy_pairs = np.array([(f.energy / f.n_atoms, p["energy"] / f.n_atoms)
+                             for f, p in labelled if f.energy is not None])
+    force_pairs = [np.stack([f.forces.reshape(-1), p["forces"].reshape(-1)], 1)
+                   for f, p in labelled if f.forces is not None]
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for axis, pairs, label in ((axes[0], energy_pairs, "energy per atom (eV)"),
+                               (axes[1], np.concatenate(force_pairs) if force_pairs else np.zeros((0, 2)),
+                                "force component (eV/Å)")):
+        if len(pairs):
+            axis.scatter(pairs[:, 0], pairs[:, 1], s=4, alpha=0.5)
+            low, high = float(pairs.min()), float(pairs.max())
+            axis.plot([low, high], [low, high], "k--", lw=0.8)
+        axis.set_xlabel(f"reference {label}")
+        axis.set_ylabel(f"predicted {label}")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    import io
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())

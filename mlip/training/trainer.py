@@ -1,0 +1,365 @@
+"""The training loop behind `mlip train`: data, statistics, optimiser, EMA, checkpoints.
+
+One epoch = one shuffled pass over the training structures in padded batches. After
+every epoch the model (EMA weights if enabled) is evaluated on the validation set, a
+row is written to ``metrics.csv``, ``last.msgpack`` is saved for resuming and
+``best.msgpack`` whenever the validation loss improves. The run stops at
+``training.max_epochs`` or ``training.max_time`` seconds, whichever comes first.
+
+Determinism: shuffling uses ``seed + epoch`` and parameters depend only on the seed,
+so a run killed and resumed from ``last.msgpack`` ends where an uninterrupted run
+would (for runs limited by epochs, not by wall-clock time).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlip.data.batching import BatchIterator, build_samples
+from mlip.data.reader import LabelKeys, read_frames
+from mlip.data.statistics import DatasetStatistics, compute_statistics, load_e0_file
+from mlip.errors import CheckpointError, ConfigError, DataError
+from mlip.potential import Potential
+from mlip.training import checkpoint
+from mlip.training.config import RunConfig, save_config
+from mlip.training.evaluation import Predictor, compute_metrics, loss_from_metrics, parity_plot
+from mlip.training.loss import loss_terms, total_loss
+
+METRIC_COLUMNS = ["epoch", "step", "time_s", "learning_rate", "train_loss", "valid_loss",
+                  "valid_energy_mae_per_atom", "valid_energy_rmse_per_atom", "valid_forces_mae",
+                  "valid_forces_rmse", "valid_stress_mae"]
+
+
+def label_keys(config: RunConfig) -> LabelKeys:
+    data = config.data
+    return LabelKeys(energy=data.energy_key, forces=data.forces_key, stress=data.stress_key,
+                     charge=data.charge_key, spin=data.spin_key, fidelity=data.fidelity_key)
+
+
+def load_split(config: RunConfig):
+    """Train and validation frames; validation split off train when not given."""
+    keys = label_keys(config)
+    train = read_frames(config.data.train, keys)
+    if config.data.valid:
+        valid = read_frames(config.data.valid, keys)
+    else:
+        if len(train) < 2:
+            raise DataError(f"{config.data.train}: need at least 2 frames to split off a validation set "
+                            "(or give data.valid)")
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        n_valid = max(1, int(round(config.data.valid_fraction * len(train))))
+        valid = [train[i] for i in order[:n_valid]]
+        train = [train[i] for i in sorted(order[n_valid:])]
+    return train, valid
+
+
+def check_elements(frames, known: tuple, split: str) -> None:
+    from ase.data import chemical_symbols
+
+    known_set = set(known)
+    for frame in frames:
+        unknown = sorted(set(int(z) for z in frame.numbers) - known_set)
+        if unknown:
+            atom = int(np.flatnonzero(frame.numbers == unknown[0])[0])
+            raise DataError(f"{frame.source}: atom {atom} is {chemical_symbols[unknown[0]]}, an element "
+                            f"not in the training set {[chemical_symbols[z] for z in known]} ({split} split)")
+
+
+def resolve_e0s(config: RunConfig) -> Optional[dict]:
+    e0s = config.data.e0s
+    if isinstance(e0s, dict):
+        from ase.data import atomic_numbers
+
+        resolved = {}
+        for key, value in e0s.items():
+            z = int(key) if str(key).isdigit() else atomic_numbers.get(key)
+            if z is None:
+                raise ConfigError(f"data.e0s: '{key}' is neither an atomic number nor an element symbol")
+            resolved[z] = float(value)
+        return resolved
+    if e0s == "fit":
+        return None
+    return load_e0_file(e0s)
+
+
+def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    """Gradient transformation without the learning rate (applied per step from the schedule)."""
+    opt = config.training.optimizer
+    parts = []
+    if opt.clip_grad_norm:
+        parts.append(optax.clip_by_global_norm(opt.clip_grad_norm))
+    moment = optax.scale_by_amsgrad() if opt.amsgrad else optax.scale_by_adam()
+    if opt.name == "adam":  # L2 penalty inside the moments, as torch's Adam(weight_decay)
+        if opt.weight_decay:
+            parts.append(optax.add_decayed_weights(opt.weight_decay))
+        parts.append(moment)
+    else:  # decoupled weight decay (AdamW)
+        parts.append(moment)
+        if opt.weight_decay:
+            parts.append(optax.add_decayed_weights(opt.weight_decay))
+    return optax.chain(*parts)
+
+
+def learning_rate_at(config: RunConfig, progress: float, plateau_factor: float) -> float:
+    schedule = config.training.schedule
+    base = config.training.optimizer.learning_rate
+    if schedule.warmup_fraction and progress < schedule.warmup_fraction:
+        return base * max(progress / schedule.warmup_fraction, 0.01)
+    if schedule.name == "cosine":
+        span = max(1e-12, 1.0 - schedule.warmup_fraction)
+        phase = min(1.0, (progress - schedule.warmup_fraction) / span)
+        final = schedule.final_fraction
+        return base * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * phase)))
+    if schedule.name == "plateau":
+        return base * plateau_factor
+    return base
+
+
+class Trainer:
+    """Holds the data, the model and the state of one training run."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.run_dir = config.run_dir
+        self.dtype = np.float64 if config.model.dtype == "float64" else np.float32
+        import mlip.heads  # noqa: F401  (registers)
+        import mlip.models  # noqa: F401
+
+        train_frames, valid_frames = load_split(config)
+        cutoff = config.model.backbone.r_max
+        self.train_samples = build_samples(train_frames, cutoff)
+        self.valid_samples = build_samples(valid_frames, cutoff)
+        self.statistics: DatasetStatistics = compute_statistics(
+            self.train_samples, resolve_e0s(config), config.data.scaling)
+        check_elements(valid_frames, self.statistics.atomic_numbers, "validation")
+        self.potential = Potential(config.model, self.statistics)
+        self.use_stress = any(s.frame.stress is not None for s in self.train_samples) \
+            and config.loss.stress_weight > 0
+        e0_table = self.statistics.e0_per_species()
+        self.train_batches = BatchIterator(self.train_samples, config.training.batch_size, e0_table, self.dtype)
+        self.optimizer = make_optimizer(config)
+        self.predictor = Predictor(self.potential, compute_stress=True)
+        self._train_step = jax.jit(self._make_train_step())
+
+    # ---------------------------------------------------------------- state
+    def initial_state(self) -> dict:
+        key = jax.random.PRNGKey(self.config.seed)
+        first_batch, _ = next(self.train_batches.batches(None))
+        params = self.potential.init(key, first_batch)
+        return {"params": params, "opt_state": self.optimizer.init(params),
+                "ema_params": params if self.config.training.ema_decay is not None else None,
+                "epoch": 0, "step": 0, "elapsed": 0.0, "best_valid_loss": float("inf"),
+                "best_epoch": -1, "plateau_factor": 1.0, "plateau_best": float("inf"),
+                "plateau_bad_epochs": 0}
+
+    def _state_template(self) -> dict:
+        return jax.tree.map(np.asarray, self.initial_state())
+
+    def _make_train_step(self):
+        potential, loss_config, use_stress = self.potential, self.config.loss, self.use_stress
+        optimizer, ema_decay = self.optimizer, self.config.training.ema_decay
+
+        def step_fn(params, opt_state, ema_params, graph, learning_rate, step):
+            def loss_fn(p):
+                outputs = potential.apply(p, graph, compute_forces=True, compute_stress=use_stress)
+                terms = loss_terms(outputs, graph, loss_config)
+                return total_loss(terms, loss_config), terms
+
+            (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
+            if ema_params is not None:
+                # torch_ema's warm-up: the decay grows with the number of updates.
+                decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+                ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+            return params, opt_state, ema_params, loss, terms
+
+        return step_fn
+
+    # ---------------------------------------------------------------- run
+    def run(self, resume: bool = False) -> dict:
+        os.makedirs(self.run_dir, exist_ok=True)
+        last_path = os.path.join(self.run_dir, "last.msgpack")
+        if resume:
+            state = checkpoint.load_pytree(last_path, self._state_template())
+            state = _python_scalars(state)
+            rows = _read_metrics(os.path.join(self.run_dir, "metrics.csv"), state["epoch"])
+        else:
+            if os.path.exists(last_path):
+                raise CheckpointError(f"{self.run_dir}: already holds a run; use `mlip train --resume "
+                                      f"{self.run_dir}` to continue it, or choose another run_dir")
+            state = self.initial_state()
+            rows = []
+        save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
+        checkpoint.write_json(os.path.join(self.run_dir, "model.json"), checkpoint.model_metadata(self.potential))
+
+        training = self.config.training
+        start_time = time.monotonic() - state["elapsed"]
+        stop_reason = "max_epochs"
+        progress_bar = _progress_bar(training.progress_bar, training.max_epochs, state["epoch"])
+        while state["epoch"] < training.max_epochs:
+            epoch = state["epoch"]
+            epoch_losses = []
+            out_of_time = False
+            for graph, _ in self.train_batches.batches(shuffle_seed=self.config.seed * 100_003 + epoch):
+                progress = self._progress(state, start_time)
+                lr = learning_rate_at(self.config, progress, state["plateau_factor"])
+                params, opt_state, ema, loss, _ = self._train_step(
+                    state["params"], state["opt_state"], state["ema_params"], graph,
+                    jnp.asarray(lr, self.dtype), jnp.asarray(state["step"], self.dtype))
+                state.update(params=params, opt_state=opt_state, ema_params=ema, step=state["step"] + 1)
+                epoch_losses.append(loss)
+                if training.max_time is not None and time.monotonic() - start_time > training.max_time:
+                    out_of_time = True
+                    break
+            train_loss = float(np.mean(jax.device_get(epoch_losses))) if epoch_losses else float("nan")
+            if not np.isfinite(train_loss):
+                raise DataError(f"training diverged at epoch {epoch} (loss {train_loss}); lower "
+                                "training.optimizer.learning_rate or check the labels")
+            state["epoch"] = epoch + 1
+            state["elapsed"] = time.monotonic() - start_time
+            row = self._validate(state, train_loss, lr)
+            rows.append(row)
+            _write_metrics(os.path.join(self.run_dir, "metrics.csv"), rows)
+            checkpoint.save_pytree(last_path, state)
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{train_loss:.4g}", valid_F_mae=f"{row['valid_forces_mae']:.4g}"
+                                     if row["valid_forces_mae"] != "" else "", lr=f"{lr:.2g}")
+            if out_of_time:
+                stop_reason = "max_time"
+                break
+        progress_bar.close()
+        summary = self.finish(state, stop_reason)
+        return summary
+
+    def _progress(self, state: dict, start_time: float) -> float:
+        training = self.config.training
+        steps_per_epoch = len(self.train_batches)
+        progress = state["step"] / (steps_per_epoch * training.max_epochs)
+        if training.max_time is not None:
+            progress = max(progress, (time.monotonic() - start_time) / training.max_time)
+        return min(progress, 1.0)
+
+    def _validate(self, state: dict, train_loss: float, lr: float) -> dict:
+        params = state["ema_params"] if state["ema_params"] is not None else state["params"]
+        predictions = self.predictor.predict(params, self.valid_samples, self.config.training.eval_batch_size)
+        metrics = compute_metrics(self.valid_samples, predictions)
+        valid_loss = loss_from_metrics(metrics, self.config.loss)
+        if valid_loss < state["best_valid_loss"]:
+            state["best_valid_loss"], state["best_epoch"] = valid_loss, state["epoch"]
+            checkpoint.save_pytree(os.path.join(self.run_dir, "best.msgpack"), params)
+        schedule = self.config.training.schedule
+        if schedule.name == "plateau":
+            if valid_loss < state["plateau_best"]:
+                state["plateau_best"], state["plateau_bad_epochs"] = valid_loss, 0
+            else:
+                state["plateau_bad_epochs"] += 1
+                if state["plateau_bad_epochs"] > schedule.plateau_patience:
+                    state["plateau_factor"] *= schedule.plateau_factor
+                    state["plateau_bad_epochs"] = 0
+        return {"epoch": state["epoch"], "step": state["step"], "time_s": round(state["elapsed"], 2),
+                "learning_rate": lr, "train_loss": train_loss, "valid_loss": valid_loss,
+                **{f"valid_{name}": metrics.get(name, "") for name in
+                   ("energy_mae_per_atom", "energy_rmse_per_atom", "forces_mae", "forces_rmse", "stress_mae")}}
+
+    def finish(self, state: dict, stop_reason: str) -> dict:
+        """Plots, test-set evaluation and a summary after the last epoch."""
+        summary = {"run_dir": self.run_dir, "epochs": state["epoch"], "steps": state["step"],
+                   "elapsed_s": round(state["elapsed"], 1), "stop_reason": stop_reason,
+                   "best_epoch": state["best_epoch"], "best_valid_loss": state["best_valid_loss"]}
+        best_params = checkpoint.load_pytree(os.path.join(self.run_dir, "best.msgpack"), state["params"])
+        valid_predictions = self.predictor.predict(best_params, self.valid_samples,
+                                                   self.config.training.eval_batch_size)
+        summary["valid"] = compute_metrics(self.valid_samples, valid_predictions)
+        if self.config.data.test:
+            test_frames = read_frames(self.config.data.test, label_keys(self.config))
+            check_elements(test_frames, self.statistics.atomic_numbers, "test")
+            test_samples = build_samples(test_frames, self.potential.cutoff)
+            test_predictions = self.predictor.predict(best_params, test_samples,
+                                                      self.config.training.eval_batch_size)
+            summary["test"] = compute_metrics(test_samples, test_predictions)
+        if self.config.training.plots:
+            plot_learning_curve(os.path.join(self.run_dir, "metrics.csv"),
+                                os.path.join(self.run_dir, "learning_curve.png"))
+            parity_plot(self.valid_samples, valid_predictions,
+                        os.path.join(self.run_dir, "parity_valid.png"), "validation set, best model")
+        checkpoint.write_json(os.path.join(self.run_dir, "summary.json"), summary)
+        return summary
+
+
+def train(config: RunConfig, resume: bool = False) -> dict:
+    return Trainer(config).run(resume=resume)
+
+
+def _python_scalars(state: dict) -> dict:
+    for key in ("epoch", "step", "best_epoch", "plateau_bad_epochs"):
+        state[key] = int(state[key])
+    for key in ("elapsed", "best_valid_loss", "plateau_factor", "plateau_best"):
+        state[key] = float(state[key])
+    return state
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm switches itself off when output is not a terminal (CI, logs).
+    return tqdm(total=total, initial=initial, desc="epochs", unit="epoch",
+                disable=None if enabled else True, dynamic_ncols=True)
+
+
+def _write_metrics(path: str, rows: list) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.atomic_write_text(path, buffer.getvalue())
+
+
+def _read_metrics(path: str, up_to_epoch: int) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as stream:
+        rows = [row for row in csv.DictReader(stream) if int(row["epoch"]) <= up_to_epoch]
+    return rows
+
+
+def plot_learning_curve(metrics_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as stream:
+        rows = list(csv.DictReader(stream))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    axes[0].semilogy(epochs, [float(r["train_loss"]) for r in rows], label="train")
+    axes[0].semilogy(epochs, [float(r["valid_loss"]) for r in rows], label="valid")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("loss")
+    axes[0].legend()
+    for column, label in (("valid_forces_mae", "force MAE (eV/Å)"),
+                          ("valid_energy_mae_per_atom", "energy MAE (eV/atom)")):
+        values = [float(r[column]) for r in rows if r[column] not in ("", None)]
+        if values:
+            axes[1].semilogy(epochs[:len(values)], values, label=label)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title("validation")
+    axes[1].legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    checkpoint.atomic_write_bytes(png_path, buffer.getvalue())
