@@ -85,9 +85,8 @@ def load_e0_file(path: str) -> dict[int, float]:
     return e0
 
 
-def fit_e0_least_squares(samples: Sequence[GraphSample], atomic_numbers: Sequence[int],
-                         ridge: float = 1e-8) -> dict[int, float]:
-    """Per-element energies minimising Σ_frames (E − Σ_Z n_Z E0(Z))², with a tiny ridge."""
+def fit_e0_least_squares(samples: Sequence[GraphSample], atomic_numbers: Sequence[int]) -> dict[int, float]:
+    """Per-element energies minimising Σ_frames (E − Σ_Z n_Z E0(Z))² (minimum norm if degenerate)."""
     labelled = [s.frame for s in samples if s.frame.energy is not None]
     if not labelled:
         raise DataError("cannot fit reference energies: no training frame has an energy label")
@@ -97,10 +96,9 @@ def fit_e0_least_squares(samples: Sequence[GraphSample], atomic_numbers: Sequenc
         for z in frame.numbers:
             counts[row, column[int(z)]] += 1
     energies = np.array([frame.energy for frame in labelled])
-    # Scale the ridge with the data so it only breaks ties between collinear columns.
-    gram = counts.T @ counts
-    solution = np.linalg.solve(gram + ridge * np.trace(gram) * np.eye(len(atomic_numbers)),
-                               counts.T @ energies)
+    # lstsq gives the minimum-norm solution when element counts are collinear (e.g.
+    # every frame has the same composition), where a plain solve would fail.
+    solution = np.linalg.lstsq(counts, energies, rcond=None)[0]
     return {int(z): float(solution[column[z]]) for z in atomic_numbers}
 
 

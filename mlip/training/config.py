@@ -156,6 +156,8 @@ def apply_override(tree: dict, assignment: str, source: str = "--set") -> None:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value
+    if isinstance(value, dict) and not raw_value.strip().startswith("{"):
+        value = raw_value  # e.g. data.valid=file.xyz@-5: is a string, not a mapping
     node = tree
     for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
@@ -203,7 +205,7 @@ def load_config(path: str, overrides: tuple[str, ...] | list[str] = ()) -> RunCo
             tree = yaml.safe_load(handle) or {}
     except yaml.YAMLError as error:
         hint = ""
-        if "mapping values are not allowed" in str(error):
+        if "mapping values are not allowed" in str(error) or "but got ':'" in str(error):
             hint = " (a value that ends with ':' must be quoted, e.g. train: \"data.xyz@-50:\")"
         raise ConfigError(f"{path}: invalid YAML{hint}: {error}") from None
     if not isinstance(tree, dict):

@@ -1,0 +1,179 @@
+"""Reading labelled data, neighbour lists, padding buckets and statistics."""
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.neighborlist import neighbor_list
+
+from mlip.data.batching import build_samples, pack_samples, round_up_to_bucket, sizes_for
+from mlip.data.neighbours import neighbour_list
+from mlip.data.reader import LabelKeys, read_frames, split_data_spec
+from mlip.data.statistics import compute_statistics, fit_e0_least_squares, load_e0_file
+from mlip.errors import DataError
+
+
+def _write(path, frames):
+    ase.io.write(path, frames, format="extxyz")
+    return str(path)
+
+
+def test_reads_labels_under_any_key(tmp_path):
+    atoms = molecule("H2O")
+    atoms.info["dft_energy"] = -2075.5
+    atoms.arrays["dft_forces"] = np.ones((3, 3))
+    path = _write(tmp_path / "a.xyz", [atoms])
+    frames = read_frames(path, LabelKeys(energy="dft_energy", forces="dft_forces"))
+    assert frames[0].energy == -2075.5
+    np.testing.assert_allclose(frames[0].forces, 1.0)
+
+
+def test_reads_plain_energy_from_ase_calculator_results(tmp_path):
+    atoms = bulk("Cu", cubic=True)
+    atoms.calc = SinglePointCalculator(atoms, energy=-12.0, forces=np.zeros((4, 3)),
+                                       stress=np.arange(6.0))
+    path = _write(tmp_path / "b.xyz", [atoms])
+    frame = read_frames(path, LabelKeys(energy="energy", forces="forces", stress="stress"))[0]
+    assert frame.energy == -12.0
+    # Voigt (xx, yy, zz, yz, xz, xy) -> symmetric matrix
+    np.testing.assert_allclose(frame.stress, [[0, 5, 4], [5, 1, 3], [4, 3, 2]])
+
+
+def test_slices_and_frame_numbers_in_errors(tmp_path):
+    frames = []
+    for k in range(5):
+        atoms = molecule("H2O")
+        atoms.info["REF_energy"] = float(k)
+        atoms.arrays["REF_forces"] = np.zeros((3, 3))
+        frames.append(atoms)
+    del frames[3].info["REF_energy"]
+    path = _write(tmp_path / "c.xyz", frames)
+    assert len(read_frames(f"{path}@0:3")) == 3
+    assert [f.energy for f in read_frames(f"{path}@-1:")] == [4.0]
+    with pytest.raises(DataError, match=r"c\.xyz@3: no energy under key 'REF_energy'"):
+        read_frames(path)
+
+
+def test_nan_label_and_bad_inputs_are_clear_errors(tmp_path):
+    atoms = molecule("H2O")
+    atoms.info["REF_energy"] = 1.0
+    forces = np.zeros((3, 3))
+    forces[2, 1] = np.nan
+    atoms.arrays["REF_forces"] = forces
+    path = _write(tmp_path / "d.xyz", [atoms])
+    with pytest.raises(DataError, match="not finite on atom 2"):
+        read_frames(path)
+    with pytest.raises(DataError, match="file not found"):
+        read_frames(str(tmp_path / "missing.xyz"))
+    with pytest.raises(DataError, match="no frames"):
+        read_frames(f"{path}@5:9")
+    with pytest.raises(DataError, match="empty index"):
+        split_data_spec(f"{path}@")
+
+
+def test_non_periodic_frame_with_cell_is_treated_as_molecule(tmp_path):
+    atoms = molecule("CH4")
+    atoms.cell = [10, 10, 10]
+    atoms.pbc = False
+    atoms.info["REF_energy"] = 0.0
+    atoms.arrays["REF_forces"] = np.zeros((5, 3))
+    frame = read_frames(_write(tmp_path / "e.xyz", [atoms]))[0]
+    graph = pack_samples(build_samples([frame], 3.0))
+    assert not frame.is_periodic
+    assert np.all(graph.cell == 0)
+
+
+def test_neighbour_list_matches_ase_on_small_triclinic_cell():
+    atoms = bulk("Cu", "fcc", a=3.6)  # 1-atom cell, much smaller than 2 r_c: self-images
+    cell = atoms.cell.array.copy()
+    cell[2] += [0.4, -0.3, 0.0]
+    atoms.set_cell(cell)
+    atoms = atoms.repeat((2, 1, 1))
+    atoms.rattle(0.05, seed=3)
+    atoms.positions += 7.0  # outside the cell
+    senders, receivers, shifts = neighbour_list(atoms.positions, atoms.cell.array, atoms.pbc, 5.0)
+    i, j, S = neighbor_list("ijS", atoms, 5.0)
+    ours = sorted(map(tuple, np.round(np.c_[receivers, senders, atoms.positions[senders]
+                                            + shifts @ atoms.cell.array - atoms.positions[receivers]], 8)))
+    reference = sorted(map(tuple, np.round(np.c_[i, j, atoms.positions[j] + S @ atoms.cell.array
+                                                 - atoms.positions[i]], 8)))
+    assert ours == reference
+    assert np.any((senders == receivers) & np.any(shifts != 0, axis=1))  # own images kept
+
+
+def test_shift_sign_convention_two_atoms_through_boundary():
+    # Atom 1 at x = 9.5 sees atom 0 (x = 0.5) only through the boundary: r_10 = +1 Å.
+    positions = np.array([[0.5, 0, 0], [9.5, 0, 0]])
+    cell = np.diag([10.0, 10.0, 10.0])
+    senders, receivers, shifts = neighbour_list(positions, cell, np.array([True] * 3), 1.5)
+    edge = int(np.flatnonzero((receivers == 1) & (senders == 0))[0])
+    vector = positions[senders[edge]] + shifts[edge] @ cell - positions[receivers[edge]]
+    np.testing.assert_allclose(vector, [1.0, 0, 0])
+
+
+def test_bucket_ladder_is_monotone_and_bounded():
+    values = [round_up_to_bucket(n) for n in range(1, 5000)]
+    assert all(b >= n for n, b in zip(range(1, 5000), values))
+    assert values == sorted(values)
+    assert max(b / n for n, b in zip(range(8, 5000), values[7:])) <= 1.25 + 1e-9
+    assert len(set(values)) < 40  # bounded number of shapes over three decades
+
+
+def test_padding_layout():
+    frames = read_frames_from_atoms([molecule("H2O"), molecule("CH4")])
+    samples = build_samples(frames, 3.0)
+    sizes = sizes_for(samples, 4)
+    graph = pack_samples(samples, sizes)
+    assert graph.positions.shape == (sizes.n_node, 3) and graph.n_node.shape == (4,)
+    assert graph.node_mask.sum() == 8 and graph.graph_mask.tolist() == [True, True, False, False]
+    assert graph.n_node.sum() == sizes.n_node and graph.n_edge.sum() == sizes.n_edge
+    assert not graph.node_mask[graph.receivers[~graph.edge_mask]].any()
+
+
+def read_frames_from_atoms(images):
+    from mlip.data.reader import atoms_to_frame
+
+    return [atoms_to_frame(a, LabelKeys(energy=None, forces=None), f"mem@{k}") for k, a in enumerate(images)]
+
+
+def test_e0_least_squares_is_exact_on_additive_data():
+    rng = np.random.default_rng(0)
+    e0 = {1: -13.6, 6: -1030.5, 8: -2040.1}
+    images = []
+    for _ in range(12):
+        numbers = rng.choice([1, 6, 8], size=int(rng.integers(2, 7)))
+        atoms = Atoms(numbers=numbers, positions=rng.normal(size=(len(numbers), 3)) * 3)
+        images.append(atoms)
+    frames = read_frames_from_atoms(images)
+    for frame in frames:
+        frame.energy = sum(e0[int(z)] for z in frame.numbers)
+    fitted = fit_e0_least_squares(build_samples(frames, 2.0), [1, 6, 8])
+    for z in e0:
+        assert fitted[z] == pytest.approx(e0[z], abs=1e-6)
+    stats = compute_statistics(build_samples(frames, 2.0))
+    assert abs(stats.shift) < 1e-6
+
+
+def test_e0_file_accepts_symbols_and_numbers(tmp_path):
+    path = tmp_path / "e0.json"
+    path.write_text(json.dumps({"H": -13.6, "8": -2040.0}))
+    assert load_e0_file(str(path)) == {1: -13.6, 8: -2040.0}
+    path.write_text(json.dumps({"Xx": 1.0}))
+    with pytest.raises(DataError, match="'Xx'"):
+        load_e0_file(str(path))
+
+
+def test_statistics_normalise_large_absolute_energies(emt_file):
+    frames = read_frames(emt_file)
+    samples = build_samples(frames, 5.0)
+    stats = compute_statistics(samples)
+    table = stats.e0_per_species()
+    residual = [(f.energy - table[f.numbers].sum()) / f.n_atoms - stats.shift for f in frames]
+    assert np.max(np.abs(residual)) < 1.0  # the raw labels are ~ +250 eV/atom
+    forces = np.concatenate([f.forces for f in frames])
+    assert stats.scale == pytest.approx(np.sqrt(np.mean(forces**2)))
+    assert 10 < stats.avg_num_neighbors < 80
