@@ -1,0 +1,161 @@
+"""Make the small reference data sets shipped in data/ (no internet needed).
+
+  * data/ethanol_gfn2_500K.extxyz   1000 frames of ethanol, GFN2-xTB (tblite), Langevin MD at 500 K
+  * data/ethanol_gfn2_1200K.extxyz  200 frames at 1200 K: out-of-distribution test set
+  * data/ethanol_gfn2_e0s.json      isolated-atom GFN2-xTB energies of H, C, O
+  * data/cuau_emt.extxyz            250 periodic Cu/Au frames (triclinic, strained), ASE EMT,
+                                    with stress
+
+Labels follow MACE's convention: ``REF_energy`` (eV, absolute) and ``REF_stress``
+(3x3, eV/Å³, ASE sign) in ``atoms.info``, ``REF_forces`` (eV/Å) in ``atoms.arrays``.
+Deterministic (fixed seeds); about two minutes on two CPU cores.
+
+    python scripts/make_datasets.py [--out-dir data] [--sets ethanol,ood,e0s,cuau]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import ase.io
+import numpy as np
+from ase import Atoms, units
+from ase.build import bulk, molecule
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+
+
+def write_frames_atomically(path: str, frames: list) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".extxyz", dir=directory)
+    os.close(handle)
+    ase.io.write(temporary, frames, format="extxyz")
+    os.chmod(temporary, 0o644)  # mkstemp makes owner-only files
+    os.replace(temporary, path)
+
+
+def labelled_copy(atoms, config_type: str, stress: bool = False) -> Atoms:
+    """A copy carrying only REF_* labels (no calculator attached)."""
+    frame = atoms.copy()
+    frame.calc = None
+    frame.info["REF_energy"] = float(atoms.get_potential_energy())
+    frame.arrays["REF_forces"] = atoms.get_forces().copy()
+    if stress:
+        frame.info["REF_stress"] = atoms.get_stress(voigt=False).copy()
+    frame.info["config_type"] = config_type
+    for key in ("momenta",):
+        if key in frame.arrays:
+            del frame.arrays[key]
+    return frame
+
+
+def xtb():
+    from tblite.ase import TBLite
+
+    return TBLite(method="GFN2-xTB", verbosity=0)
+
+
+def ethanol_md(temperature: float, n_frames: int, equilibration_steps: int, seed: int,
+               config_type: str, stride: int = 20) -> list:
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = xtb()
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    dynamics = Langevin(atoms, timestep=0.5 * units.fs, temperature_K=temperature,
+                        friction=0.01 / units.fs, rng=rng, fixcm=False)
+    dynamics.run(equilibration_steps)
+    frames = []
+    for _ in range(n_frames):
+        dynamics.run(stride)
+        frames.append(labelled_copy(atoms, config_type))
+    return frames
+
+
+def check_intact(frames: list, label: str) -> None:
+    """Print the longest covalent bond over all frames (> ~2 Å would mean a broken molecule)."""
+    # ase's CH3CH2OH is C C O H H H H H H; its eight bonds:
+    bonds = [(0, 1), (0, 6), (0, 7), (0, 8), (1, 2), (1, 4), (1, 5), (2, 3)]
+    longest = max(frame.get_distance(a, b) for frame in frames for a, b in bonds)
+    print(f"  {label}: longest bond {longest:.2f} Å")
+
+
+def isolated_atom_energies() -> dict:
+    """GFN2-xTB energies of single H, C, O atoms in their ground-state multiplicity."""
+    from tblite.ase import TBLite
+
+    energies = {}
+    for symbol, multiplicity in (("H", 2), ("C", 3), ("O", 3)):
+        atom = Atoms(symbol, positions=[[0, 0, 0]])
+        atom.calc = TBLite(method="GFN2-xTB", verbosity=0, multiplicity=multiplicity)
+        energies[str(atom.numbers[0])] = float(atom.get_potential_energy())
+    return energies
+
+
+def cuau_frames(n_frames: int, seed: int) -> list:
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    while len(frames) < n_frames:
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+        gold_fraction = rng.uniform(0.0, 0.4)
+        for index in rng.choice(len(atoms), int(round(gold_fraction * len(atoms))), replace=False):
+            atoms[int(index)].symbol = "Au"
+        lattice = 3.61 + 0.47 * gold_fraction  # Vegard-like, keeps the cells near equilibrium
+        atoms.set_cell(atoms.cell.array * lattice / 3.61, scale_atoms=True)
+        strain = rng.uniform(-0.03, 0.03, (3, 3))
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (strain + strain.T)), scale_atoms=True)
+        atoms.rattle(rng.uniform(0.05, 0.1), seed=int(rng.integers(1 << 30)))
+        atoms.calc = EMT()
+        temperature = rng.uniform(300, 1000)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        dynamics = Langevin(atoms, timestep=2 * units.fs, temperature_K=temperature,
+                            friction=0.02 / units.fs, rng=rng, fixcm=False)
+        for _ in range(5):  # five snapshots 40 fs apart from each starting cell
+            dynamics.run(20)
+            frames.append(labelled_copy(atoms, "emt_cuau", stress=True))
+    return frames[:n_frames]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="data")
+    parser.add_argument("--sets", default="ethanol,ood,e0s,cuau",
+                        help="comma-separated subset of: ethanol, ood, e0s, cuau")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    wanted = set(args.sets.split(","))
+    if "ethanol" in wanted:
+        start = time.time()
+        frames = ethanol_md(500.0, 1000, 2000, seed=1, config_type="md_500K")
+        check_intact(frames, "500 K")
+        write_frames_atomically(os.path.join(args.out_dir, "ethanol_gfn2_500K.extxyz"), frames)
+        print(f"ethanol 500 K: {len(frames)} frames in {time.time() - start:.0f} s")
+    if "ood" in wanted:
+        start = time.time()
+        frames = ethanol_md(1200.0, 200, 1000, seed=2, config_type="md_1200K")
+        check_intact(frames, "1200 K")
+        write_frames_atomically(os.path.join(args.out_dir, "ethanol_gfn2_1200K.extxyz"), frames)
+        print(f"ethanol 1200 K: {len(frames)} frames in {time.time() - start:.0f} s")
+    if "e0s" in wanted:
+        energies = isolated_atom_energies()
+        path = os.path.join(args.out_dir, "ethanol_gfn2_e0s.json")
+        with open(path + ".tmp", "w") as stream:
+            json.dump(energies, stream, indent=2)
+        os.replace(path + ".tmp", path)
+        print(f"isolated atoms: {energies}")
+    if "cuau" in wanted:
+        start = time.time()
+        frames = cuau_frames(250, seed=3)
+        write_frames_atomically(os.path.join(args.out_dir, "cuau_emt.extxyz"), frames)
+        print(f"CuAu EMT: {len(frames)} frames in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
