@@ -85,13 +85,29 @@ class DataConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """Weighted MSE (or Huber) of energy per atom, force components and stress."""
+    """Weighted MSE (or Huber) of energy per atom, force components and stress.
+
+    Stage two (MACE's "swa" stage): from ``stage_two_start`` (a fraction of the run's
+    progress, see ScheduleConfig) on, the energy and force weights switch to the
+    ``stage_two_*`` values; a large energy weight late in training tightens energies
+    once forces are learned.
+    """
 
     energy_weight: NonNegativeFloat = 1.0
     forces_weight: NonNegativeFloat = 100.0
     stress_weight: NonNegativeFloat = 1.0
     kind: Literal["mse", "huber"] = "mse"
     huber_delta: PositiveFloat = 0.01
+    stage_two_start: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    stage_two_energy_weight: NonNegativeFloat = 1000.0
+    stage_two_forces_weight: NonNegativeFloat = 100.0
+
+    def weights_at(self, progress: float) -> dict:
+        """Loss weights at a given fraction of the run."""
+        if self.stage_two_start is not None and progress >= self.stage_two_start:
+            return {"energy": self.stage_two_energy_weight, "forces": self.stage_two_forces_weight,
+                    "stress": self.stress_weight}
+        return {"energy": self.energy_weight, "forces": self.forces_weight, "stress": self.stress_weight}
 
 
 class OptimizerConfig(StrictModel):

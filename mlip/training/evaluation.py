@@ -77,15 +77,13 @@ def compute_metrics(samples: Sequence[GraphSample], predictions: Sequence[dict])
     return metrics
 
 
-def loss_from_metrics(metrics: dict, weights) -> float:
+def loss_from_metrics(metrics: dict, weights: dict) -> float:
     """Validation loss on the same scale as the training loss (RMSE² terms, weighted)."""
     loss = 0.0
-    if "energy_rmse_per_atom" in metrics:
-        loss += weights.energy_weight * metrics["energy_rmse_per_atom"] ** 2
-    if "forces_rmse" in metrics:
-        loss += weights.forces_weight * metrics["forces_rmse"] ** 2
-    if "stress_rmse" in metrics:
-        loss += weights.stress_weight * metrics["stress_rmse"] ** 2
+    for name, metric in (("energy", "energy_rmse_per_atom"), ("forces", "forces_rmse"),
+                         ("stress", "stress_rmse")):
+        if metric in metrics:
+            loss += weights[name] * metrics[metric] ** 2
     return float(loss)
 
 

@@ -42,7 +42,6 @@ def loss_terms(outputs: dict, graph: AtomsGraph, config: LossConfig) -> dict:
     return terms
 
 
-def total_loss(terms: dict, config: LossConfig) -> jnp.ndarray:
-    weights = {"energy": config.energy_weight, "forces": config.forces_weight,
-               "stress": config.stress_weight}
+def total_loss(terms: dict, weights: dict) -> jnp.ndarray:
+    """Σ weight × term; ``weights`` may hold traced values (they change during a run)."""
     return sum(weights[name] * value for name, value in terms.items())

@@ -160,7 +160,7 @@ class Trainer:
                 "ema_params": params if self.config.training.ema_decay is not None else None,
                 "epoch": 0, "step": 0, "elapsed": 0.0, "best_valid_loss": float("inf"),
                 "best_epoch": -1, "plateau_factor": 1.0, "plateau_best": float("inf"),
-                "plateau_bad_epochs": 0}
+                "plateau_bad_epochs": 0, "loss_stage": 1}
 
     def _state_template(self) -> dict:
         return jax.tree.map(np.asarray, self.initial_state())
@@ -169,11 +169,11 @@ class Trainer:
         potential, loss_config, use_stress = self.potential, self.config.loss, self.use_stress
         optimizer, ema_decay = self.optimizer, self.config.training.ema_decay
 
-        def step_fn(params, opt_state, ema_params, graph, learning_rate, step):
+        def step_fn(params, opt_state, ema_params, graph, learning_rate, step, loss_weights):
             def loss_fn(p):
                 outputs = potential.apply(p, graph, compute_forces=True, compute_stress=use_stress)
                 terms = loss_terms(outputs, graph, loss_config)
-                return total_loss(terms, loss_config), terms
+                return total_loss(terms, loss_weights), terms
 
             (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -214,9 +214,11 @@ class Trainer:
             for graph, _ in self.train_batches.batches(shuffle_seed=self.config.seed * 100_003 + epoch):
                 progress = self._progress(state, start_time)
                 lr = learning_rate_at(self.config, progress, state["plateau_factor"])
+                weights = {name: jnp.asarray(value, self.dtype)
+                           for name, value in self.config.loss.weights_at(progress).items()}
                 params, opt_state, ema, loss, _ = self._train_step(
                     state["params"], state["opt_state"], state["ema_params"], graph,
-                    jnp.asarray(lr, self.dtype), jnp.asarray(state["step"], self.dtype))
+                    jnp.asarray(lr, self.dtype), jnp.asarray(state["step"], self.dtype), weights)
                 state.update(params=params, opt_state=opt_state, ema_params=ema, step=state["step"] + 1)
                 epoch_losses.append(loss)
                 if training.max_time is not None and time.monotonic() - start_time > training.max_time:
@@ -228,10 +230,11 @@ class Trainer:
                                 "training.optimizer.learning_rate or check the labels")
             state["epoch"] = epoch + 1
             state["elapsed"] = time.monotonic() - start_time
-            row = self._validate(state, train_loss, lr)
+            row = self._validate(state, train_loss, lr, self._progress(state, start_time))
             rows.append(row)
             _write_metrics(os.path.join(self.run_dir, "metrics.csv"), rows)
             checkpoint.save_pytree(last_path, state)
+            _log_epoch(self.run_dir, row, progress_bar)
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{train_loss:.4g}", valid_F_mae=f"{row['valid_forces_mae']:.4g}"
                                      if row["valid_forces_mae"] != "" else "", lr=f"{lr:.2g}")
@@ -250,11 +253,18 @@ class Trainer:
             progress = max(progress, (time.monotonic() - start_time) / training.max_time)
         return min(progress, 1.0)
 
-    def _validate(self, state: dict, train_loss: float, lr: float) -> dict:
+    def _validate(self, state: dict, train_loss: float, lr: float, progress: float) -> dict:
         params = state["ema_params"] if state["ema_params"] is not None else state["params"]
         predictions = self.predictor.predict(params, self.valid_samples, self.config.training.eval_batch_size)
         metrics = compute_metrics(self.valid_samples, predictions)
-        valid_loss = loss_from_metrics(metrics, self.config.loss)
+        weights = self.config.loss.weights_at(progress)
+        valid_loss = loss_from_metrics(metrics, weights)
+        stage = 2 if weights != self.config.loss.weights_at(0.0) else 1
+        if stage != state["loss_stage"]:
+            # New loss weights make earlier validation losses incomparable: restart the
+            # best-model tracking (as MACE does when it enters its second stage).
+            state["best_valid_loss"] = float("inf")
+        state["loss_stage"] = stage
         if valid_loss < state["best_valid_loss"]:
             state["best_valid_loss"], state["best_epoch"] = valid_loss, state["epoch"]
             checkpoint.save_pytree(os.path.join(self.run_dir, "best.msgpack"), params)
@@ -302,7 +312,7 @@ def train(config: RunConfig, resume: bool = False) -> dict:
 
 
 def _python_scalars(state: dict) -> dict:
-    for key in ("epoch", "step", "best_epoch", "plateau_bad_epochs"):
+    for key in ("epoch", "step", "best_epoch", "plateau_bad_epochs", "loss_stage"):
         state[key] = int(state[key])
     for key in ("elapsed", "best_valid_loss", "plateau_factor", "plateau_best"):
         state[key] = float(state[key])
@@ -315,6 +325,23 @@ def _progress_bar(enabled: bool, total: int, initial: int):
     # disable=None: tqdm switches itself off when output is not a terminal (CI, logs).
     return tqdm(total=total, initial=initial, desc="epochs", unit="epoch",
                 disable=None if enabled else True, dynamic_ncols=True)
+
+
+def _log_epoch(run_dir: str, row: dict, progress_bar) -> None:
+    """Append one line per epoch to train.log; echo it to stderr when no progress bar shows."""
+    import sys
+
+    def fmt(value, scale=1000.0, digits=1):
+        return "-" if value in ("", None) else f"{scale * float(value):.{digits}f}"
+
+    line = (f"epoch {row['epoch']:>4}  {row['time_s']:>8.1f} s  lr {row['learning_rate']:.2e}  "
+            f"train loss {row['train_loss']:.4g}  valid loss {row['valid_loss']:.4g}  "
+            f"E MAE {fmt(row['valid_energy_mae_per_atom'], digits=2)} meV/atom  "
+            f"F MAE {fmt(row['valid_forces_mae'])} meV/Å")
+    with open(os.path.join(run_dir, "train.log"), "a") as stream:
+        stream.write(line + "\n")
+    if progress_bar.disable:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _write_metrics(path: str, rows: list) -> None:
