@@ -8,16 +8,38 @@
 
 Labels follow MACE's convention: ``REF_energy`` (eV, absolute) and ``REF_stress``
 (3x3, eV/Å³, ASE sign) in ``atoms.info``, ``REF_forces`` (eV/Å) in ``atoms.arrays``.
-Deterministic (fixed seeds); about two minutes on two CPU cores.
+Deterministic: fixed seeds, and tblite is pinned to one OpenMP thread (set before
+anything loads it) because its parallel reductions change the last bits of the
+forces with the thread count, and MD trajectories amplify that into different
+frames. Run time on an otherwise idle 2-core machine: about 50 s for the 500 K set,
+12 s for the 1200 K set, <1 s for the isolated atoms and 27 s for CuAu, so about
+1.5 minutes in all (several times that if other jobs share the cores).
+
+Ethanol does not dissociate at 1200 K with 0.5 fs steps: the longest of its eight
+covalent bonds over all 200 frames is 1.78 Å (the script prints this check).
+
+Isolated atoms: GFN2-xTB has no spin-polarisation energy term, so the multiplicity
+passed to tblite (H 2, C 3, O 3, i.e. ``uhf`` 1, 2, 2: the atoms' ground-state
+multiplicities) only changes how the degenerate 2p shell is occupied under the
+300 K Fermi smearing, i.e. the electronic-entropy part of the (free) energy that
+tblite returns: C and O come out 0.049 eV higher than with the default (closed
+shell for even electron counts); H is a doublet either way. We keep the physical
+multiplicities.
 
     python scripts/make_datasets.py [--out-dir data] [--sets ethanol,ood,e0s,cuau]
 """
 
 from __future__ import annotations
 
+import os
+
+# Before numpy/tblite load their OpenMP/BLAS runtimes: one thread makes the MD bitwise
+# reproducible (and for a 9-atom molecule it is also the fastest).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import tempfile
 import time
 
@@ -26,7 +48,15 @@ import numpy as np
 from ase import Atoms, units
 from ase.build import bulk, molecule
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation
+
+try:  # ASE >= 3.29 deprecates MaxwellBoltzmannDistribution in favour of this (same draws)
+    from ase.md.velocitydistribution import thermalize_momenta
+except ImportError:  # older ASE
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    def thermalize_momenta(atoms, temperature_K, rng=None):
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
 
 
 def write_frames_atomically(path: str, frames: list) -> None:
@@ -64,7 +94,7 @@ def ethanol_md(temperature: float, n_frames: int, equilibration_steps: int, seed
     atoms = molecule("CH3CH2OH")
     atoms.calc = xtb()
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    thermalize_momenta(atoms, temperature_K=temperature, rng=rng)  # Maxwell-Boltzmann
     Stationary(atoms)
     ZeroRotation(atoms)
     dynamics = Langevin(atoms, timestep=0.5 * units.fs, temperature_K=temperature,
@@ -85,8 +115,22 @@ def check_intact(frames: list, label: str) -> None:
     print(f"  {label}: longest bond {longest:.2f} Å")
 
 
+def summarize(path: str, frames: list) -> None:
+    """One line per file: frames, energy per atom, force RMS, size (what data/README.md quotes)."""
+    per_atom = np.array([f.info["REF_energy"] / len(f) for f in frames])
+    forces = np.concatenate([f.arrays["REF_forces"] for f in frames])
+    print(f"  {os.path.basename(path)}: {len(frames)} frames, E/atom {per_atom.min():.3f} .. "
+          f"{per_atom.max():.3f} (mean {per_atom.mean():.3f}) eV, force RMS "
+          f"{np.sqrt(np.mean(forces ** 2)):.3f} eV/Å, max |F| "
+          f"{np.linalg.norm(forces, axis=1).max():.2f} eV/Å, {os.path.getsize(path) / 1e6:.2f} MB")
+
+
 def isolated_atom_energies() -> dict:
-    """GFN2-xTB energies of single H, C, O atoms in their ground-state multiplicity."""
+    """GFN2-xTB energies of single H, C, O atoms in their ground-state multiplicity.
+
+    See the module docstring: with GFN2-xTB the multiplicity only moves C and O by the
+    0.049 eV electronic-entropy term; H is the same either way.
+    """
     from tblite.ase import TBLite
 
     energies = {}
@@ -114,7 +158,7 @@ def cuau_frames(n_frames: int, seed: int) -> list:
         atoms.rattle(rng.uniform(0.05, 0.1), seed=int(rng.integers(1 << 30)))
         atoms.calc = EMT()
         temperature = rng.uniform(300, 1000)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        thermalize_momenta(atoms, temperature_K=temperature, rng=rng)  # Maxwell-Boltzmann
         dynamics = Langevin(atoms, timestep=2 * units.fs, temperature_K=temperature,
                             friction=0.02 / units.fs, rng=rng, fixcm=False)
         for _ in range(5):  # five snapshots 40 fs apart from each starting cell
@@ -125,35 +169,45 @@ def cuau_frames(n_frames: int, seed: int) -> list:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default="data")
+    parser.add_argument("--out-dir", default="data", help="where to write the files (default: data)")
     parser.add_argument("--sets", default="ethanol,ood,e0s,cuau",
                         help="comma-separated subset of: ethanol, ood, e0s, cuau")
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     wanted = set(args.sets.split(","))
+    unknown = wanted - {"ethanol", "ood", "e0s", "cuau"}
+    if unknown:
+        parser.error(f"unknown set(s): {', '.join(sorted(unknown))}")
     if "ethanol" in wanted:
         start = time.time()
         frames = ethanol_md(500.0, 1000, 2000, seed=1, config_type="md_500K")
         check_intact(frames, "500 K")
-        write_frames_atomically(os.path.join(args.out_dir, "ethanol_gfn2_500K.extxyz"), frames)
+        path = os.path.join(args.out_dir, "ethanol_gfn2_500K.extxyz")
+        write_frames_atomically(path, frames)
+        summarize(path, frames)
         print(f"ethanol 500 K: {len(frames)} frames in {time.time() - start:.0f} s")
     if "ood" in wanted:
         start = time.time()
         frames = ethanol_md(1200.0, 200, 1000, seed=2, config_type="md_1200K")
         check_intact(frames, "1200 K")
-        write_frames_atomically(os.path.join(args.out_dir, "ethanol_gfn2_1200K.extxyz"), frames)
+        path = os.path.join(args.out_dir, "ethanol_gfn2_1200K.extxyz")
+        write_frames_atomically(path, frames)
+        summarize(path, frames)
         print(f"ethanol 1200 K: {len(frames)} frames in {time.time() - start:.0f} s")
     if "e0s" in wanted:
         energies = isolated_atom_energies()
         path = os.path.join(args.out_dir, "ethanol_gfn2_e0s.json")
         with open(path + ".tmp", "w") as stream:
             json.dump(energies, stream, indent=2)
+            stream.write("\n")
         os.replace(path + ".tmp", path)
         print(f"isolated atoms: {energies}")
     if "cuau" in wanted:
         start = time.time()
         frames = cuau_frames(250, seed=3)
-        write_frames_atomically(os.path.join(args.out_dir, "cuau_emt.extxyz"), frames)
+        path = os.path.join(args.out_dir, "cuau_emt.extxyz")
+        write_frames_atomically(path, frames)
+        summarize(path, frames)
         print(f"CuAu EMT: {len(frames)} frames in {time.time() - start:.0f} s")
 
 
