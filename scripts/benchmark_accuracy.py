@@ -1,0 +1,393 @@
+"""Accuracy at equal wall-clock budget: mlip vs mace-torch vs apax on the same ethanol split.
+
+Each framework trains on the same GFN2-xTB ethanol frames (default: train 0:500, valid
+500:600, test 600:1000 of data/ethanol_gfn2_500K.extxyz), one after the other in one
+run, each with the same wall-clock budget measured from the start of its training
+process (startup and compilation included). A framework still training at the budget
+is stopped (SIGINT, then SIGKILL) and its last saved model is used. All three are then
+evaluated by the same metric function on predictions written by each framework's own
+ASE calculator. Results go to docs/benchmark_accuracy.json and to the section between
+``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` of docs/benchmarks.md.
+
+Peers run in their own virtual environments (mace-torch needs torch, apax its own jax):
+
+    python scripts/benchmark_accuracy.py --setup            # creates /work/peers/{mace,apax}-venv
+    python scripts/benchmark_accuracy.py --budget-s 720     # about 40 minutes on 2 cores
+
+This is a benchmark script, never part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz")
+E0_FILE = os.path.join(ROOT, "data", "ethanol_gfn2_e0s.json")
+
+# One architecture for both MACE implementations: the same as configs/benchmark_ethanol.yaml.
+MACE_ARCHITECTURE = {"r_max": 5.0, "num_channels": 32, "max_L": 1, "max_ell": 3, "correlation": 3,
+                     "num_interactions": 2, "batch_size": 5, "lr": 0.01}
+
+
+def run_with_budget(command: list, budget_s: float, log_path: str, env=None, grace_s: float = 0.0) -> dict:
+    """Run ``command``; interrupt it when ``budget_s + grace_s`` seconds have passed."""
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        stopped = False
+        while process.poll() is None:
+            if time.monotonic() - start > budget_s + grace_s:
+                stopped = True
+                os.killpg(process.pid, signal.SIGINT)
+                try:  # a few seconds to exit cleanly; no time to train further
+                    process.wait(3)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                break
+            time.sleep(0.5)
+    return {"wall_s": round(time.monotonic() - start, 1), "stopped_at_budget": stopped,
+            "returncode": process.returncode}
+
+
+def write_split(work_dir: str, train: str, valid: str, test: str) -> dict:
+    import ase.io
+
+    paths = {}
+    for name, index in (("train", train), ("valid", valid), ("test", test)):
+        frames = ase.io.read(DATA, index=index)
+        path = os.path.join(work_dir, f"{name}.extxyz")
+        ase.io.write(path, frames, format="extxyz")
+        paths[name] = path
+        paths[f"n_{name}"] = len(frames)
+    return paths
+
+
+def metrics_from_predictions(test_path: str, prediction_path: str) -> dict:
+    """The one metric function every framework is judged by."""
+    import ase.io
+
+    frames = ase.io.read(test_path, ":")
+    predicted = np.load(prediction_path)
+    energy_errors = np.array([p - f.info["REF_energy"] for p, f in zip(predicted["energies"], frames)])
+    n_atoms = np.array([len(f) for f in frames])
+    force_errors = predicted["forces"] - np.concatenate([f.arrays["REF_forces"] for f in frames])
+    per_atom = energy_errors / n_atoms
+    return {"n_test": len(frames),
+            "energy_mae_mev_per_atom": 1000 * float(np.mean(np.abs(per_atom))),
+            "energy_rmse_mev_per_atom": 1000 * float(np.sqrt(np.mean(per_atom**2))),
+            "forces_mae_mev_per_a": 1000 * float(np.mean(np.abs(force_errors))),
+            "forces_rmse_mev_per_a": 1000 * float(np.sqrt(np.mean(force_errors**2)))}
+
+
+PREDICT_WORKER = textwrap.dedent("""
+    import sys, time, numpy as np, ase.io
+    kind, model, test_path, out_path = sys.argv[1:5]
+    if kind == "mace":
+        from mace.calculators import MACECalculator
+        calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float32")
+    elif kind == "apax":
+        from apax.md import ASECalculator
+        calc = ASECalculator(model_dir=model)
+    else:
+        from mlip import MLIPCalculator
+        calc = MLIPCalculator.from_run(model)
+    frames = ase.io.read(test_path, ":")
+    energies, forces = [], []
+    start = time.time()
+    for atoms in frames:
+        atoms.calc = calc
+        energies.append(atoms.get_potential_energy())
+        forces.append(atoms.get_forces())
+    np.savez(out_path, energies=np.array(energies), forces=np.concatenate(forces),
+             seconds=time.time() - start)
+""")
+
+
+def predict(kind: str, python: str, model: str, test_path: str, work_dir: str) -> str:
+    worker = os.path.join(work_dir, "predict_worker.py")
+    with open(worker, "w") as stream:
+        stream.write(PREDICT_WORKER)
+    out_path = os.path.join(work_dir, f"predictions_{kind}.npz")
+    subprocess.run([python, worker, kind, model, test_path, out_path], check=True,
+                   stdout=subprocess.DEVNULL, stderr=open(os.path.join(work_dir, f"predict_{kind}.log"), "w"))
+    return out_path
+
+
+# ---------------------------------------------------------------- mlip
+def train_mlip(split: dict, work_dir: str, budget_s: float) -> dict:
+    run_dir = os.path.join(work_dir, "mlip_run")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = os.path.join(ROOT, "configs", "benchmark_ethanol.yaml")
+    # mlip stops itself on time (training.max_time counts from the start of its training
+    # loop); 20 s are left for start-up and data loading, the rest of the budget is the
+    # same hard limit every framework gets.
+    command = [sys.executable, "-m", "mlip.cli", "train", config,
+               "--set", f"run_dir={run_dir}", "--set", f"data.train={split['train']}",
+               "--set", f"data.valid={split['valid']}", "--set", f"training.max_time={budget_s - 20}",
+               "--set", "training.progress_bar=false"]
+    result = run_with_budget(command, budget_s, os.path.join(work_dir, "mlip_train.log"), grace_s=60)
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    result.update(epochs=summary["epochs"], model=run_dir, python=sys.executable,
+                  training_s=summary["elapsed_s"], n_params=_mlip_parameter_count(run_dir))
+    return result
+
+
+def _mlip_parameter_count(run_dir: str) -> int:
+    import jax
+
+    from mlip.training.checkpoint import load_potential
+    _, params = load_potential(run_dir)
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------- mace
+def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, epoch_s: float) -> dict:
+    mace_dir = os.path.join(work_dir, "mace_run")
+    shutil.rmtree(mace_dir, ignore_errors=True)
+    os.makedirs(mace_dir)
+    e0s = json.load(open(E0_FILE))
+    e0_text = "{" + ",".join(f"{z}:{v}" for z, v in e0s.items()) + "}"
+    a = MACE_ARCHITECTURE
+    arguments = [
+        "--name=ethanol", f"--train_file={split['train']}", f"--valid_file={split['valid']}",
+        f"--E0s={e0_text}", "--energy_key=REF_energy", "--forces_key=REF_forces",
+        "--model=MACE", f"--num_channels={a['num_channels']}", f"--max_L={a['max_L']}",
+        f"--max_ell={a['max_ell']}", f"--correlation={a['correlation']}", f"--r_max={a['r_max']}",
+        f"--num_interactions={a['num_interactions']}", f"--batch_size={a['batch_size']}",
+        "--valid_batch_size=20", f"--lr={a['lr']}", "--ema", "--ema_decay=0.99", "--amsgrad",
+        "--default_dtype=float32", "--device=cpu", "--seed=0", "--eval_interval=1",
+        "--energy_weight=1.0", "--forces_weight=100.0", "--restart_latest",
+        f"--checkpoints_dir={mace_dir}/checkpoints", f"--model_dir={mace_dir}",
+        f"--log_dir={mace_dir}/logs", f"--results_dir={mace_dir}/results",
+    ]
+    # mace's second stage (--swa: energy weight 1000, lower lr) starts at a fixed epoch;
+    # put it at 75 % of the epochs that fit the budget (epoch_s measured on this machine).
+    planned_epochs = max(4, int(budget_s / epoch_s))
+    arguments += ["--swa", f"--start_swa={int(0.75 * planned_epochs)}"]
+    trainer = os.path.join(venv, "bin", "mace_run_train")
+    result = run_with_budget([trainer, *arguments, f"--max_num_epochs={planned_epochs}"], budget_s,
+                             os.path.join(work_dir, "mace_train.log"))
+    epochs = _last_mace_epoch(os.path.join(mace_dir, "checkpoints"))
+    # The .model file is written only at a normal end: restart from the last checkpoint
+    # with max_num_epochs equal to the epochs done, which trains nothing and saves it.
+    subprocess.run([trainer, *arguments, f"--max_num_epochs={epochs}"], check=True,
+                   stdout=open(os.path.join(work_dir, "mace_export.log"), "w"), stderr=subprocess.STDOUT)
+    model = os.path.join(mace_dir, "ethanol.model")
+    result.update(epochs=epochs, model=model, python=os.path.join(venv, "bin", "python"))
+    return result
+
+
+def _last_mace_epoch(checkpoint_dir: str) -> int:
+    epochs = [int(name.split("epoch-")[1].split(".")[0].split("_")[0])
+              for name in os.listdir(checkpoint_dir) if "epoch-" in name]
+    if not epochs:
+        raise RuntimeError(f"mace wrote no checkpoint in {checkpoint_dir} within the budget")
+    return max(epochs) + 1
+
+
+# ---------------------------------------------------------------- apax
+def train_apax(split: dict, work_dir: str, budget_s: float, venv: str, epoch_s: float) -> dict:
+    import yaml
+
+    apax_dir = os.path.join(work_dir, "apax_run")
+    shutil.rmtree(apax_dir, ignore_errors=True)
+    os.makedirs(apax_dir)
+    # apax reads labels from the calculator results: convert REF_* keys.
+    converted = {}
+    for name in ("train", "valid"):
+        converted[name] = _as_calculator_labels(split[name], os.path.join(apax_dir, f"{name}.extxyz"))
+    # apax's learning rate decays linearly over n_epochs: plan the epochs that fit the budget.
+    config = {
+        "n_epochs": max(4, int(budget_s / epoch_s)),
+        "seed": 0,
+        "data": {"directory": apax_dir, "experiment": "ethanol", "train_data_path": converted["train"],
+                 "val_data_path": converted["valid"], "batch_size": MACE_ARCHITECTURE["batch_size"],
+                 "valid_batch_size": 20, "shift_method": "per_element_regression_shift",
+                 "scale_method": "per_element_force_rms_scale"},
+        "model": {"name": "gmnn", "basis": {"name": "bessel", "n_basis": 16, "r_max": 5.0}},
+        "loss": [{"name": "energy", "loss_type": "mse", "weight": 1.0},
+                 {"name": "forces", "loss_type": "mse", "weight": 4.0}],
+        "ckpt_interval": 1,
+        "progress_bar": {"disable_epoch_pbar": True, "disable_batch_pbar": True},
+    }
+    config_path = os.path.join(apax_dir, "config.yaml")
+    with open(config_path, "w") as stream:
+        yaml.safe_dump(config, stream)
+    result = run_with_budget([os.path.join(venv, "bin", "apax"), "train", config_path], budget_s,
+                             os.path.join(work_dir, "apax_train.log"))
+    result.update(model=os.path.join(apax_dir, "ethanol"), python=os.path.join(venv, "bin", "python"),
+                  epochs=_apax_epochs(os.path.join(apax_dir, "ethanol")))
+    return result
+
+
+def _as_calculator_labels(source: str, target: str) -> str:
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = ase.io.read(source, ":")
+    for atoms in frames:
+        energy, forces = atoms.info.pop("REF_energy"), atoms.arrays.pop("REF_forces")
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    ase.io.write(target, frames, format="extxyz")
+    return target
+
+
+def _apax_epochs(model_dir: str) -> int | None:
+    log = os.path.join(model_dir, "log.csv")
+    if os.path.exists(log):
+        return max(0, len(open(log).read().strip().splitlines()) - 1)
+    return None
+
+
+# ---------------------------------------------------------------- report
+def versions(peer_dir: str) -> dict:
+    found = {"python": platform.python_version()}
+    for name, python, packages in (("mlip", sys.executable, ["jax", "e3nn-jax", "flax"]),
+                                   ("mace", os.path.join(peer_dir, "mace-venv", "bin", "python"),
+                                    ["mace-torch", "torch"]),
+                                   ("apax", os.path.join(peer_dir, "apax-venv", "bin", "python"),
+                                    ["apax", "jax"])):
+        if not os.path.exists(python):
+            continue
+        code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+                f"{packages!r}}}))")
+        try:
+            found.update(json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True,
+                                                   check=True).stdout))
+        except subprocess.CalledProcessError:
+            pass
+    return found
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_report(results: dict, meta: dict) -> None:
+    docs = os.path.join(ROOT, "docs")
+    os.makedirs(docs, exist_ok=True)
+    with open(os.path.join(docs, "benchmark_accuracy.json"), "w") as stream:
+        json.dump({"meta": meta, "results": results}, stream, indent=2)
+    ours = results.get("mlip", {}).get("forces_mae_mev_per_a")
+    lines = [
+        f"Run on {meta['date']}, {meta['cpu']} ({meta['cores']} cores), budget {meta['budget_s']:.0f} s "
+        f"of wall-clock per framework (process start to stop, compilation included).",
+        f"Data: `{meta['data']}`, train {meta['n_train']} / valid {meta['n_valid']} / test {meta['n_test']} "
+        "frames; isolated-atom E0s from `data/ethanol_gfn2_e0s.json` for mlip and mace, apax "
+        "fits its own per-element shift.",
+        f"Command: `{meta['command']}`",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        "",
+        "| framework | model | params | epochs | wall s | test E MAE meV/atom | E RMSE | "
+        "test F MAE meV/Å | F RMSE | F MAE / mlip's |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    descriptions = {"mlip": "MACE (ours), 32x0e+32x1o, ell 3, corr 3",
+                    "mace": "mace-torch MACE, 32x0e+32x1o, ell 3, corr 3",
+                    "apax": "apax GMNN (defaults, 16 Bessel)"}
+    for name, row in results.items():
+        if "error" in row:
+            lines.append(f"| {name} | {descriptions[name]} | | | | failed: {row['error'][:80]} | | | | |")
+            continue
+        ratio = f"{row['forces_mae_mev_per_a'] / ours:.2f}" if ours else ""
+        lines.append(f"| {name} | {descriptions[name]} | {row.get('n_params', '')} | {row.get('epochs', '')} | "
+                     f"{row['wall_s']} | {row['energy_mae_mev_per_atom']:.2f} | {row['energy_rmse_mev_per_atom']:.2f} | "
+                     f"{row['forces_mae_mev_per_a']:.1f} | {row['forces_rmse_mev_per_a']:.1f} | {ratio} |")
+    section = "\n".join(lines)
+    path = os.path.join(docs, "benchmarks.md")
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+    if begin in text and end in text:
+        text = text[:text.index(begin) + len(begin)] + "\n" + section + "\n" + text[text.index(end):]
+    else:
+        text += f"\n## Accuracy at equal wall-clock budget\n\n{begin}\n{section}\n{end}\n"
+    with open(path, "w") as stream:
+        stream.write(text)
+
+
+def setup(peer_dir: str) -> None:
+    os.makedirs(peer_dir, exist_ok=True)
+    mace = os.path.join(peer_dir, "mace-venv")
+    apax = os.path.join(peer_dir, "apax-venv")
+    if not os.path.exists(mace):
+        subprocess.run([sys.executable, "-m", "venv", mace], check=True)
+        # torch==2.13.0 first: the CPU build on disk; a bare `torch` pulls a CUDA build of several GB.
+        subprocess.run([os.path.join(mace, "bin", "pip"), "install", "torch==2.13.0"], check=True)
+        subprocess.run([os.path.join(mace, "bin", "pip"), "install", "mace-torch"], check=True)
+    if not os.path.exists(apax):
+        subprocess.run([sys.executable, "-m", "venv", apax], check=True)
+        subprocess.run([os.path.join(apax, "bin", "pip"), "install", "apax"], check=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setup", action="store_true", help="create the peer venvs and exit")
+    parser.add_argument("--peer-dir", default="/work/peers")
+    parser.add_argument("--work-dir", default="/tmp/mlip-benchmark-accuracy")
+    parser.add_argument("--budget-s", type=float, default=720.0)
+    parser.add_argument("--frameworks", default="mlip,mace,apax")
+    parser.add_argument("--train", default="0:500")
+    parser.add_argument("--valid", default="500:600")
+    parser.add_argument("--test", default="600:1000")
+    parser.add_argument("--mace-epoch-s", type=float, default=14.5,
+                        help="seconds per mace epoch on this machine (plans its stage two)")
+    parser.add_argument("--apax-epoch-s", type=float, default=3.0,
+                        help="seconds per apax epoch on this machine (plans its lr decay)")
+    args = parser.parse_args(argv)
+    if args.setup:
+        setup(args.peer_dir)
+        return
+    os.makedirs(args.work_dir, exist_ok=True)
+    split = write_split(args.work_dir, args.train, args.valid, args.test)
+    results = {}
+    for name in args.frameworks.split(","):
+        print(f"training {name} for {args.budget_s:.0f} s ...", flush=True)
+        try:
+            if name == "mlip":
+                run = train_mlip(split, args.work_dir, args.budget_s)
+            elif name == "mace":
+                run = train_mace(split, args.work_dir, args.budget_s, os.path.join(args.peer_dir, "mace-venv"),
+                                 args.mace_epoch_s)
+            elif name == "apax":
+                run = train_apax(split, args.work_dir, args.budget_s, os.path.join(args.peer_dir, "apax-venv"),
+                                 args.apax_epoch_s)
+            else:
+                raise ValueError(f"unknown framework {name}")
+            predictions = predict(name, run["python"], run["model"], split["test"], args.work_dir)
+            run.update(metrics_from_predictions(split["test"], predictions))
+            run["predict_s"] = round(float(np.load(predictions)["seconds"]), 1)
+        except Exception as error:  # report the failure in the table, go on with the others
+            run = {"error": f"{type(error).__name__}: {error}"}
+        results[name] = run
+        print(f"  {name}: {json.dumps(run)}", flush=True)
+    meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "budget_s": args.budget_s, "data": os.path.relpath(DATA, ROOT),
+            "n_train": split["n_train"], "n_valid": split["n_valid"], "n_test": split["n_test"],
+            "command": "python scripts/benchmark_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "versions": versions(args.peer_dir)}
+    write_report(results, meta)
+
+
+if __name__ == "__main__":
+    main()
