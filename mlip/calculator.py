@@ -11,7 +11,6 @@ edge count. Energies are absolute: the per-element references are added in float
 
 from __future__ import annotations
 
-from typing import Optional
 
 import jax
 import numpy as np

@@ -14,13 +14,16 @@ uncertainty) calls `Potential.apply(params, graph)`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import mlip.heads  # noqa: F401  (importing registers the heads)
+import mlip.models  # noqa: F401  (importing registers the backbones)
 from mlip.data.statistics import DatasetStatistics
 from mlip.graph import AtomsGraph
 from mlip.registry import BACKBONES, HEADS, lookup
@@ -55,7 +58,7 @@ class Potential:
     config: ModelConfig
     statistics: DatasetStatistics
 
-    @property
+    @functools.cached_property
     def module(self) -> EnergyModel:
         return build_module(self.config, self.statistics)
 
@@ -69,8 +72,10 @@ class Potential:
 
     def init(self, key: jax.Array, graph: AtomsGraph) -> Any:
         """Trainable parameters for a model that will see graphs like ``graph``."""
-        graph = _cast_graph(graph, self.dtype)
-        return self.module.init(key, graph, graph.positions, graph.cell)["params"]
+        def initialise(key, graph):
+            graph = _cast_graph(graph, self.dtype)
+            return self.module.init(key, graph, graph.positions, graph.cell)["params"]
+        return jax.jit(initialise)(key, graph)  # compiled: e3nn-jax runs slowly op by op
 
     def reference_energy(self, numbers: np.ndarray) -> float:
         """Σ_i E0(Z_i) in float64 for one structure, eV (host side)."""

@@ -24,8 +24,6 @@ def make_potential(atomic_numbers, dtype="float64", e0=None, shift=0.0, scale=1.
     from mlip.potential import Potential
     from mlip.training.checkpoint import dummy_graph
     from mlip.training.config import MACEConfig, ModelConfig
-    import mlip.heads  # noqa: F401
-    import mlip.models  # noqa: F401
 
     settings = {**TINY_BACKBONE, **backbone}
     stats = DatasetStatistics(atomic_numbers=tuple(sorted(atomic_numbers)),

@@ -18,11 +18,9 @@ References:
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import e3nn_jax as e3nn
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 

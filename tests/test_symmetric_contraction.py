@@ -1,7 +1,6 @@
 """The monomial-basis symmetric contraction equals the dense-U reference and is equivariant."""
 
 import e3nn_jax as e3nn
-import jax
 import numpy as np
 import pytest
 

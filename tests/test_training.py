@@ -81,6 +81,13 @@ def test_calculator_matches_evaluation_and_compiles_once_per_bucket(trained_run,
         cluster.positions += 0.001  # same sizes again: no new compilation
         cluster.get_forces()
     assert calc._apply._cache_size() - before <= 4
+    # An element the model never saw is a clear error, not a silent zero.
+    from mlip.errors import DataError
+    alien = atoms.copy()
+    alien[0].symbol = "Ag"
+    alien.calc = calc
+    with pytest.raises(DataError, match="atom 0 is Ag; this model knows only"):
+        alien.get_potential_energy()
 
 
 class _Killed(Exception):

@@ -32,6 +32,9 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes owner-only files; use normal permissions
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
@@ -144,8 +147,6 @@ def load_potential(run_dir: str, which: str = "best"):
     from mlip.data.statistics import DatasetStatistics
     from mlip.potential import Potential
     from mlip.training.config import ModelConfig
-    import mlip.models  # noqa: F401  (registers backbones and heads)
-    import mlip.heads  # noqa: F401
 
     metadata = read_model_json(run_dir)
     potential = Potential(ModelConfig.model_validate(metadata["model"]),

@@ -18,7 +18,7 @@ import io
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -132,9 +132,6 @@ class Trainer:
         self.config = config
         self.run_dir = config.run_dir
         self.dtype = np.float64 if config.model.dtype == "float64" else np.float32
-        import mlip.heads  # noqa: F401  (registers)
-        import mlip.models  # noqa: F401
-
         train_frames, valid_frames = load_split(config)
         cutoff = config.model.backbone.r_max
         self.train_samples = build_samples(train_frames, cutoff)
