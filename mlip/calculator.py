@@ -7,16 +7,22 @@
 Structures are padded to the bucket ladder of `mlip.data.batching`, so MD on systems
 of any size compiles only when a bucket is first seen, not at every new atom or
 edge count. Energies are absolute: the per-element references are added in float64.
+
+With ``skin > 0`` the neighbour list is built at ``cutoff + skin`` and reused while
+no atom has moved more than ``skin / 2`` since it was built (and the cell, pbc and
+atoms are unchanged): pairs beyond the cutoff contribute exactly zero (the radial
+envelope vanishes there), so results are unchanged and the list is rebuilt rarely.
 """
 
 from __future__ import annotations
 
+from typing import Optional
 
 import jax
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
-from mlip.data.batching import PaddedSizes, build_sample, pack_samples, round_up_to_bucket
+from mlip.data.batching import GraphSample, PaddedSizes, build_sample, pack_samples, round_up_to_bucket
 from mlip.data.reader import Frame
 from mlip.errors import DataError
 
@@ -26,14 +32,31 @@ class MLIPCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, potential, params, **kwargs):
+    def __init__(self, potential, params, skin: float = 0.0, **kwargs):
         super().__init__(**kwargs)
+        if skin < 0:
+            raise ValueError(f"skin must be >= 0 Å, got {skin}")
+        self.skin = float(skin)
+        self.neighbour_list_builds = 0
+        self._neighbours: Optional[GraphSample] = None
         self.potential = potential
         self.params = jax.device_put(params)
         self._known = set(potential.statistics.atomic_numbers)
         self._apply = jax.jit(lambda p, g, stress: potential.apply(p, g, True, stress),
                               static_argnums=2)
         self._dtype = np.float64 if potential.config.dtype == "float64" else np.float32
+
+    def _sample_with_neighbours(self, frame: Frame) -> GraphSample:
+        """The frame with a neighbour list, reused from the last call when still valid."""
+        previous = self._neighbours
+        if previous is not None and self.skin > 0 and _same_system(previous.frame, frame):
+            displacement = np.linalg.norm(frame.positions - previous.frame.positions, axis=1).max()
+            if displacement < 0.5 * self.skin:
+                return GraphSample(frame, previous.senders, previous.receivers, previous.shifts)
+        sample = build_sample(frame, self.potential.cutoff + self.skin)
+        self.neighbour_list_builds += 1
+        self._neighbours = sample
+        return sample
 
     @classmethod
     def from_run(cls, run_dir: str, which: str = "best", **kwargs) -> "MLIPCalculator":
@@ -45,6 +68,8 @@ class MLIPCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
+        if "numbers" in system_changes or "cell" in system_changes or "pbc" in system_changes:
+            self._neighbours = None
         atoms = self.atoms
         numbers = np.asarray(atoms.numbers)
         unknown = sorted(set(numbers.tolist()) - self._known)
@@ -56,7 +81,7 @@ class MLIPCalculator(Calculator):
         pbc = np.asarray(atoms.pbc, bool)
         frame = Frame(positions=np.asarray(atoms.positions, np.float64), numbers=numbers,
                       cell=np.asarray(atoms.cell.array, np.float64), pbc=pbc)
-        sample = build_sample(frame, self.potential.cutoff)
+        sample = self._sample_with_neighbours(frame)
         sizes = PaddedSizes(round_up_to_bucket(sample.n_atoms + 1), round_up_to_bucket(sample.n_edges), 2)
         graph = pack_samples([sample], sizes, None, self._dtype)
         want_stress = bool(pbc.all())
@@ -73,3 +98,8 @@ class MLIPCalculator(Calculator):
         if want_stress:
             stress = np.asarray(outputs["stress"][0], np.float64)
             self.results["stress"] = stress.reshape(9)[[0, 4, 8, 5, 2, 1]]  # Voigt xx yy zz yz xz xy
+
+
+def _same_system(old: Frame, new: Frame) -> bool:
+    return (len(old.numbers) == len(new.numbers) and np.array_equal(old.numbers, new.numbers)
+            and np.array_equal(old.pbc, new.pbc) and np.array_equal(old.cell, new.cell))

@@ -130,6 +130,7 @@ def predict(kind: str, python: str, model: str, test_path: str, work_dir: str) -
 
 # ---------------------------------------------------------------- mlip
 def train_mlip(split: dict, work_dir: str, budget_s: float) -> dict:
+    start = time.monotonic()
     run_dir = os.path.join(work_dir, "mlip_run")
     shutil.rmtree(run_dir, ignore_errors=True)
     config = os.path.join(ROOT, "configs", "benchmark_ethanol.yaml")
@@ -142,8 +143,12 @@ def train_mlip(split: dict, work_dir: str, budget_s: float) -> dict:
                "--set", "training.progress_bar=false"]
     result = run_with_budget(command, budget_s, os.path.join(work_dir, "mlip_train.log"), grace_s=60)
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    # Training ends at start-up + max_time; the rest of wall_s is mlip's own final
+    # evaluation and plots, which the peers do outside their budget.
+    training_end = os.path.getmtime(os.path.join(run_dir, "last.msgpack"))
+    result["training_s"] = round(training_end - (time.time() - (time.monotonic() - start)), 1)
     result.update(epochs=summary["epochs"], model=run_dir, python=sys.executable,
-                  training_s=summary["elapsed_s"], n_params=_mlip_parameter_count(run_dir))
+                  n_params=_mlip_parameter_count(run_dir))
     return result
 
 
@@ -267,8 +272,9 @@ def versions(peer_dir: str) -> dict:
         code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
                 f"{packages!r}}}))")
         try:
-            found.update(json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True,
-                                                   check=True).stdout))
+            installed = json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True,
+                                                  check=True).stdout)
+            found.update({f"{package} ({name})": version for package, version in installed.items()})
         except subprocess.CalledProcessError:
             pass
     return found
@@ -299,7 +305,7 @@ def write_report(results: dict, meta: dict) -> None:
         f"Command: `{meta['command']}`",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         "",
-        "| framework | model | params | epochs | wall s | test E MAE meV/atom | E RMSE | "
+        "| framework | model | params | epochs | training wall s | test E MAE meV/atom | E RMSE | "
         "test F MAE meV/Å | F RMSE | F MAE / mlip's |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -312,7 +318,7 @@ def write_report(results: dict, meta: dict) -> None:
             continue
         ratio = f"{row['forces_mae_mev_per_a'] / ours:.2f}" if ours else ""
         lines.append(f"| {name} | {descriptions[name]} | {row.get('n_params', '')} | {row.get('epochs', '')} | "
-                     f"{row['wall_s']} | {row['energy_mae_mev_per_atom']:.2f} | {row['energy_rmse_mev_per_atom']:.2f} | "
+                     f"{row.get('training_s', row['wall_s'])} | {row['energy_mae_mev_per_atom']:.2f} | {row['energy_rmse_mev_per_atom']:.2f} | "
                      f"{row['forces_mae_mev_per_a']:.1f} | {row['forces_rmse_mev_per_a']:.1f} | {ratio} |")
     section = "\n".join(lines)
     path = os.path.join(docs, "benchmarks.md")

@@ -139,3 +139,23 @@ def test_train_refuses_to_overwrite_and_reports_bad_data(trained_run, emt_file, 
     assert "no energy under key 'dft_energy'" in err and "@0" in err and "Traceback" not in err
     assert main(["evaluate", str(tmp_path / "nowhere"), emt_file]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_calculator_neighbour_skin_gives_same_results_with_fewer_rebuilds(trained_run, emt_file):
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from mlip import MLIPCalculator
+
+    plain = MLIPCalculator.from_run(trained_run)
+    skinned = MLIPCalculator.from_run(trained_run, skin=1.0)
+    atoms = ase.io.read(emt_file, 0)
+    atoms.calc = skinned
+    dynamics = VelocityVerlet(atoms, 2 * units.fs)
+    for _ in range(6):
+        dynamics.run(1)
+        reference = atoms.copy()
+        reference.calc = plain
+        assert atoms.get_potential_energy() == pytest.approx(reference.get_potential_energy(), abs=1e-4)
+        np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), atol=1e-4)
+    assert skinned.neighbour_list_builds < plain.neighbour_list_builds
