@@ -93,7 +93,8 @@ def command_evaluate(args) -> int:
     frames = read_frames(args.data, label_keys(config))
     check_elements(frames, potential.statistics.atomic_numbers, "evaluated")
     samples = build_samples(frames, potential.cutoff)
-    predictions = Predictor(potential).predict(params, samples, args.batch_size)
+    predictor = Predictor(potential, compute_stress=any(s.frame.is_periodic for s in samples))
+    predictions = predictor.predict(params, samples, args.batch_size)
     metrics = compute_metrics(samples, predictions)
     metrics["data"] = args.data
     metrics["run_dir"] = args.run_dir

@@ -145,7 +145,9 @@ class Trainer:
         e0_table = self.statistics.e0_per_species()
         self.train_batches = BatchIterator(self.train_samples, config.training.batch_size, e0_table, self.dtype)
         self.optimizer = make_optimizer(config)
-        self.predictor = Predictor(self.potential, compute_stress=True)
+        # Stress needs a second derivative direction; skip it for all-molecule data.
+        any_periodic = any(s.frame.is_periodic for s in self.train_samples + self.valid_samples)
+        self.predictor = Predictor(self.potential, compute_stress=any_periodic)
         self._train_step = jax.jit(self._make_train_step())
 
     # ---------------------------------------------------------------- state
@@ -292,8 +294,11 @@ class Trainer:
             test_frames = read_frames(self.config.data.test, label_keys(self.config))
             check_elements(test_frames, self.statistics.atomic_numbers, "test")
             test_samples = build_samples(test_frames, self.potential.cutoff)
-            test_predictions = self.predictor.predict(best_params, test_samples,
-                                                      self.config.training.eval_batch_size)
+            predictor = self.predictor
+            if not predictor.compute_stress and any(s.frame.is_periodic for s in test_samples):
+                predictor = Predictor(self.potential, compute_stress=True)
+            test_predictions = predictor.predict(best_params, test_samples,
+                                                 self.config.training.eval_batch_size)
             summary["test"] = compute_metrics(test_samples, test_predictions)
         if self.config.training.plots:
             plot_learning_curve(os.path.join(self.run_dir, "metrics.csv"),
