@@ -93,9 +93,6 @@ class AtomsGraph:
     def replace(self, **changes) -> "AtomsGraph":
         return dataclasses.replace(self, **changes)
 
-    def to_device(self) -> "AtomsGraph":
-        return jax.tree.map(jnp.asarray, self)
-
 
 def _segment_sum(xp, values, segment_ids, num_segments):
     if xp is jnp:

@@ -109,15 +109,15 @@ def _calc_results(atoms) -> dict:
 
 
 def _lookup(atoms, key: str, per_atom: bool):
-    """Find a label under ``key`` in info/arrays, then in calculator results."""
+    """Find a label under ``key`` in info/arrays, then in calculator results.
+
+    ASE's extxyz reader moves plain ``energy``/``forces``/``stress`` into the results
+    of a SinglePointCalculator, hence the second place to look.
+    """
     store = atoms.arrays if per_atom else atoms.info
     if key in store:
         return store[key]
-    results = _calc_results(atoms)
-    if key in results:
-        return results[key]
-    # ASE's extxyz reader renames plain energy/forces/stress into calculator results.
-    return None
+    return _calc_results(atoms).get(key)
 
 
 def _available_keys(atoms) -> str:
