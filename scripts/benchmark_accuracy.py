@@ -52,9 +52,10 @@ def run_with_budget(command: list, budget_s: float, log_path: str, env=None, gra
         while process.poll() is None:
             if time.monotonic() - start > budget_s + grace_s:
                 stopped = True
-                os.killpg(process.pid, signal.SIGINT)
-                try:  # a few seconds to exit cleanly; no time to train further
-                    process.wait(3)
+                # SIGTERM, not SIGINT: a process started from a background job may ignore SIGINT.
+                os.killpg(process.pid, signal.SIGTERM)
+                try:  # a few seconds to exit cleanly; then it is killed
+                    process.wait(10)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
@@ -192,8 +193,12 @@ def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, epoch_s: 
     # with max_num_epochs equal to the epochs done, which trains nothing and saves it.
     subprocess.run([trainer, *arguments, f"--max_num_epochs={epochs}"], check=True,
                    stdout=open(os.path.join(work_dir, "mace_export.log"), "w"), stderr=subprocess.STDOUT)
-    model = os.path.join(mace_dir, "ethanol.model")
-    result.update(epochs=epochs, model=model, python=os.path.join(venv, "bin", "python"))
+    # With --swa, ethanol.model is the best model of stage one; the final model is the
+    # stage-two one whenever stage two started.
+    model = os.path.join(mace_dir, "ethanol_stagetwo.model")
+    if not os.path.exists(model):
+        model = os.path.join(mace_dir, "ethanol.model")
+    result.update(epochs=epochs + 1, model=model, python=os.path.join(venv, "bin", "python"))
     return result
 
 
@@ -202,7 +207,9 @@ def _last_mace_epoch(checkpoint_dir: str) -> int:
               for name in os.listdir(checkpoint_dir) if "epoch-" in name]
     if not epochs:
         raise RuntimeError(f"mace wrote no checkpoint in {checkpoint_dir} within the budget")
-    return max(epochs) + 1
+    # Restarting with max_num_epochs equal to the checkpoint's epoch trains nothing more
+    # (one more would train an extra epoch outside the budget).
+    return max(epochs)
 
 
 # ---------------------------------------------------------------- apax
