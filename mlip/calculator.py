@@ -8,6 +8,10 @@ Structures are padded to the bucket ladder of `mlip.data.batching`, so MD on sys
 of any size compiles only when a bucket is first seen, not at every new atom or
 edge count. Energies are absolute: the per-element references are added in float64.
 
+For a model with uncertainty (e.g. a deep ensemble) energy, forces and stress are the
+posterior mean and ``calc.results`` also holds ``energy_std`` (eV), ``forces_std``
+([N, 3], eV/Å) and ``stress_std`` (Voigt 6, eV/Å³), recalibrated as stored in the run.
+
 With ``skin > 0`` the neighbour list is built at ``cutoff + skin`` and reused while
 no atom has moved more than ``skin / 2`` since it was built (and the cell, pbc and
 atoms are unchanged): pairs beyond the cutoff contribute exactly zero (the radial
@@ -28,7 +32,7 @@ from mlip.errors import DataError
 
 
 class MLIPCalculator(Calculator):
-    """ASE calculator for energy, free_energy, forces, stress and per-atom energies."""
+    """ASE calculator for energy, free_energy, forces, stress, per-atom energies (and σ with uncertainty)."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
@@ -42,6 +46,12 @@ class MLIPCalculator(Calculator):
         self.potential = potential
         self.params = jax.device_put(params)
         self._known = set(potential.statistics.atomic_numbers)
+        from mlip.uq import has_uncertainty
+
+        self.has_uncertainty = has_uncertainty(potential)
+        if self.has_uncertainty:
+            self.implemented_properties = type(self).implemented_properties + [
+                "energy_std", "forces_std", "stress_std"]
         self._apply = jax.jit(lambda p, g, stress: potential.apply(p, g, True, stress),
                               static_argnums=2)
         self._dtype = np.float64 if potential.config.dtype == "float64" else np.float32
@@ -95,9 +105,17 @@ class MLIPCalculator(Calculator):
             "forces": np.asarray(outputs["forces"][:n], np.float64),
             "energies": e0 + np.asarray(outputs["node_energy"][:n], np.float64),
         }
+        if self.has_uncertainty:
+            self.results["energy_std"] = float(outputs["energy_std"][0])
+            self.results["forces_std"] = np.asarray(outputs["forces_std"][:n], np.float64)
         if want_stress:
             stress = np.asarray(outputs["stress"][0], np.float64)
-            self.results["stress"] = stress.reshape(9)[[0, 4, 8, 5, 2, 1]]  # Voigt xx yy zz yz xz xy
+            self.results["stress"] = stress.reshape(9)[VOIGT_ORDER]
+            if self.has_uncertainty:
+                self.results["stress_std"] = np.asarray(outputs["stress_std"][0], np.float64).reshape(9)[VOIGT_ORDER]
+
+
+VOIGT_ORDER = [0, 4, 8, 5, 2, 1]  # flattened 3x3 -> Voigt xx yy zz yz xz xy
 
 
 def _same_system(old: Frame, new: Frame) -> bool:

@@ -98,6 +98,15 @@ def command_evaluate(args) -> int:
     metrics = compute_metrics(samples, predictions)
     metrics["data"] = args.data
     metrics["run_dir"] = args.run_dir
+    from mlip.uq import has_uncertainty, sample_count
+
+    uncertain = has_uncertainty(potential)
+    if uncertain:
+        from mlip.uq.evaluation import uncertainty_metrics
+
+        metrics["uncertainty_method"] = potential.method
+        metrics["posterior_samples"] = sample_count(params)
+        metrics.update(uncertainty_metrics(samples, predictions))
     rows = [("frames", str(metrics["n_frames"]))]
     for key, label, factor, unit in (("energy_mae_per_atom", "energy MAE", 1000, "meV/atom"),
                                      ("energy_rmse_per_atom", "energy RMSE", 1000, "meV/atom"),
@@ -107,16 +116,42 @@ def command_evaluate(args) -> int:
                                      ("stress_rmse", "stress RMSE", 1000, "meV/Å³")):
         if key in metrics:
             rows.append((label, f"{factor * metrics[key]:.3f} {unit}"))
+    if uncertain:
+        rows += _uncertainty_rows(metrics)
     width = max(len(label) for label, _ in rows)
     print(f"{args.data} with {args.run_dir}")
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
+        if uncertain:
+            from mlip.uq.evaluation import per_frame_csv
+
+            atomic_write_text(os.path.splitext(args.json)[0] + "_uncertainty.csv", per_frame_csv(samples, predictions))
     plot_path = args.plot or (os.path.splitext(args.json)[0] + "_parity.png" if args.json else None)
     if plot_path:
         parity_plot(samples, predictions, plot_path, f"{args.data}")
+        if uncertain:
+            from mlip.uq.evaluation import calibration_plot
+
+            stem = os.path.splitext(args.plot)[0] if args.plot else os.path.splitext(args.json)[0]
+            calibration_plot(samples, predictions, stem + "_calibration.png", f"{args.data}")
     return 0
+
+
+def _uncertainty_rows(metrics: dict) -> list:
+    """Printed rows of `mlip evaluate` for a model with uncertainty."""
+    rows = [("uncertainty", f"{metrics['uncertainty_method']}, {metrics['posterior_samples']} samples")]
+    for name, unit in (("energy", "eV"), ("forces", "eV/Å"), ("stress", "eV/Å³")):
+        if f"{name}_nll" not in metrics:
+            continue
+        spearman = metrics[f"{name}_spearman"]
+        rows.append((f"{name} σ", f"NLL {metrics[f'{name}_nll']:.3f}, "
+                     f"miscalibration area {metrics[f'{name}_miscalibration_area']:.3f}, "
+                     f"ENCE {metrics[f'{name}_ence']:.3f}, 95 % coverage {metrics[f'{name}_coverage_95']:.3f}, "
+                     f"Spearman {'-' if spearman is None else f'{spearman:.3f}'}, "
+                     f"RMV {metrics[f'{name}_rmv']:.3g} {unit}"))
+    return rows
 
 
 def command_validate(args) -> int:
@@ -147,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="errors of a trained model on a data set")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("data", help="data source, path@index (ASE index, e.g. test.xyz@-100:)")
-    evaluate.add_argument("--json", help="write the metrics to this JSON file")
-    evaluate.add_argument("--plot", help="parity plot PNG (default: beside --json)")
+    evaluate.add_argument("--json", help="write the metrics to this JSON file (and, for a model with "
+                          "uncertainty, per-frame σ to FILE_uncertainty.csv)")
+    evaluate.add_argument("--plot", help="parity plot PNG (default: beside --json); with uncertainty also "
+                          "a calibration plot PLOT_calibration.png")
     evaluate.add_argument("--which", choices=["best", "last"], default="best")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.set_defaults(handler=command_evaluate)

@@ -6,7 +6,10 @@ A run directory holds
                         statistics, mlip version, format version),
   * ``best.msgpack``    the parameters (EMA if enabled) with the best validation loss,
   * ``last.msgpack``    everything needed to resume: parameters, optimizer state, EMA,
-                        epoch, step, elapsed time, schedule and early-stopping state.
+                        epoch, step, elapsed time, schedule and early-stopping state,
+  * ``calibration.json`` (runs with uncertainty) the σ recalibration scales.
+A run with uncertainty stores its parameters as a posterior stack (leading axis =
+ensemble members or samples) and names its method in model.json.
 Every file is written to a temporary file and renamed, so a killed run never leaves a
 half-written checkpoint. Restoring checks the tree structure and every leaf shape
 against a freshly initialised template and fails loudly on a mismatch.
@@ -25,7 +28,10 @@ import numpy as np
 
 from mlip.errors import CheckpointError
 
-FORMAT_VERSION = 1
+# 2: model.json may name an uncertainty method and the parameters are then a stack.
+# Runs without uncertainty are still written as 1, so older mlip versions read them.
+FORMAT_VERSION = 2
+CALIBRATION_FILE = "calibration.json"
 
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:
@@ -110,12 +116,35 @@ def read_model_json(run_dir: str) -> dict:
     return data
 
 
-def model_metadata(potential) -> dict:
+def model_metadata(potential, uncertainty: dict | None = None) -> dict:
+    """model.json: model config, statistics, versions; ``uncertainty`` as {method, members}."""
     from mlip import __version__
 
-    return {"format_version": FORMAT_VERSION, "mlip_version": __version__,
-            "model": potential.config.model_dump(mode="json"),
-            "statistics": potential.statistics.to_json()}
+    metadata = {"format_version": 1 if uncertainty is None else FORMAT_VERSION, "mlip_version": __version__,
+                "model": potential.config.model_dump(mode="json"),
+                "statistics": potential.statistics.to_json()}
+    if uncertainty is not None:
+        metadata["uncertainty"] = dict(uncertainty)
+    return metadata
+
+
+def write_recalibration(run_dir: str, recalibration, details: dict) -> None:
+    """Store the σ scales of a run (calibration.json), with how they were fitted."""
+    write_json(os.path.join(run_dir, CALIBRATION_FILE), {"scale": recalibration.to_json(), **details})
+
+
+def read_recalibration(run_dir: str):
+    """The run's `Recalibration`, or the identity when the run has none."""
+    from mlip.uq.posterior import Recalibration
+
+    path = os.path.join(run_dir, CALIBRATION_FILE)
+    if not os.path.exists(path):
+        return Recalibration()
+    try:
+        with open(path) as stream:
+            return Recalibration.from_json(json.load(stream)["scale"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: not a readable calibration file ({error!r})") from None
 
 
 def dummy_graph(atomic_numbers):
@@ -140,6 +169,10 @@ def parameter_template(potential) -> Any:
 def load_potential(run_dir: str, which: str = "best"):
     """The `Potential` of a run and its parameters (``best`` or ``last``).
 
+    For a run with uncertainty (model.json names a method) the potential is a
+    `mlip.uq.PosteriorPotential` carrying the run's recalibration, and the parameters are
+    the stack of members; its ``apply`` returns the mean plus ``<name>_std`` outputs.
+
     Raises:
         CheckpointError: no such run, a newer format, or parameters that do not fit
             the model described in model.json.
@@ -152,6 +185,15 @@ def load_potential(run_dir: str, which: str = "best"):
     potential = Potential(ModelConfig.model_validate(metadata["model"]),
                           DatasetStatistics.from_json(metadata["statistics"]))
     template = parameter_template(potential)
+    uncertainty = metadata.get("uncertainty")
+    if uncertainty is not None:
+        from mlip.uq.posterior import PosteriorPotential
+
+        members = int(uncertainty["members"])
+        template = jax.tree.map(lambda s: jax.ShapeDtypeStruct((members,) + s.shape, s.dtype), template)
+        potential = PosteriorPotential(potential, method=uncertainty["method"],
+                                       ddof=int(uncertainty.get("ddof", 1)),
+                                       recalibration=read_recalibration(run_dir))
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
     if which == "best":
         params = load_pytree(os.path.join(run_dir, "best.msgpack"), zeros)

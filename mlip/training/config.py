@@ -144,6 +144,30 @@ class TrainingConfig(StrictModel):
     plots: bool = True
 
 
+class NoUncertaintyConfig(StrictModel):
+    """One model, no predicted uncertainty."""
+
+    method: Literal["none"] = "none"
+
+
+class DeepEnsembleConfig(StrictModel):
+    """Independently initialised members trained together in one run (METHODS.md §4.2).
+
+    Members are vmapped over a leading parameter axis: same batches, own optimizer
+    state and EMA. The best checkpoint is chosen on the validation loss of the
+    ensemble mean. With ``recalibrate`` the σ of energy, forces and stress are each
+    scaled by a factor fitted on the validation set after training (METHODS.md §4.9).
+    """
+
+    method: Literal["deep_ensemble"] = "deep_ensemble"
+    members: int = Field(4, ge=2, le=64, description="number of ensemble members M")
+    recalibrate: bool = True
+
+
+# Later methods (mve, shallow_ensemble, swag, laplace, sgmcmc, ivon) join this union.
+UncertaintyConfig = Union[NoUncertaintyConfig, DeepEnsembleConfig]
+
+
 class RunConfig(StrictModel):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -151,6 +175,7 @@ class RunConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    uncertainty: UncertaintyConfig = Field(default_factory=NoUncertaintyConfig, discriminator="method")
 
     @field_validator("run_dir")
     @classmethod
@@ -194,6 +219,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"
+        elif item["type"] == "union_tag_not_found":
+            message = f"missing the key '{item['ctx']['discriminator'].strip(chr(39))}' that picks the variant"
         value = item.get("input")
         shown = "" if item["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{source}: {path}: {message}{shown}")

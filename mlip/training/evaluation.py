@@ -16,7 +16,11 @@ from mlip.data.batching import GraphSample, pack_samples, sizes_for
 
 
 class Predictor:
-    """Jitted energy/forces/stress of a `Potential` for batches of structures."""
+    """Jitted energy/forces/stress of a `Potential` for batches of structures.
+
+    A `mlip.uq.PosteriorPotential` works the same way; its predictions are the
+    posterior mean and carry ``energy_std``, ``forces_std`` and ``stress_std`` too.
+    """
 
     def __init__(self, potential, compute_stress: bool = True):
         self.potential = potential
@@ -25,7 +29,11 @@ class Predictor:
             params, graph, compute_forces=True, compute_stress=compute_stress))
 
     def predict(self, params: Any, samples: Sequence[GraphSample], batch_size: int = 32) -> list[dict]:
-        """Per structure: ``energy`` (eV, absolute), ``forces`` [n, 3], ``stress`` [3, 3] or None."""
+        """Per structure: ``energy`` (eV, absolute), ``forces`` [n, 3], ``stress`` [3, 3] or None.
+
+        With uncertainty also ``energy_std`` (eV), ``forces_std`` [n, 3] (eV/Å) and
+        ``stress_std`` [3, 3] (eV/Å³) or None.
+        """
         results = []
         dtype = np.float64 if self.potential.config.dtype == "float64" else np.float32
         for start in range(0, len(samples), batch_size):
@@ -41,6 +49,11 @@ class Predictor:
                           "stress": None}
                 if self.compute_stress and sample.frame.is_periodic:
                     result["stress"] = np.asarray(outputs["stress"][g], np.float64)
+                if "energy_std" in outputs:
+                    result["energy_std"] = float(outputs["energy_std"][g])
+                    result["forces_std"] = np.asarray(outputs["forces_std"][offset:offset + n], np.float64)
+                    result["stress_std"] = (np.asarray(outputs["stress_std"][g], np.float64)
+                                            if result["stress"] is not None else None)
                 results.append(result)
                 offset += n
         return results

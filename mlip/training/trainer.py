@@ -6,6 +6,12 @@ row is written to ``metrics.csv``, ``last.msgpack`` is saved for resuming and
 ``best.msgpack`` whenever the validation loss improves. The run stops at
 ``training.max_epochs`` or ``training.max_time`` seconds, whichever comes first.
 
+With ``uncertainty.method: deep_ensemble`` the parameters, optimizer state and EMA
+carry a leading member axis and the train step is vmapped over it (`mlip.uq.ensemble`);
+validation, best-checkpoint selection and the summary use the ensemble mean, and after
+the last epoch σ recalibration scales are fitted on the validation set
+(``calibration.json``).
+
 Determinism: shuffling uses ``seed + epoch`` and parameters depend only on the seed,
 so a run killed and resumed from ``last.msgpack`` ends where an uninterrupted run
 would (for runs limited by epochs, not by wall-clock time).
@@ -34,6 +40,9 @@ from mlip.training import checkpoint
 from mlip.training.config import RunConfig, save_config
 from mlip.training.evaluation import Predictor, compute_metrics, loss_from_metrics, parity_plot
 from mlip.training.loss import loss_terms, total_loss
+from mlip.uq import ensemble
+from mlip.uq.evaluation import fit_recalibration, recalibrate_predictions, uncertainty_metrics
+from mlip.uq.posterior import PosteriorPotential
 
 METRIC_COLUMNS = ["epoch", "step", "time_s", "learning_rate", "train_loss", "valid_loss",
                   "valid_energy_mae_per_atom", "valid_energy_rmse_per_atom", "valid_forces_mae",
@@ -140,6 +149,11 @@ class Trainer:
             self.train_samples, resolve_e0s(config), config.data.scaling)
         check_elements(valid_frames, self.statistics.atomic_numbers, "validation")
         self.potential = Potential(config.model, self.statistics)
+        # Ensemble members share the statistics (data, not parameters) and the batches.
+        self.members = config.uncertainty.members if config.uncertainty.method == "deep_ensemble" else None
+        # What predicts: the single model, or the posterior over the stacked members.
+        self.model = (PosteriorPotential(self.potential, method=config.uncertainty.method, ddof=1)
+                      if self.members else self.potential)
         self.use_stress = any(s.frame.stress is not None for s in self.train_samples) \
             and config.loss.stress_weight > 0
         e0_table = self.statistics.e0_per_species()
@@ -147,15 +161,20 @@ class Trainer:
         self.optimizer = make_optimizer(config)
         # Stress needs a second derivative direction; skip it for all-molecule data.
         any_periodic = any(s.frame.is_periodic for s in self.train_samples + self.valid_samples)
-        self.predictor = Predictor(self.potential, compute_stress=any_periodic)
+        self.predictor = Predictor(self.model, compute_stress=any_periodic)
         self._train_step = jax.jit(self._make_train_step())
 
     # ---------------------------------------------------------------- state
     def initial_state(self) -> dict:
         key = jax.random.PRNGKey(self.config.seed)
         first_batch, _ = next(self.train_batches.batches(None))
-        params = self.potential.init(key, first_batch)
-        return {"params": params, "opt_state": self.optimizer.init(params),
+        if self.members:
+            params = ensemble.init_members(self.potential, key, first_batch, self.members)
+            opt_state = jax.vmap(self.optimizer.init)(params)
+        else:
+            params = self.potential.init(key, first_batch)
+            opt_state = self.optimizer.init(params)
+        return {"params": params, "opt_state": opt_state,
                 "ema_params": params if self.config.training.ema_decay is not None else None,
                 "epoch": 0, "step": 0, "elapsed": 0.0, "best_valid_loss": float("inf"),
                 "best_epoch": -1, "plateau_factor": 1.0, "plateau_best": float("inf"),
@@ -183,6 +202,9 @@ class Trainer:
                 ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
             return params, opt_state, ema_params, loss, terms
 
+        if self.members:
+            # Each member: own parameters, optimizer state and EMA; shared batch and schedule.
+            return ensemble.vmap_over_members(step_fn, n_member_args=3, n_shared_args=4)
         return step_fn
 
     # ---------------------------------------------------------------- run
@@ -200,7 +222,10 @@ class Trainer:
             state = self.initial_state()
             rows = []
         save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
-        checkpoint.write_json(os.path.join(self.run_dir, "model.json"), checkpoint.model_metadata(self.potential))
+        uncertainty = ({"method": self.config.uncertainty.method, "members": self.members, "ddof": 1}
+                       if self.members else None)
+        checkpoint.write_json(os.path.join(self.run_dir, "model.json"),
+                              checkpoint.model_metadata(self.potential, uncertainty))
 
         training = self.config.training
         start_time = time.monotonic() - state["elapsed"]
@@ -290,16 +315,30 @@ class Trainer:
         valid_predictions = self.predictor.predict(best_params, self.valid_samples,
                                                    self.config.training.eval_batch_size)
         summary["valid"] = compute_metrics(self.valid_samples, valid_predictions)
+        predictor = self.predictor
+        if self.members:
+            if self.config.uncertainty.recalibrate:
+                recalibration = fit_recalibration(self.valid_samples, valid_predictions)
+                before = uncertainty_metrics(self.valid_samples, valid_predictions)
+                valid_predictions = recalibrate_predictions(valid_predictions, recalibration)
+                checkpoint.write_recalibration(self.run_dir, recalibration, {
+                    "method": "variance_scaling", "fitted_on": "validation", "checkpoint": "best",
+                    "n_frames": len(self.valid_samples),
+                    "valid_nll_before": {k: v for k, v in before.items() if k.endswith("_nll")}})
+                summary["recalibration"] = recalibration.to_json()
+                predictor = Predictor(self.model.with_recalibration(recalibration), predictor.compute_stress)
+            summary["valid"].update(uncertainty_metrics(self.valid_samples, valid_predictions))
         if self.config.data.test:
             test_frames = read_frames(self.config.data.test, label_keys(self.config))
             check_elements(test_frames, self.statistics.atomic_numbers, "test")
             test_samples = build_samples(test_frames, self.potential.cutoff)
-            predictor = self.predictor
             if not predictor.compute_stress and any(s.frame.is_periodic for s in test_samples):
-                predictor = Predictor(self.potential, compute_stress=True)
+                predictor = Predictor(predictor.potential, compute_stress=True)
             test_predictions = predictor.predict(best_params, test_samples,
                                                  self.config.training.eval_batch_size)
             summary["test"] = compute_metrics(test_samples, test_predictions)
+            if self.members:
+                summary["test"].update(uncertainty_metrics(test_samples, test_predictions))
         if self.config.training.plots:
             plot_learning_curve(os.path.join(self.run_dir, "metrics.csv"),
                                 os.path.join(self.run_dir, "learning_curve.png"))

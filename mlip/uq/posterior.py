@@ -1,0 +1,185 @@
+"""The one prediction path of every uncertainty method: a posterior is a stack of parameter samples.
+
+A posterior is a parameter pytree whose every leaf has a leading axis of M samples
+(deep-ensemble members today; SWAG, Laplace or MCMC draws later). Predictions are
+`jax.vmap` of `Potential.apply` over that axis, so each sample computes its own forces
+and stress as derivatives of its own energy (the ensemble variance is never
+differentiated). The M predictions are reduced by the law of total variance
+(METHODS.md §4.1):
+
+    μ = (1/M) Σ_m μ_m
+    σ²_epistemic = 1/(M − ddof) Σ_m (μ_m − μ)²,   σ²_aleatoric = (1/M) Σ_m σ²_m
+
+where σ²_m is a per-sample variance that a model may return as ``<name>_variance``
+(mean-variance heads); without one the aleatoric part is zero. Total σ = s·sqrt(epi +
+ale) with a recalibration scale s per output (`Recalibration`, fitted on validation data).
+
+`PosteriorPotential` wraps a `Potential` and offers the same ``apply(params, graph)``,
+returning the mean under the usual keys plus ``<name>_std`` keys, so the evaluation,
+the ASE calculator and MD use an ensemble exactly as they use a single model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Outputs that get a mean and a standard deviation; node energies get only a mean.
+UNCERTAIN_OUTPUTS = ("energy", "forces", "stress")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recalibration:
+    """Variance-scaling factors σ → s σ per output, fitted on validation data (1 = none)."""
+
+    energy: float = 1.0
+    forces: float = 1.0
+    stress: float = 1.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Recalibration":
+        return cls(**{name: float(data[name]) for name in UNCERTAIN_OUTPUTS if data.get(name) is not None})
+
+
+def stack_samples(samples: list) -> Any:
+    """One posterior pytree from a list of parameter pytrees of identical structure."""
+    if not samples:
+        raise ValueError("a posterior needs at least one parameter sample")
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *samples)
+
+
+def sample_count(posterior_params: Any) -> int:
+    """M, the length of the leading axis shared by every leaf."""
+    return int(jax.tree.leaves(posterior_params)[0].shape[0])
+
+
+def select_sample(posterior_params: Any, index: int) -> Any:
+    """The parameters of sample ``index`` (a single-model pytree)."""
+    return jax.tree.map(lambda leaf: leaf[index], posterior_params)
+
+
+def predictive_moments(sample_outputs: dict, ddof: int = 1) -> dict:
+    """Mean and variance parts over the leading sample axis of ``sample_outputs``.
+
+    Args:
+        sample_outputs: ``Potential.apply`` outputs with a leading axis of M samples,
+            e.g. ``energy`` [M, G], ``forces`` [M, N, 3]; optional ``<name>_variance``
+            of the same shapes holds per-sample (aleatoric) variances.
+        ddof: 1 for an ensemble of independent fits (unbiased spread), 0 for draws
+            from a posterior (MCMC, Laplace).
+
+    Returns:
+        per output ``<name>`` (mean), ``<name>_var_epistemic`` and ``<name>_var_aleatoric``
+        with the shape of one sample's output; ``node_energy`` as a mean.
+    """
+    moments = {}
+    if "node_energy" in sample_outputs:
+        moments["node_energy"] = jnp.mean(sample_outputs["node_energy"], axis=0)
+    for name in UNCERTAIN_OUTPUTS:
+        if name not in sample_outputs:
+            continue
+        values = sample_outputs[name]
+        n_samples = values.shape[0]
+        # Moments of the differences to the first sample: identical samples then give a
+        # spread of exactly 0 and a mean exactly equal to theirs, and the float32 sum
+        # never carries the (possibly large) common part of the values.
+        differences = values - values[0]
+        mean_difference = jnp.mean(differences, axis=0)
+        mean = values[0] + mean_difference
+        # One sample has no spread; max() keeps M = ddof from dividing by zero.
+        epistemic = jnp.sum((differences - mean_difference) ** 2, axis=0) / max(n_samples - ddof, 1)
+        variance_key = f"{name}_variance"
+        aleatoric = (jnp.mean(sample_outputs[variance_key], axis=0) if variance_key in sample_outputs
+                     else jnp.zeros_like(mean))
+        moments[name] = mean
+        moments[f"{name}_var_epistemic"] = epistemic
+        moments[f"{name}_var_aleatoric"] = aleatoric
+    return moments
+
+
+def standard_deviations(moments: dict, recalibration: Recalibration = Recalibration()) -> dict:
+    """Means plus ``<name>_std`` (total), ``<name>_std_epistemic``, ``<name>_std_aleatoric``.
+
+    The recalibration scale multiplies all three, so total² = epistemic² + aleatoric² holds
+    after scaling too.
+    """
+    result = {key: value for key, value in moments.items() if "_var_" not in key}
+    for name in UNCERTAIN_OUTPUTS:
+        if name not in moments:
+            continue
+        scale = getattr(recalibration, name)
+        epistemic, aleatoric = moments[f"{name}_var_epistemic"], moments[f"{name}_var_aleatoric"]
+        result[f"{name}_std"] = scale * jnp.sqrt(epistemic + aleatoric)
+        result[f"{name}_std_epistemic"] = scale * jnp.sqrt(epistemic)
+        result[f"{name}_std_aleatoric"] = scale * jnp.sqrt(aleatoric)
+    return result
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PosteriorPotential:
+    """A `Potential` evaluated over a stack of parameter samples; same ``apply`` signature.
+
+    Attributes:
+        potential: the model every sample runs.
+        method: the uncertainty method that made the samples (``deep_ensemble``, ...).
+        ddof: 1 for independent fits (ensembles), 0 for posterior draws.
+        recalibration: σ scales applied to every prediction.
+    """
+
+    potential: Any
+    method: str
+    ddof: int = 1
+    recalibration: Recalibration = Recalibration()
+
+    # The attributes callers of a `Potential` read, forwarded so either can be passed.
+    @property
+    def config(self):
+        return self.potential.config
+
+    @property
+    def statistics(self):
+        return self.potential.statistics
+
+    @property
+    def dtype(self):
+        return self.potential.dtype
+
+    @property
+    def cutoff(self) -> float:
+        return self.potential.cutoff
+
+    def reference_energy(self, numbers) -> float:
+        return self.potential.reference_energy(numbers)
+
+    def with_recalibration(self, recalibration: Recalibration) -> "PosteriorPotential":
+        return dataclasses.replace(self, recalibration=recalibration)
+
+    def sample_outputs(self, posterior_params: Any, graph, compute_forces: bool = True,
+                       compute_stress: bool = False) -> dict:
+        """``Potential.apply`` of every sample: each output with a leading axis [M, ...]."""
+        return jax.vmap(lambda params: self.potential.apply(params, graph, compute_forces, compute_stress))(
+            posterior_params)
+
+    def apply(self, posterior_params: Any, graph, compute_forces: bool = True,
+              compute_stress: bool = False) -> dict:
+        """Posterior mean under the keys of `Potential.apply` plus standard deviations.
+
+        Returns:
+            dict with ``energy`` [G], ``node_energy`` [N], ``forces`` [N, 3], ``stress``
+            [G, 3, 3] (means, as requested) and for each of energy/forces/stress
+            ``<name>_std``, ``<name>_std_epistemic``, ``<name>_std_aleatoric`` of the same
+            shape (eV, eV/Å, eV/Å³), recalibrated.
+        """
+        outputs = self.sample_outputs(posterior_params, graph, compute_forces, compute_stress)
+        return standard_deviations(predictive_moments(outputs, self.ddof), self.recalibration)
+
+
+def has_uncertainty(potential) -> bool:
+    """Whether ``potential.apply`` returns ``<name>_std`` outputs."""
+    return isinstance(potential, PosteriorPotential)
