@@ -1,0 +1,426 @@
+"""On-device molecular dynamics: blocks of integrator steps compiled into one `lax.scan`.
+
+    md = MolecularDynamics(potential, params, atoms, ensemble="langevin",
+                           timestep_fs=0.5, temperature_K=300)
+    md.run(1000)            # 1000 steps on the device, a few host round trips
+    md.atoms                # current structure (ase.Atoms with energy/forces attached)
+
+How a block runs. The host builds a neighbour list with vesin at ``cutoff + skin``
+and pads it to the bucket ladder. A compiled block then runs up to ``block_steps``
+integrator steps in `lax.scan` (force evaluation, integrator, thermodynamic
+observables and stability checks all on the device). After each step it checks that
+the list is still complete: a pair missing from it was at least ``cutoff + skin``
+apart when the list was built, so it cannot be inside the cutoff while
+``skin − (cutoff + skin)·‖M − I‖ − 2·max|Δrᵢ| > 0``, where M maps the reference cell
+to the current one (identity without a barostat) and Δrᵢ is each atom's displacement
+beyond the affine deformation. The first step that breaks this is discarded and the
+remaining steps of the block are skipped (`lax.cond`); the host rebuilds the list
+and continues from the last valid state. Results are therefore exactly those of a
+list rebuilt every step.
+
+Stability: a step whose energy or forces are not finite, that brings two atoms
+closer than ``min_distance_fraction`` times the sum of their covalent radii, or that
+heats the system past ``max_temperature_K`` is discarded and the run stops with
+`MDStabilityError`, which names the step, atoms and values; the state before it
+is kept (``md.atoms``).
+
+Compilations: one per (padded atom count, padded edge capacity); the capacity only
+grows, along the bucket ladder, so a run compiles a handful of times at most.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.data import chemical_symbols, covalent_radii
+
+from mlip.data.batching import PaddedSizes, build_sample, pack_samples, round_up_to_bucket
+from mlip.data.reader import Frame
+from mlip.errors import DataError, MLIPError
+from mlip.md import integrators
+from mlip.md.integrators import ENSEMBLES, Ensemble, MDState
+
+# Status codes a block returns.
+_RUNNING, _REBUILD, _TOO_CLOSE, _TOO_HOT, _NOT_FINITE = 0, 1, 2, 3, 4
+
+THERMO_FIELDS = ("potential_energy", "kinetic_energy", "temperature_K", "conserved_energy",
+                 "pressure_GPa", "volume")
+
+
+class MDStabilityError(MLIPError):
+    """The simulation became unphysical (atoms too close, exploding temperature, NaN)."""
+
+
+@dataclasses.dataclass
+class MDReport:
+    """What `MolecularDynamics.run` did: steps, wall time, neighbour-list builds."""
+
+    steps: int
+    seconds: float
+    neighbour_list_builds: int
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else float("nan")
+
+
+class MolecularDynamics:
+    """An MD run of a trained potential, compiled and stepped on the device.
+
+    Args:
+        potential, params: the model (see `mlip.training.checkpoint.load_potential`).
+        atoms: initial structure. Its momenta are used when set; otherwise velocities
+            are drawn from Maxwell–Boltzmann at ``temperature_K`` (seeded) with zero
+            total momentum.
+        ensemble: ``nve``, ``langevin``, ``nose-hoover``, ``npt`` (isotropic MTK) or
+            ``npt-aniso`` (full-cell MTK).
+        timestep_fs: time step, fs.
+        temperature_K: target (thermostats) and initial temperature.
+        pressure_GPa: external pressure for NPT.
+        friction_per_fs: Langevin friction γ, 1/fs.
+        tdamp_fs, pdamp_fs: Nosé–Hoover and barostat time constants (default 100 and
+            1000 time steps).
+        skin: neighbour-list skin, Å. Larger means fewer rebuilds, more edges per step.
+        block_steps: steps per compiled block (host round trip).
+        seed: Maxwell–Boltzmann velocities and Langevin noise.
+        min_distance_fraction: stop when two atoms come closer than this fraction of
+            the sum of their covalent radii.
+        max_temperature_K: stop above this temperature (default 5 × max(T, 300 K)).
+    """
+
+    def __init__(self, potential, params, atoms: Atoms, ensemble: str = "nve", timestep_fs: float = 0.5,
+                 temperature_K: Optional[float] = None, pressure_GPa: float = 0.0,
+                 friction_per_fs: float = 0.01, tdamp_fs: Optional[float] = None,
+                 pdamp_fs: Optional[float] = None, tchain: int = 3, pchain: int = 3, skin: float = 1.0,
+                 block_steps: int = 50, seed: int = 0, min_distance_fraction: float = 0.5,
+                 max_temperature_K: Optional[float] = None):
+        if ensemble not in ENSEMBLES:
+            raise MLIPError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
+        if timestep_fs <= 0 or skin < 0 or block_steps < 1:
+            raise MLIPError(f"need timestep_fs > 0, skin >= 0, block_steps >= 1 "
+                            f"(got {timestep_fs}, {skin}, {block_steps})")
+        if ensemble != "nve" and not temperature_K:
+            raise MLIPError(f"ensemble {ensemble} needs a target temperature (temperature_K > 0)")
+        pbc = np.asarray(atoms.pbc, bool)
+        if ensemble.startswith("npt") and not pbc.all():
+            raise MLIPError(f"ensemble {ensemble} needs a periodic cell in all three directions "
+                            f"(pbc is {pbc.tolist()})")
+        self.potential = potential
+        self.params = jax.device_put(params)
+        self.numbers = np.asarray(atoms.numbers)
+        self.pbc = pbc
+        _check_elements(self.numbers, potential.statistics.atomic_numbers)
+        self.n_atoms = len(atoms)
+        self.skin = float(skin)
+        self.block_steps = int(block_steps)
+        self.timestep_fs = float(timestep_fs)
+        self.min_distance_fraction = float(min_distance_fraction)
+        reference_T = temperature_K or 0.0
+        self.max_temperature_K = float(max_temperature_K or 5 * max(reference_T, 300.0))
+        self.dtype = np.float64 if potential.config.dtype == "float64" else np.float32
+        dt = timestep_fs * units.fs
+        self.ensemble = Ensemble(
+            name=ensemble, timestep=dt, n_atoms=self.n_atoms, temperature_K=float(temperature_K or 0.0),
+            pressure=pressure_GPa * units.GPa, friction=friction_per_fs / units.fs,
+            tdamp=(tdamp_fs * units.fs) if tdamp_fs else 100 * dt,
+            pdamp=(pdamp_fs * units.fs) if pdamp_fs else 1000 * dt, tchain=tchain, pchain=pchain)
+        self.reference_energy = potential.reference_energy(self.numbers)
+        self.steps_done = 0
+        self.neighbour_list_builds = 0
+        self.thermo: dict[str, list] = {name: [] for name in ("step",) + THERMO_FIELDS}
+        self._edge_capacity = 0
+        self._template = None
+        self._program = _Program(potential, self.ensemble, self.skin, self.block_steps,
+                                 self.min_distance_fraction, self.max_temperature_K)
+        self._compilations_before = _run_block._cache_size()
+        self._state = self._initial_state(atoms, temperature_K, seed)
+
+    # ----------------------------------------------------------------------------- setup
+
+    def _initial_state(self, atoms: Atoms, temperature_K, seed) -> MDState:
+        atoms = atoms.copy()
+        momenta = atoms.get_momenta()
+        if not np.any(momenta) and temperature_K:
+            momenta = maxwell_boltzmann_momenta(atoms.get_masses(), temperature_K, seed)
+        n_padded = round_up_to_bucket(self.n_atoms + 1)
+        positions = np.zeros((n_padded, 3))
+        positions[:self.n_atoms] = atoms.positions
+        padded_momenta = np.zeros((n_padded, 3))
+        padded_momenta[:self.n_atoms] = momenta
+        masses = np.ones((n_padded, 1))
+        masses[:self.n_atoms, 0] = atoms.get_masses()
+        atom_mask = np.zeros((n_padded, 1))
+        atom_mask[:self.n_atoms] = 1.0
+        cell = np.asarray(atoms.cell.array, np.float64) if self.pbc.any() else np.zeros((3, 3))
+        self._rebuild_neighbours(positions[:self.n_atoms], cell)
+        cast = lambda x: jnp.asarray(x, self.dtype)  # noqa: E731
+        return _initialise(self._program, self.params, self._template, cast(positions), cast(padded_momenta),
+                           cast(masses), cast(atom_mask), cast(cell), jax.random.PRNGKey(seed))
+
+    def _rebuild_neighbours(self, positions: np.ndarray, cell: np.ndarray) -> None:
+        """Host neighbour list at cutoff + skin, padded to a capacity that only grows."""
+        frame = Frame(positions=np.asarray(positions, np.float64), numbers=self.numbers,
+                      cell=np.asarray(cell, np.float64), pbc=self.pbc)
+        sample = build_sample(frame, self.potential.cutoff + self.skin)
+        self._edge_capacity = max(self._edge_capacity, round_up_to_bucket(sample.n_edges))
+        sizes = PaddedSizes(round_up_to_bucket(self.n_atoms + 1), self._edge_capacity, 2)
+        graph = pack_samples([sample], sizes, None, self.dtype)
+        self._template = jax.device_put(graph.replace(targets={}))
+        self._reference_positions = jnp.asarray(graph.positions, self.dtype)
+        self._reference_cell = jnp.asarray(cell, self.dtype)
+        self.neighbour_list_builds += 1
+
+    # ----------------------------------------------------------------------------- host loop
+
+    def run(self, n_steps: int) -> MDReport:
+        """Advance ``n_steps`` steps; raises `MDStabilityError` if the system blows up."""
+        start = time.perf_counter()
+        builds = self.neighbour_list_builds
+        target = self.steps_done + int(n_steps)
+        stalled = False
+        while self.steps_done < target:
+            remaining = min(target - self.steps_done, self.block_steps)
+            state, status, detail, executed, records = _run_block(
+                self._program, self.params, self._state, self._template, self._reference_positions, self._reference_cell,
+                jnp.asarray(remaining, jnp.int32))
+            status, executed = int(status), int(executed)
+            self._state = state
+            self._record(jax.device_get(records))
+            self.steps_done += executed
+            if status == _REBUILD:
+                if executed == 0 and stalled:
+                    raise MDStabilityError(
+                        f"step {self.steps_done + 1}: atoms moved more than skin/2 = {self.skin / 2} Å in "
+                        f"one step; the time step ({self.timestep_fs} fs) is too large or the system is "
+                        f"exploding")
+                stalled = executed == 0
+                positions = np.asarray(jax.device_get(state.positions[:self.n_atoms]), np.float64)
+                self._rebuild_neighbours(positions, np.asarray(jax.device_get(state.cell), np.float64))
+            elif status != _RUNNING:
+                raise MDStabilityError(self._describe_failure(status, np.asarray(detail)))
+            else:
+                stalled = False
+        return MDReport(steps=int(n_steps), seconds=time.perf_counter() - start,
+                        neighbour_list_builds=self.neighbour_list_builds - builds)
+
+    def _record(self, records) -> None:
+        ran = np.asarray(records[0], bool)
+        if ran.any():
+            steps = self.steps_done + 1 + np.arange(int(ran.sum()))
+            self.thermo["step"].append(steps)
+            for name, value in self._absolute(records[1:], ran).items():
+                self.thermo[name].append(value)
+
+    def _absolute(self, values, selection) -> dict:
+        values = [np.asarray(v, np.float64)[selection] for v in values]
+        values[0] = values[0] + self.reference_energy  # potential energy: absolute
+        values[3] = values[3] + self.reference_energy  # conserved energy: absolute
+        if not self.ensemble.changes_cell:
+            values[4] = np.full(values[4].shape, np.nan)  # pressure is computed only under a barostat
+        return dict(zip(THERMO_FIELDS, values))
+
+    def current_thermo(self) -> dict[str, float]:
+        """Observables of the current state (step, absolute energies eV, T K, P GPa, V Å³)."""
+        values = jax.device_get(_observe(self.ensemble, self._state))
+        current = {name: float(v) for name, v in self._absolute(values, ()).items()}
+        return {"step": self.steps_done, **current}
+
+    def _describe_failure(self, status: int, detail: np.ndarray) -> str:
+        step = self.steps_done + 1
+        if status == _NOT_FINITE:
+            return f"step {step}: energy or forces are not finite; the model left its domain"
+        if status == _TOO_HOT:
+            return (f"step {step}: temperature {detail[1]:.0f} K exceeds the limit "
+                    f"{self.max_temperature_K:.0f} K; the system is exploding")
+        edge = int(detail[0])
+        i = int(np.asarray(self._template.receivers)[edge])
+        j = int(np.asarray(self._template.senders)[edge])
+        limit = self.min_distance_fraction * (covalent_radii[self.numbers[i]] + covalent_radii[self.numbers[j]])
+        distance = float(detail[1]) * limit / self.min_distance_fraction
+        return (f"step {step}: atoms {i} ({chemical_symbols[self.numbers[i]]}) and {j} "
+                f"({chemical_symbols[self.numbers[j]]}) are {distance:.3f} Å apart, closer than "
+                f"{limit:.3f} Å ({self.min_distance_fraction} x the sum of covalent radii)")
+
+    # ----------------------------------------------------------------------------- results
+
+    @property
+    def state(self) -> MDState:
+        return self._state
+
+    @property
+    def atoms(self) -> Atoms:
+        """The current structure with momenta, and energy, forces (and stress) attached."""
+        state = jax.device_get(self._state)
+        n = self.n_atoms
+        cell = np.asarray(state.cell, np.float64)
+        atoms = Atoms(numbers=self.numbers, positions=np.asarray(state.positions[:n], np.float64),
+                      cell=cell if self.pbc.any() else None, pbc=self.pbc,
+                      momenta=np.asarray(state.momenta[:n], np.float64))
+        results: dict[str, Any] = {"energy": self.reference_energy + float(state.energy),
+                                   "forces": np.asarray(state.forces[:n], np.float64)}
+        if self.ensemble.changes_cell:
+            stress = np.asarray(state.stress, np.float64)
+            results["stress"] = stress.reshape(9)[[0, 4, 8, 5, 2, 1]]
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        return atoms
+
+    def thermo_table(self) -> dict[str, np.ndarray]:
+        """Per-step observables so far: step, energies (eV, absolute), T (K), P (GPa), V (Å³)."""
+        return {name: (np.concatenate(values) if values else np.zeros(0))
+                for name, values in self.thermo.items()}
+
+    def energy_drift(self) -> float:
+        """Slope of the conserved energy, eV per atom per ps (least squares over all steps)."""
+        table = self.thermo_table()
+        if len(table["step"]) < 2:
+            return float("nan")
+        time_ps = table["step"] * self.timestep_fs / 1000.0
+        slope = np.polyfit(time_ps, table["conserved_energy"], 1)[0]
+        return float(slope / self.n_atoms)
+
+    @property
+    def compilations(self) -> int:
+        """Block programs compiled since this run started (one per new padded shape or setting)."""
+        return _run_block._cache_size() - self._compilations_before
+
+
+# ---------------------------------------------------------------------------------
+# Compiled programs. Module-level and keyed on a hashable `_Program`, so runs with the
+# same model and settings (successive `mlip md` calls in one process, tests) share them.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """Everything static about a block: model (hashed by identity), integrator and checks."""
+
+    potential: Any
+    ensemble: Ensemble
+    skin: float
+    block_steps: int
+    min_distance_fraction: float
+    max_temperature_K: float
+
+
+def _force_function(program: _Program, params, template):
+    compute_stress = program.ensemble.changes_cell
+    potential = program.potential
+
+    def evaluate(positions, cell):
+        graph = template.replace(positions=positions, cell=template.cell.at[0].set(cell))
+        outputs = potential.apply(params, graph, True, compute_stress)
+        stress = outputs["stress"][0] if compute_stress else jnp.zeros((3, 3), positions.dtype)
+        return outputs["energy"][0], outputs["forces"], stress
+
+    return evaluate
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _initialise(program: _Program, params, template, positions, momenta, masses, atom_mask, cell, key):
+    evaluate = _force_function(program, params, template)
+    return integrators.initial_state(program.ensemble, evaluate, positions, momenta, masses, atom_mask,
+                                     cell, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _observe(ensemble: Ensemble, state: MDState) -> tuple:
+    return observables(state, ensemble)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_block(program: _Program, params, state: MDState, template, reference_positions, reference_cell,
+               steps_to_run):
+    """Up to ``block_steps`` steps; returns (state, status, detail, executed, per-step records)."""
+    ensemble = program.ensemble
+    evaluate = _force_function(program, params, template)
+    dtype = state.positions.dtype
+    real_edge = template.species[template.receivers] > 0
+    radii = jnp.asarray(covalent_radii, dtype)
+    pair_radius = radii[template.species[template.senders]] + radii[template.species[template.receivers]]
+    pair_radius = jnp.where(real_edge, pair_radius, 1.0)
+    cutoff = program.potential.cutoff
+    if ensemble.changes_cell:
+        deformation = jnp.linalg.solve(reference_cell, jnp.eye(3, dtype=dtype))  # H0⁻¹
+    else:
+        deformation = None
+
+    def list_margin(state):
+        """> 0 while the neighbour list still holds every pair within the cutoff."""
+        if deformation is None:
+            affine = reference_positions
+            strain = 0.0
+        else:
+            m = deformation @ state.cell
+            affine = reference_positions @ m
+            strain = jnp.linalg.norm(m - jnp.eye(3, dtype=dtype))
+        displacement = jnp.linalg.norm((state.positions - affine) * state.atom_mask, axis=1).max()
+        return program.skin - (cutoff + program.skin) * strain - 2 * displacement
+
+    def closest_pair(state):
+        vectors = (state.positions[template.senders] + template.shifts.astype(dtype) @ state.cell
+                   - state.positions[template.receivers])
+        ratio = jnp.where(real_edge, jnp.linalg.norm(vectors, axis=1) / pair_radius, jnp.inf)
+        edge = jnp.argmin(ratio)
+        return ratio[edge], edge
+
+    def advance(carry):
+        state, status, detail, executed = carry
+        new = integrators.step(state, ensemble, evaluate)
+        ratio, edge = closest_pair(new)
+        temperature = integrators.temperature_K(new, ensemble.n_atoms)
+        finite = jnp.isfinite(new.energy) & jnp.all(jnp.isfinite(new.forces))
+        new_status = jnp.select(
+            [list_margin(new) <= 0, ~finite, ratio < program.min_distance_fraction,
+             temperature > program.max_temperature_K],
+            [_REBUILD, _NOT_FINITE, _TOO_CLOSE, _TOO_HOT], _RUNNING)
+        accept = new_status == _RUNNING
+        state = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, state)
+        detail = jnp.where(new_status == _TOO_CLOSE, jnp.stack([edge.astype(dtype), ratio]),
+                           jnp.where(new_status == _TOO_HOT, jnp.stack([0.0, temperature]).astype(dtype),
+                                     detail))
+        return state, new_status.astype(jnp.int32), detail, executed + accept.astype(jnp.int32)
+
+    def body(carry, _):
+        _, status, _, executed = carry
+        go = (status == _RUNNING) & (executed < steps_to_run)
+        carry = jax.lax.cond(go, advance, lambda c: c, carry)
+        ran = go & (carry[1] == _RUNNING)
+        return carry, (ran,) + observables(carry[0], ensemble)
+
+    carry = (state, jnp.asarray(_RUNNING, jnp.int32), jnp.zeros(2, dtype), jnp.asarray(0, jnp.int32))
+    (state, status, detail, executed), records = jax.lax.scan(body, carry, None, length=program.block_steps)
+    return state, status, detail, executed, records
+
+
+def observables(state: MDState, ensemble: Ensemble) -> tuple:
+    """The per-step record, in the order of `THERMO_FIELDS` (energies above the references)."""
+    if ensemble.changes_cell:
+        pressure = integrators.pressure(state) / units.GPa
+    else:  # zero, not NaN, without a barostat (keeps NaN checks usable); NaN on the host
+        pressure = jnp.zeros((), state.positions.dtype)
+    return (state.energy, integrators.kinetic_energy(state), integrators.temperature_K(state, ensemble.n_atoms),
+            integrators.conserved_energy(state, ensemble), pressure, integrators.volume(state.cell))
+
+
+def maxwell_boltzmann_momenta(masses: np.ndarray, temperature_K: float, seed: int) -> np.ndarray:
+    """Momenta drawn at ``temperature_K`` with the centre-of-mass momentum removed."""
+    masses = np.asarray(masses, np.float64)[:, None]
+    momenta = np.random.default_rng(seed).normal(size=(len(masses), 3)) * np.sqrt(masses * units.kB * temperature_K)
+    if len(masses) > 1:
+        momenta -= masses * momenta.sum(axis=0) / masses.sum()
+    return momenta
+
+
+def _check_elements(numbers: np.ndarray, known) -> None:
+    unknown = sorted(set(numbers.tolist()) - set(known))
+    if unknown:
+        atom = int(np.flatnonzero(numbers == unknown[0])[0])
+        raise DataError(f"atom {atom} is {chemical_symbols[unknown[0]]}; this model knows only "
+                        f"{[chemical_symbols[z] for z in sorted(known)]}")
