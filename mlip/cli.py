@@ -1,4 +1,4 @@
-"""The `mlip` command line: train, evaluate, validate.
+"""The `mlip` command line: train, evaluate, md, validate.
 
 Heavy modules (JAX, flax) are imported inside the commands so ``mlip --help`` is
 instant. Errors a user can cause print one line naming the file and key, and exit
@@ -154,6 +154,33 @@ def _uncertainty_rows(metrics: dict) -> list:
     return rows
 
 
+def command_md(args) -> int:
+    from mlip.training.checkpoint import read_model_json
+
+    metadata = read_model_json(args.run_dir)
+    _enable_precision(metadata["model"].get("dtype", "float32"))
+    _compilation_cache()
+    from mlip.md.runner import read_structure, run_md
+    from mlip.training.checkpoint import load_potential
+
+    potential, params = load_potential(args.run_dir, args.which)
+    atoms = read_structure(args.structure)
+    summary = run_md(potential, params, atoms, trajectory=args.trajectory, steps=args.steps,
+                     interval=args.interval, progress_bar=not args.no_progress, ensemble=args.ensemble,
+                     timestep_fs=args.timestep, temperature_K=args.temperature, pressure_GPa=args.pressure,
+                     friction_per_fs=args.friction, tdamp_fs=args.tdamp, pdamp_fs=args.pdamp, skin=args.skin,
+                     block_steps=args.block_steps, seed=args.seed, max_temperature_K=args.max_temperature)
+    line = f"md: {summary['steps']} steps of {summary['ensemble']} ({summary['stop_reason']})"
+    if "steps_per_second" in summary:
+        line += (f", {summary['steps_per_second']:.1f} steps/s "
+                 f"({summary['microseconds_per_atom_step']:.2f} µs/atom/step)")
+    if "conserved_energy_drift_eV_per_atom_per_ps" in summary:
+        line += f", conserved-energy drift {summary['conserved_energy_drift_eV_per_atom_per_ps']:.2e} eV/atom/ps"
+    print(line)
+    print(f"trajectory: {summary['trajectory']}  log: {summary['log']}")
+    return 0
+
+
 def command_validate(args) -> int:
     from mlip.training.config import load_config
 
@@ -189,6 +216,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--which", choices=["best", "last"], default="best")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.set_defaults(handler=command_evaluate)
+
+    from mlip.md.integrators import ENSEMBLES
+
+    md = commands.add_parser("md", help="molecular dynamics with a trained model, on the device")
+    md.add_argument("run_dir")
+    md.add_argument("--structure", required=True, help="starting structure, path or path@index (default: last frame)")
+    md.add_argument("--ensemble", choices=ENSEMBLES, default="nve",
+                    help="npt: isotropic MTK barostat; npt-aniso: full-cell MTK barostat")
+    md.add_argument("--temperature", type=float, help="K: thermostat target, and initial velocities if the "
+                                                      "structure has none")
+    md.add_argument("--pressure", type=float, default=0.0, help="GPa (npt, npt-aniso)")
+    md.add_argument("--timestep", type=float, default=0.5, help="fs")
+    md.add_argument("--steps", type=int, required=True)
+    md.add_argument("--trajectory", default="md.extxyz",
+                    help="extxyz output; the log and summary go beside it (<stem>.log, <stem>_summary.json)")
+    md.add_argument("--interval", type=int, default=100, help="steps between trajectory frames and log lines")
+    md.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    md.add_argument("--tdamp", type=float, help="Nosé–Hoover time constant, fs (default 100 time steps)")
+    md.add_argument("--pdamp", type=float, help="barostat time constant, fs (default 1000 time steps)")
+    md.add_argument("--skin", type=float, default=1.0, help="neighbour-list skin, Å")
+    md.add_argument("--block-steps", type=int, default=50, help="steps per compiled block on the device")
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--max-temperature", type=float, help="stop above this temperature, K "
+                                                          "(default 5 x max(T, 300 K))")
+    md.add_argument("--which", choices=["best", "last"], default="best")
+    md.add_argument("--no-progress", action="store_true", help="no progress bar")
+    md.set_defaults(handler=command_md)
 
     validate = commands.add_parser("validate", help="check a config without running anything")
     validate.add_argument("config")
