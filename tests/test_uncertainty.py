@@ -138,16 +138,14 @@ def test_identical_members_have_zero_spread(tiny_posterior, periodic_batch):
         np.testing.assert_allclose(outputs[name], single[name], rtol=1e-12, atol=1e-14 * scale)
 
 
-def test_vmapped_prediction_equals_a_loop_over_members(tiny_posterior, periodic_batch, keys):
+def test_vmapped_prediction_equals_a_loop_over_members(tiny_posterior, periodic_batch):
     from mlip.uq import select_sample, stack_samples
 
     _, params, apply_single, apply_posterior = tiny_posterior
     # Members: the parameters with independent multiplicative noise on every leaf.
-    noisy = []
-    for _ in range(3):
-        leaves, treedef = jax.tree.flatten(params)
-        factors = [1.0 + 0.3 * jax.random.normal(next(keys), leaf.shape, leaf.dtype) for leaf in leaves]
-        noisy.append(jax.tree.unflatten(treedef, [leaf * f for leaf, f in zip(leaves, factors)]))
+    rng = np.random.default_rng(7)
+    noisy = [jax.tree.map(lambda leaf: np.asarray(leaf) * (1.0 + 0.3 * rng.normal(size=leaf.shape)), params)
+             for _ in range(3)]
     stack = stack_samples(noisy)
     looped = [apply_single(select_sample(stack, m), periodic_batch) for m in range(3)]
     outputs = apply_posterior(stack, periodic_batch)
