@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
     md.add_argument("--tdamp", type=float, help="Nosé–Hoover time constant, fs (default 100 time steps)")
     md.add_argument("--pdamp", type=float, help="barostat time constant, fs (default 1000 time steps)")
-    md.add_argument("--skin", type=float, default=1.0, help="neighbour-list skin, Å")
+    md.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin, Å")
     md.add_argument("--block-steps", type=int, default=50, help="steps per compiled block on the device")
     md.add_argument("--seed", type=int, default=0)
     md.add_argument("--max-temperature", type=float, help="stop above this temperature, K "

@@ -52,7 +52,7 @@ def test_on_device_md_matches_ase_step_for_step(cuau, ensemble):
     # A skin of 0.1 Å forces several rebuilds, so their correctness is checked too.
     md = MolecularDynamics(potential, params, atoms, ensemble=ensemble, timestep_fs=timestep_fs,
                            temperature_K=None if ensemble == "nve" else temperature,
-                           pressure_GPa=pressure, skin=0.1, block_steps=5, max_temperature_K=1e6)
+                           pressure_GPa=pressure, skin=0.1, max_temperature_K=1e6)
     md.run(steps)
     reference = atoms.copy()
     reference.calc = MLIPCalculator(potential, params)

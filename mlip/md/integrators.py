@@ -21,6 +21,7 @@ they are excluded from every kinetic sum, so they stay at rest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -36,9 +37,14 @@ _YOSHIDA4 = (1 / (2 - 2 ** (1 / 3)), -(2 ** (1 / 3)) / (2 - 2 ** (1 / 3)), 1 / (
 ENSEMBLES = ("nve", "langevin", "nose-hoover", "npt", "npt-aniso")
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["timestep", "temperature_K", "pressure", "friction", "tdamp", "pdamp"],
+                   meta_fields=["name", "n_atoms", "tchain", "pchain", "tloop", "ploop"])
 @dataclasses.dataclass(frozen=True)
 class Ensemble:
-    """Static settings of an integrator (hashable: part of the compiled program).
+    """Settings of an integrator. A pytree: the numbers (time step, temperature, pressure,
+    friction, time constants) are traced, so changing them does not recompile; the name,
+    atom count and chain lengths shape the program and are static.
 
     Attributes:
         name: one of `ENSEMBLES`: ``npt`` scales the cell isotropically (MTK),

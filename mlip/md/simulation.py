@@ -88,20 +88,23 @@ class MolecularDynamics:
         friction_per_fs: Langevin friction γ, 1/fs.
         tdamp_fs, pdamp_fs: Nosé–Hoover and barostat time constants (default 100 and
             1000 time steps).
-        skin: neighbour-list skin, Å. Larger means fewer rebuilds, more edges per step.
+        skin: neighbour-list skin, Å. Larger means fewer rebuilds but more edges per step
+            (at 0.5 Å a dense metal carries 33 % more edges than at the cutoff; at 1 Å, 73 %).
         block_steps: steps per compiled block (host round trip).
         seed: Maxwell–Boltzmann velocities and Langevin noise.
         min_distance_fraction: stop when two atoms come closer than this fraction of
             the sum of their covalent radii.
         max_temperature_K: stop above this temperature (default 5 × max(T, 300 K)).
+        max_history_steps: per-step observables kept in memory (`thermo_table`); the
+            drift fit covers every step regardless.
     """
 
     def __init__(self, potential, params, atoms: Atoms, ensemble: str = "nve", timestep_fs: float = 0.5,
                  temperature_K: Optional[float] = None, pressure_GPa: float = 0.0,
                  friction_per_fs: float = 0.01, tdamp_fs: Optional[float] = None,
-                 pdamp_fs: Optional[float] = None, tchain: int = 3, pchain: int = 3, skin: float = 1.0,
+                 pdamp_fs: Optional[float] = None, tchain: int = 3, pchain: int = 3, skin: float = 0.5,
                  block_steps: int = 50, seed: int = 0, min_distance_fraction: float = 0.5,
-                 max_temperature_K: Optional[float] = None):
+                 max_temperature_K: Optional[float] = None, max_history_steps: int = 1_000_000):
         if ensemble not in ENSEMBLES:
             raise MLIPError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
         if timestep_fs <= 0 or skin < 0 or block_steps < 1:
@@ -136,10 +139,13 @@ class MolecularDynamics:
         self.steps_done = 0
         self.neighbour_list_builds = 0
         self.thermo: dict[str, list] = {name: [] for name in ("step",) + THERMO_FIELDS}
+        self.max_history_steps = int(max_history_steps)
+        self._drift_sums = np.zeros(5)
+        self._energy_origin: Optional[float] = None
         self._edge_capacity = 0
         self._template = None
-        self._program = _Program(potential, self.ensemble, self.skin, self.block_steps,
-                                 self.min_distance_fraction, self.max_temperature_K)
+        self._program = _Program(potential, self.block_steps)
+        self._limits = np.array([self.skin, self.min_distance_fraction, self.max_temperature_K])
         self._compilations_before = _run_block._cache_size()
         self._state = self._initial_state(atoms, temperature_K, seed)
 
@@ -162,8 +168,9 @@ class MolecularDynamics:
         cell = np.asarray(atoms.cell.array, np.float64) if self.pbc.any() else np.zeros((3, 3))
         self._rebuild_neighbours(positions[:self.n_atoms], cell)
         cast = lambda x: jnp.asarray(x, self.dtype)  # noqa: E731
-        return _initialise(self._program, self.params, self._template, cast(positions), cast(padded_momenta),
-                           cast(masses), cast(atom_mask), cast(cell), jax.random.PRNGKey(seed))
+        return _initialise(self._program, self.ensemble, self.params, self._template, cast(positions),
+                           cast(padded_momenta), cast(masses), cast(atom_mask), cast(cell),
+                           jax.random.PRNGKey(seed))
 
     def _rebuild_neighbours(self, positions: np.ndarray, cell: np.ndarray) -> None:
         """Host neighbour list at cutoff + skin, padded to a capacity that only grows."""
@@ -189,7 +196,8 @@ class MolecularDynamics:
         while self.steps_done < target:
             remaining = min(target - self.steps_done, self.block_steps)
             state, status, detail, executed, records = _run_block(
-                self._program, self.params, self._state, self._template, self._reference_positions, self._reference_cell,
+                self._program, self.ensemble, jnp.asarray(self._limits, self.dtype), self.params,
+                self._state, self._template, self._reference_positions, self._reference_cell,
                 jnp.asarray(remaining, jnp.int32))
             status, executed = int(status), int(executed)
             self._state = state
@@ -213,11 +221,26 @@ class MolecularDynamics:
 
     def _record(self, records) -> None:
         ran = np.asarray(records[0], bool)
-        if ran.any():
-            steps = self.steps_done + 1 + np.arange(int(ran.sum()))
-            self.thermo["step"].append(steps)
-            for name, value in self._absolute(records[1:], ran).items():
-                self.thermo[name].append(value)
+        if not ran.any():
+            return
+        steps = self.steps_done + 1 + np.arange(int(ran.sum()))
+        values = self._absolute(records[1:], ran)
+        self.thermo["step"].append(steps)
+        for name, value in values.items():
+            self.thermo[name].append(value)
+        self._accumulate_drift(steps, values["conserved_energy"])
+        # Keep memory bounded in long runs: drop the oldest blocks beyond the history limit.
+        while len(self.thermo["step"]) > 1 and sum(map(len, self.thermo["step"])) > self.max_history_steps:
+            for series in self.thermo.values():
+                series.pop(0)
+
+    def _accumulate_drift(self, steps: np.ndarray, conserved: np.ndarray) -> None:
+        """Running least-squares sums of conserved energy against time, over every step."""
+        if self._energy_origin is None:
+            self._energy_origin = float(conserved[0])  # sums of small differences: no cancellation
+        t = steps * self.timestep_fs / 1000.0
+        e = conserved - self._energy_origin
+        self._drift_sums += np.array([len(t), t.sum(), (t * t).sum(), e.sum(), (t * e).sum()])
 
     def _absolute(self, values, selection) -> dict:
         values = [np.asarray(v, np.float64)[selection] for v in values]
@@ -273,18 +296,18 @@ class MolecularDynamics:
         return atoms
 
     def thermo_table(self) -> dict[str, np.ndarray]:
-        """Per-step observables so far: step, energies (eV, absolute), T (K), P (GPa), V (Å³)."""
+        """Per-step observables (the last ``max_history_steps``): step, energies (eV, absolute), T (K),
+        P (GPa), V (Å³)."""
         return {name: (np.concatenate(values) if values else np.zeros(0))
                 for name, values in self.thermo.items()}
 
     def energy_drift(self) -> float:
-        """Slope of the conserved energy, eV per atom per ps (least squares over all steps)."""
-        table = self.thermo_table()
-        if len(table["step"]) < 2:
+        """Slope of the conserved energy, eV per atom per ps (least squares over every step run)."""
+        n, st, stt, se, ste = self._drift_sums
+        denominator = n * stt - st * st
+        if n < 2 or denominator <= 0:
             return float("nan")
-        time_ps = table["step"] * self.timestep_fs / 1000.0
-        slope = np.polyfit(time_ps, table["conserved_energy"], 1)[0]
-        return float(slope / self.n_atoms)
+        return float((n * ste - st * se) / denominator / self.n_atoms)
 
     @property
     def compilations(self) -> int:
@@ -299,18 +322,18 @@ class MolecularDynamics:
 
 @dataclasses.dataclass(frozen=True)
 class _Program:
-    """Everything static about a block: model (hashed by identity), integrator and checks."""
+    """What shapes a compiled block: the model (hashed by identity) and the scan length.
+
+    Ensemble numbers and the stability limits are traced arguments, so runs that differ
+    only in time step, temperature, pressure, skin or limits share one compilation.
+    """
 
     potential: Any
-    ensemble: Ensemble
-    skin: float
     block_steps: int
-    min_distance_fraction: float
-    max_temperature_K: float
 
 
-def _force_function(program: _Program, params, template):
-    compute_stress = program.ensemble.changes_cell
+def _force_function(program: _Program, ensemble: Ensemble, params, template):
+    compute_stress = ensemble.changes_cell
     potential = program.potential
 
     def evaluate(positions, cell):
@@ -323,23 +346,23 @@ def _force_function(program: _Program, params, template):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _initialise(program: _Program, params, template, positions, momenta, masses, atom_mask, cell, key):
-    evaluate = _force_function(program, params, template)
-    return integrators.initial_state(program.ensemble, evaluate, positions, momenta, masses, atom_mask,
-                                     cell, key)
+def _initialise(program: _Program, ensemble: Ensemble, params, template, positions, momenta, masses,
+                atom_mask, cell, key):
+    evaluate = _force_function(program, ensemble, params, template)
+    return integrators.initial_state(ensemble, evaluate, positions, momenta, masses, atom_mask, cell, key)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jax.jit
 def _observe(ensemble: Ensemble, state: MDState) -> tuple:
     return observables(state, ensemble)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _run_block(program: _Program, params, state: MDState, template, reference_positions, reference_cell,
-               steps_to_run):
+def _run_block(program: _Program, ensemble: Ensemble, limits, params, state: MDState, template,
+               reference_positions, reference_cell, steps_to_run):
     """Up to ``block_steps`` steps; returns (state, status, detail, executed, per-step records)."""
-    ensemble = program.ensemble
-    evaluate = _force_function(program, params, template)
+    skin, min_distance_fraction, max_temperature_K = limits[0], limits[1], limits[2]
+    evaluate = _force_function(program, ensemble, params, template)
     dtype = state.positions.dtype
     real_edge = template.species[template.receivers] > 0
     radii = jnp.asarray(covalent_radii, dtype)
@@ -361,7 +384,7 @@ def _run_block(program: _Program, params, state: MDState, template, reference_po
             affine = reference_positions @ m
             strain = jnp.linalg.norm(m - jnp.eye(3, dtype=dtype))
         displacement = jnp.linalg.norm((state.positions - affine) * state.atom_mask, axis=1).max()
-        return program.skin - (cutoff + program.skin) * strain - 2 * displacement
+        return skin - (cutoff + skin) * strain - 2 * displacement
 
     def closest_pair(state):
         vectors = (state.positions[template.senders] + template.shifts.astype(dtype) @ state.cell
@@ -377,8 +400,8 @@ def _run_block(program: _Program, params, state: MDState, template, reference_po
         temperature = integrators.temperature_K(new, ensemble.n_atoms)
         finite = jnp.isfinite(new.energy) & jnp.all(jnp.isfinite(new.forces))
         new_status = jnp.select(
-            [list_margin(new) <= 0, ~finite, ratio < program.min_distance_fraction,
-             temperature > program.max_temperature_K],
+            [list_margin(new) <= 0, ~finite, ratio < min_distance_fraction,
+             temperature > max_temperature_K],
             [_REBUILD, _NOT_FINITE, _TOO_CLOSE, _TOO_HOT], _RUNNING)
         accept = new_status == _RUNNING
         state = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, state)
