@@ -162,6 +162,9 @@ class DeepEnsembleConfig(StrictModel):
     method: Literal["deep_ensemble"] = "deep_ensemble"
     members: int = Field(4, ge=2, le=64, description="number of ensemble members M")
     recalibrate: bool = True
+    parallel_members: Optional[PositiveInt] = Field(
+        None, description="members vmapped at once in training and prediction; null: all on GPU/TPU, "
+                          "1 on CPU (measured faster there)")
 
 
 # Later methods (mve, shallow_ensemble, swag, laplace, sgmcmc, ivon) join this union.
@@ -176,6 +179,15 @@ class RunConfig(StrictModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     uncertainty: UncertaintyConfig = Field(default_factory=NoUncertaintyConfig, discriminator="method")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uncertainty_shorthand(cls, data):
+        # `uncertainty: none` (or `--set uncertainty=deep_ensemble`) names the method with
+        # its defaults; it also switches a config's method without its other keys.
+        if isinstance(data, dict) and isinstance(data.get("uncertainty"), str):
+            data = {**data, "uncertainty": {"method": data["uncertainty"]}}
+        return data
 
     @field_validator("run_dir")
     @classmethod

@@ -7,7 +7,7 @@ row is written to ``metrics.csv``, ``last.msgpack`` is saved for resuming and
 ``training.max_epochs`` or ``training.max_time`` seconds, whichever comes first.
 
 With ``uncertainty.method: deep_ensemble`` the parameters, optimizer state and EMA
-carry a leading member axis and the train step is vmapped over it (`mlip.uq.ensemble`);
+carry a leading member axis and the train step is mapped over it (`mlip.uq.ensemble`);
 validation, best-checkpoint selection and the summary use the ensemble mean, and after
 the last epoch σ recalibration scales are fitted on the validation set
 (``calibration.json``).
@@ -152,7 +152,8 @@ class Trainer:
         # Ensemble members share the statistics (data, not parameters) and the batches.
         self.members = config.uncertainty.members if config.uncertainty.method == "deep_ensemble" else None
         # What predicts: the single model, or the posterior over the stacked members.
-        self.model = (PosteriorPotential(self.potential, method=config.uncertainty.method, ddof=1)
+        self.model = (PosteriorPotential(self.potential, method=config.uncertainty.method, ddof=1,
+                                         parallel_samples=config.uncertainty.parallel_members)
                       if self.members else self.potential)
         self.use_stress = any(s.frame.stress is not None for s in self.train_samples) \
             and config.loss.stress_weight > 0
@@ -204,7 +205,8 @@ class Trainer:
 
         if self.members:
             # Each member: own parameters, optimizer state and EMA; shared batch and schedule.
-            return ensemble.vmap_over_members(step_fn, n_member_args=3, n_shared_args=4)
+            return ensemble.map_over_members(step_fn, n_member_args=3,
+                                             parallel=self.config.uncertainty.parallel_members)
         return step_fn
 
     # ---------------------------------------------------------------- run

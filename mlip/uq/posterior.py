@@ -2,7 +2,8 @@
 
 A posterior is a parameter pytree whose every leaf has a leading axis of M samples
 (deep-ensemble members today; SWAG, Laplace or MCMC draws later). Predictions are
-`jax.vmap` of `Potential.apply` over that axis, so each sample computes its own forces
+`jax.vmap` of `Potential.apply` over that axis (in groups, one group after another,
+where that is faster: `map_samples`), so each sample computes its own forces
 and stress as derivatives of its own energy (the ensemble variance is never
 differentiated). The M predictions are reduced by the law of total variance
 (METHODS.md §4.1):
@@ -22,7 +23,7 @@ the ASE calculator and MD use an ensemble exactly as they use a single model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,33 @@ def sample_count(posterior_params: Any) -> int:
 def select_sample(posterior_params: Any, index: int) -> Any:
     """The parameters of sample ``index`` (a single-model pytree)."""
     return jax.tree.map(lambda leaf: leaf[index], posterior_params)
+
+
+def parallel_group(parallel: Optional[int], n_samples: int) -> int:
+    """How many samples to vmap at once: ``parallel``, or by backend when None.
+
+    None means all at once on GPU/TPU and one at a time on CPU: on 2 CPU cores a vmapped
+    train step of 4 small MACE members took 5.6x a single member's time, a sequential
+    `lax.map` 3.9x (measured, ethanol, 16 channels), while accelerators gain from the
+    wider vmapped kernels.
+    """
+    if parallel is None:
+        parallel = 1 if jax.default_backend() == "cpu" else n_samples
+    if parallel < 1:
+        raise ValueError(f"parallel samples must be >= 1, got {parallel}")
+    return min(parallel, n_samples)
+
+
+def map_samples(fn: Callable, stacked: Any, parallel: Optional[int] = None) -> Any:
+    """``fn`` over the leading sample axis of ``stacked``; outputs stacked the same way.
+
+    Groups of `parallel_group` samples are vmapped; groups run one after another
+    (`jax.lax.map`). Either way each sample's result is that of ``fn`` on its own.
+    """
+    group = parallel_group(parallel, sample_count(stacked))
+    if group >= sample_count(stacked):
+        return jax.vmap(fn)(stacked)
+    return jax.lax.map(fn, stacked, batch_size=group if group > 1 else None)
 
 
 def predictive_moments(sample_outputs: dict, ddof: int = 1) -> dict:
@@ -130,12 +158,14 @@ class PosteriorPotential:
         method: the uncertainty method that made the samples (``deep_ensemble``, ...).
         ddof: 1 for independent fits (ensembles), 0 for posterior draws.
         recalibration: σ scales applied to every prediction.
+        parallel_samples: samples evaluated at once (see `parallel_group`; None: by backend).
     """
 
     potential: Any
     method: str
     ddof: int = 1
     recalibration: Recalibration = Recalibration()
+    parallel_samples: Optional[int] = None
 
     # The attributes callers of a `Potential` read, forwarded so either can be passed.
     @property
@@ -163,8 +193,8 @@ class PosteriorPotential:
     def sample_outputs(self, posterior_params: Any, graph, compute_forces: bool = True,
                        compute_stress: bool = False) -> dict:
         """``Potential.apply`` of every sample: each output with a leading axis [M, ...]."""
-        return jax.vmap(lambda params: self.potential.apply(params, graph, compute_forces, compute_stress))(
-            posterior_params)
+        return map_samples(lambda params: self.potential.apply(params, graph, compute_forces, compute_stress),
+                           posterior_params, self.parallel_samples)
 
     def apply(self, posterior_params: Any, graph, compute_forces: bool = True,
               compute_stress: bool = False) -> dict:
