@@ -174,7 +174,10 @@ def calibration_plot(samples: Sequence, predictions: Sequence[dict], path: str,
         axes[1].loglog(sigma, errors, "o", ms=3, alpha=0.6)
         low = max(min(errors[errors > 0].min(initial=np.inf), sigma[sigma > 0].min(initial=np.inf)), 1e-8)
         high = max(errors.max(), sigma.max(), low * 10)
-        axes[1].plot([low, high], [low, high], "k--", lw=0.8)
+        # A calibrated Gaussian has mean |error| = σ √(2/π), not σ.
+        ideal = np.sqrt(2.0 / np.pi)
+        axes[1].plot([low, high], [ideal * low, ideal * high], "k--", lw=0.8, label="calibrated: σ √(2/π)")
+        axes[1].legend()
     axes[1].set_xlabel("mean predicted force σ per structure (eV/Å)")
     axes[1].set_ylabel("mean |force error| per structure (eV/Å)")
     if title:
