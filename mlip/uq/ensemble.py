@@ -4,9 +4,9 @@ Members differ only in their initial parameters (one key per member split from t
 run's seed); they see the same batches in the same order, share the data-set
 statistics (E0s, scale, shift are data, not parameters) and each keep their own
 optimizer state and EMA because the whole step — loss, gradient, optax update, EMA —
-is mapped over the leading member axis (vmapped on accelerators, where M small models
-train for less than M times the cost of one; one after another on CPU, where that is
-faster; METHODS.md §4.2).
+is mapped over the leading member axis (METHODS.md §4.2): vmapped on accelerators,
+one member after another on CPU, where that measured faster (see
+`mlip.uq.posterior.parallel_group`).
 """
 
 from __future__ import annotations
