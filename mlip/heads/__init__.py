@@ -1,5 +1,6 @@
 """Readout heads: per-node features -> per-node outputs. Importing this package registers them."""
 
 from mlip.heads.energy import EnergyHead
+from mlip.heads.uncertainty import MeanVarianceHead, ShallowEnsembleHead
 
-__all__ = ["EnergyHead"]
+__all__ = ["EnergyHead", "MeanVarianceHead", "ShallowEnsembleHead"]
