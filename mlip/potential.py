@@ -3,6 +3,15 @@
     E_g = Σ_{i in g} [ s · ε_i + μ ]          (ε_i from backbone and head)
     F_i = −∂E/∂r_i,     σ_g = (1/V_g) ∂E_g/∂ε |_{ε=0}   (ASE convention, eV/Å³)
 
+Heads that predict uncertainty add outputs without changing the energy path: a
+mean-variance head adds ``energy_variance`` [G] = Σ_i s² v_i + floor and ``forces_variance``
+[N, 3] (per atom, the same for the three components), read as aleatoric variances by
+`mlip.uq.PosteriorPotential`; they are auxiliary outputs, never differentiated, so forces
+stay −∂E/∂r. A shallow-ensemble head gives K energies per atom: ``energy`` and
+``forces`` are the mean over members (forces = −∂ mean E/∂r, one backward pass) and
+``<name>_members`` [K, ...] hold each member's energy, forces and stress (K backward
+passes from one forward pass, batched by `jax.vmap` of one `jax.vjp`).
+
 Energies here are *above the per-element reference energies* E0(Z): the references
 are large (thousands of eV for DFT) and are added on the host in float64 (see
 `Potential.reference_energy`), so float32 on device never carries them. Scale s,
@@ -31,12 +40,16 @@ from mlip.training.config import ModelConfig
 
 
 class EnergyModel(nn.Module):
-    """Backbone then head: per-node normalised energies ε_i [N]."""
+    """Backbone then head: per-node normalised energies ε_i [N], or a dict of per-node outputs.
+
+    A head returns either ε [N] or a dict with ``energy`` [N] or ``energy_members``
+    [K, N], and optionally ``energy_variance`` [N] and ``forces_variance`` [N].
+    """
 
     backbone: nn.Module
     head: nn.Module
 
-    def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray):
         return self.head(self.backbone(graph, positions, cell))
 
 
@@ -81,50 +94,116 @@ class Potential:
         """Σ_i E0(Z_i) in float64 for one structure, eV (host side)."""
         return float(np.sum(self.statistics.e0_per_species()[np.asarray(numbers)]))
 
+    @property
+    def ensemble_members(self) -> int:
+        """K readout members of a shallow-ensemble head; 0 for a single-energy head."""
+        return int(getattr(self.config.head, "members", 0)) if self.config.head.name == "shallow_ensemble" else 0
+
+    def node_outputs(self, params: Any, graph: AtomsGraph, positions: jnp.ndarray,
+                     cell: jnp.ndarray) -> dict:
+        """Per-atom outputs in eV units, zero on padding nodes.
+
+        ``node_energy`` [N] (or [K, N] for a shallow ensemble) above the reference, and
+        for a mean-variance head ``energy_variance`` [N] (eV²) and ``forces_variance`` [N]
+        ((eV/Å)²), each scale² times the head's normalised variance plus the floor.
+        """
+        head_outputs = self.module.apply({"params": params}, graph, positions, cell)
+        if not isinstance(head_outputs, dict):
+            head_outputs = {"energy": head_outputs}
+        scale, shift = self.statistics.scale, self.statistics.shift
+        normalised = head_outputs["energy_members"] if "energy_members" in head_outputs else head_outputs["energy"]
+        outputs = {"node_energy": jnp.where(graph.node_mask, scale * normalised + shift, 0.0)}
+        floor = getattr(self.config.head, "variance_floor", 0.0)
+        for name in ("energy_variance", "forces_variance"):
+            if name in head_outputs:
+                outputs[name] = jnp.where(graph.node_mask, scale**2 * head_outputs[name] + floor, 0.0)
+        return outputs
+
     def node_energies(self, params: Any, graph: AtomsGraph, positions: jnp.ndarray,
                       cell: jnp.ndarray) -> jnp.ndarray:
-        """[N] per-atom energies above the reference, eV; zero on padding nodes."""
-        normalised = self.module.apply({"params": params}, graph, positions, cell)
-        energies = self.statistics.scale * normalised + self.statistics.shift
-        return jnp.where(graph.node_mask, energies, 0.0)
+        """[N] per-atom energies above the reference, eV (member mean for an ensemble head); 0 on padding."""
+        node_energy = self.node_outputs(params, graph, positions, cell)["node_energy"]
+        return node_energy.mean(axis=0) if node_energy.ndim == 2 else node_energy
 
     def apply(self, params: Any, graph: AtomsGraph, compute_forces: bool = True,
-              compute_stress: bool = False) -> dict:
+              compute_stress: bool = False, member_derivatives: bool = True) -> dict:
         """Energies, forces and stress of every graph in the batch.
+
+        Args:
+            member_derivatives: for a shallow-ensemble head, also each member's forces
+                and stress (K backward passes); False gives only the mean's (one pass),
+                e.g. for training on the mean forces.
 
         Returns:
             dict with ``energy`` [G] (eV above the references), ``node_energy`` [N],
             and if requested ``forces`` [N, 3] (eV/Å) and ``stress`` [G, 3, 3] (eV/Å³,
-            zero for non-periodic graphs).
+            zero for non-periodic graphs). A mean-variance head adds ``energy_variance``
+            [G] (eV²) and ``forces_variance`` [N, 3] ((eV/Å)²); a shallow-ensemble head
+            adds ``energy_members`` [K, G] and, with ``member_derivatives``,
+            ``forces_members`` [K, N, 3] and ``stress_members`` [K, G, 3, 3].
         """
         graph = _cast_graph(graph, self.dtype)
         n_graph = graph.n_node.shape[0]
+        members = self.ensemble_members
 
         def energy_of(positions, strain):
             # Apply a symmetric strain to positions and cells: r' = r (I + ε).
             strain = 0.5 * (strain + jnp.swapaxes(strain, -1, -2))
             strained_positions = positions + jnp.einsum("na,nab->nb", positions, strain[graph.node_graph])
             strained_cell = graph.cell + jnp.einsum("gab,gbc->gac", graph.cell, strain)
-            node_energy = self.node_energies(params, graph, strained_positions, strained_cell)
-            graph_energy = jax.ops.segment_sum(node_energy, graph.node_graph, n_graph)
-            return graph_energy.sum(), (graph_energy, node_energy)
+            nodes = self.node_outputs(params, graph, strained_positions, strained_cell)
+            # [G] or [K, G]: segment sums over the last (node) axis.
+            graph_energy = jax.ops.segment_sum(jnp.moveaxis(nodes["node_energy"], -1, 0), graph.node_graph,
+                                               n_graph)
+            graph_energy = jnp.moveaxis(graph_energy, 0, -1)
+            # Variances ride along as auxiliary outputs: never differentiated.
+            total = graph_energy.sum(axis=-1)  # scalar, or [K] per member
+            return (total.mean() if members else total), (graph_energy, nodes, total)
 
         strain = jnp.zeros((n_graph, 3, 3), graph.positions.dtype)
         if not (compute_forces or compute_stress):
-            _, (energy, node_energy) = energy_of(graph.positions, strain)
-            return {"energy": energy, "node_energy": node_energy}
+            _, aux = energy_of(graph.positions, strain)
+            return self._collect(graph, aux[0], aux[1])
         argnums = (0, 1) if compute_stress else (0,)
-        gradients, (energy, node_energy) = jax.grad(energy_of, argnums=argnums, has_aux=True)(
+        gradients, (energy, nodes, _) = jax.grad(energy_of, argnums=argnums, has_aux=True)(
             graph.positions, strain)
-        outputs = {"energy": energy, "node_energy": node_energy,
-                   "forces": -gradients[0]}
+        outputs = self._collect(graph, energy, nodes)
+        outputs["forces"] = -gradients[0]
         if compute_stress:
-            volume = jnp.abs(jnp.linalg.det(graph.cell))
-            periodic = volume > 1e-12  # non-periodic and padding graphs have a zero cell
-            safe_volume = jnp.where(periodic, volume, 1.0)
-            outputs["stress"] = jnp.where(periodic[:, None, None],
-                                          gradients[1] / safe_volume[:, None, None], 0.0)
+            outputs["stress"] = self._stress(graph, gradients[1])
+        if members and member_derivatives:
+            def member_totals(positions, strain):
+                return energy_of(positions, strain)[1][2]  # [K]
+
+            _, vjp = jax.vjp(member_totals, graph.positions, strain)
+            # One forward pass, K backward passes batched: row k of the identity picks member k.
+            member_gradients = jax.vmap(vjp)(jnp.eye(members, dtype=graph.positions.dtype))
+            outputs["forces_members"] = -member_gradients[0]
+            if compute_stress:
+                outputs["stress_members"] = jax.vmap(lambda g: self._stress(graph, g))(member_gradients[1])
         return outputs
+
+    def _collect(self, graph: AtomsGraph, graph_energy: jnp.ndarray, nodes: dict) -> dict:
+        """Energy outputs (and variances) from the forward pass, member means for an ensemble head."""
+        node_energy = nodes["node_energy"]
+        if self.ensemble_members:
+            outputs = {"energy": graph_energy.mean(axis=0), "node_energy": node_energy.mean(axis=0),
+                       "energy_members": graph_energy}
+        else:
+            outputs = {"energy": graph_energy, "node_energy": node_energy}
+        if "energy_variance" in nodes:
+            outputs["energy_variance"] = jax.ops.segment_sum(nodes["energy_variance"], graph.node_graph,
+                                                             graph.n_node.shape[0])
+        if "forces_variance" in nodes:
+            outputs["forces_variance"] = jnp.repeat(nodes["forces_variance"][:, None], 3, axis=1)
+        return outputs
+
+    @staticmethod
+    def _stress(graph: AtomsGraph, strain_gradient: jnp.ndarray) -> jnp.ndarray:
+        volume = jnp.abs(jnp.linalg.det(graph.cell))
+        periodic = volume > 1e-12  # non-periodic and padding graphs have a zero cell
+        safe_volume = jnp.where(periodic, volume, 1.0)
+        return jnp.where(periodic[:, None, None], strain_gradient / safe_volume[:, None, None], 0.0)
 
 
 def _cast_graph(graph: AtomsGraph, dtype) -> AtomsGraph:

@@ -42,8 +42,28 @@ class EnergyHeadConfig(StrictModel):
     mlp_hidden: PositiveInt = 16
 
 
+class MeanVarianceHeadConfig(StrictModel):
+    """Energy plus per-atom energy and force variances (METHODS.md §4.3; uncertainty.method: mve)."""
+
+    name: Literal["mve"] = "mve"
+    mlp_hidden: PositiveInt = 16
+    variance_hidden: PositiveInt = 16
+    initial_variance: PositiveFloat = Field(
+        0.1, description="starting per-atom variance in normalised units² (scale² eV², scale² (eV/Å)²); "
+                         "reset to the validation error when the NLL starts")
+    variance_floor: PositiveFloat = Field(1e-6, description="added to every per-atom variance, eV² and (eV/Å)²")
+
+
+class ShallowEnsembleHeadConfig(StrictModel):
+    """K energy readouts on one backbone (METHODS.md §4.4; uncertainty.method: shallow_ensemble)."""
+
+    name: Literal["shallow_ensemble"] = "shallow_ensemble"
+    members: int = Field(8, ge=2, le=64, description="number of readout heads K")
+    mlp_hidden: PositiveInt = 16
+
+
 BackboneConfig = Union[MACEConfig]
-HeadConfig = Union[EnergyHeadConfig]
+HeadConfig = Union[EnergyHeadConfig, MeanVarianceHeadConfig, ShallowEnsembleHeadConfig]
 
 
 class ModelConfig(StrictModel):
@@ -167,8 +187,54 @@ class DeepEnsembleConfig(StrictModel):
                           "1 on CPU (measured faster there)")
 
 
-# Later methods (mve, shallow_ensemble, swag, laplace, sgmcmc, ivon) join this union.
-UncertaintyConfig = Union[NoUncertaintyConfig, DeepEnsembleConfig]
+class GaussianNLLSettings(StrictModel):
+    """How a method that predicts a Gaussian is trained: MSE warm-up, then β-NLL (METHODS.md §4.3).
+
+    Until ``warmup_fraction`` of the run (progress as in ScheduleConfig) the loss is the
+    ordinary ``loss:`` section (MSE/Huber). Afterwards energy and forces are fitted by
+    the joint β-NLL
+        L = w_E · β-NLL(E; μ_E, σ_E²)/N + w_F · mean_{i,α} β-NLL(F_iα; μ_F, σ_F,i²)
+    with β-NLL = stop_gradient(σ²)^β · ½ [log σ² + (y − μ)²/σ²] (Seitzer et al. 2022);
+    stress, which has no predicted variance, keeps its MSE term.
+    """
+
+    warmup_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="fraction of the run trained with MSE")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="0: plain NLL, 1: MSE-like mean gradients")
+    nll_energy_weight: NonNegativeFloat = Field(1.0, description="w_E of the per-atom energy NLL")
+    nll_forces_weight: NonNegativeFloat = Field(1.0, description="w_F of the mean force-component NLL")
+    recalibrate: bool = Field(True, description="fit σ scales on the validation set after training")
+
+
+class MeanVarianceConfig(GaussianNLLSettings):
+    """Mean-variance estimation: one model whose head predicts its own (aleatoric) variances.
+
+    Needs ``model.head.name: mve`` (filled in when the config names no head). The model
+    is stored as a posterior of one sample; its σ is the predicted variance, recalibrated.
+    """
+
+    method: Literal["mve"] = "mve"
+
+
+class ShallowEnsembleConfig(GaussianNLLSettings):
+    """Last-layer ensemble: K readout heads on one backbone (METHODS.md §4.4).
+
+    Needs ``model.head.name: shallow_ensemble`` (filled in when the config names no head;
+    K is ``model.head.members``). After the warm-up the ensemble is trained jointly by the
+    β-NLL of its predicted Gaussian (mean and spread of the K energies). Forces: with
+    ``member_forces_in_training`` each head's forces (K backward passes) enter a force
+    NLL; by default the mean forces (one backward pass, the cost of a single model) keep
+    their MSE term and the force spread is only recalibrated.
+    """
+
+    method: Literal["shallow_ensemble"] = "shallow_ensemble"
+    member_forces_in_training: bool = False
+
+
+# Later methods (swag, laplace, sgmcmc, ivon) join this union.
+UncertaintyConfig = Union[NoUncertaintyConfig, DeepEnsembleConfig, MeanVarianceConfig, ShallowEnsembleConfig]
+
+# uncertainty.method -> the model.head.name it needs (methods not listed use any head but these).
+METHOD_HEADS = {"mve": "mve", "shallow_ensemble": "shallow_ensemble"}
 
 
 class RunConfig(StrictModel):
@@ -187,7 +253,30 @@ class RunConfig(StrictModel):
         # its defaults; it also switches a config's method without its other keys.
         if isinstance(data, dict) and isinstance(data.get("uncertainty"), str):
             data = {**data, "uncertainty": {"method": data["uncertainty"]}}
+        # A method with its own head (mve, shallow_ensemble) picks that head when the
+        # config does not name one, so `uncertainty: mve` alone is a complete choice.
+        if isinstance(data, dict) and isinstance(data.get("uncertainty"), dict):
+            head_name = METHOD_HEADS.get(data["uncertainty"].get("method"))
+            model = data.get("model")
+            model = dict(model) if isinstance(model, dict) else ({} if model is None else model)
+            if head_name and isinstance(model, dict):
+                head = model.get("head")
+                if head is None:
+                    model["head"] = {"name": head_name}
+                elif isinstance(head, dict) and "name" not in head:
+                    model["head"] = {"name": head_name, **head}
+                data = {**data, "model": model}
         return data
+
+    @model_validator(mode="after")
+    def _head_matches_method(self):
+        method, head = self.uncertainty.method, self.model.head.name
+        needed = METHOD_HEADS.get(method)
+        if needed is not None and head != needed:
+            raise ValueError(f"uncertainty.method '{method}' needs model.head.name '{needed}', got '{head}'")
+        if needed is None and head in METHOD_HEADS.values():
+            raise ValueError(f"model.head.name '{head}' needs uncertainty.method '{head}', got '{method}'")
+        return self
 
     @field_validator("run_dir")
     @classmethod

@@ -4,10 +4,16 @@
 
 Energy errors are taken per atom so large cells do not dominate (MACE's "weighted"
 loss). With ``kind: huber`` each squared error is replaced by a Huber loss.
+
+Models that predict a Gaussian (mean-variance heads, shallow ensembles) add β-NLL
+terms (`gaussian_nll_terms`, METHODS.md §4.3 and §4.4): ``energy_nll`` per atom,
+``forces_nll`` per force component, weighted like the MSE terms; the trainer switches
+weight from the MSE terms to them after a warm-up.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -45,3 +51,63 @@ def loss_terms(outputs: dict, graph: AtomsGraph, config: LossConfig) -> dict:
 def total_loss(terms: dict, weights: dict) -> jnp.ndarray:
     """Σ weight × term; ``weights`` may hold traced values (they change during a run)."""
     return sum(weights[name] * value for name, value in terms.items())
+
+
+# Added to a shallow ensemble's spread in the NLL (eV², (eV/Å)²): members that agree
+# exactly (e.g. at initialisation) would otherwise give an infinite NLL.
+ENSEMBLE_VARIANCE_FLOOR = 1e-6
+
+
+def beta_nll(error: jnp.ndarray, variance: jnp.ndarray, beta: float) -> jnp.ndarray:
+    """Elementwise β-NLL: stop_gradient(σ²)^β · ½ [log σ² + e²/σ²] (Seitzer et al. 2022).
+
+    β = 0 is the Gaussian NLL (constants dropped); β = 1 gives the mean the gradient of
+    the MSE. The weight is stop-gradiented so it rescales samples without rewarding a
+    large σ.
+    """
+    nll = 0.5 * (jnp.log(variance) + error**2 / variance)
+    if beta == 0.0:
+        return nll
+    return jax.lax.stop_gradient(variance**beta) * nll
+
+
+def predicted_gaussians(outputs: dict) -> dict:
+    """name -> (mean, variance) of the Gaussians a model predicts, for energy and forces.
+
+    From ``<name>_variance`` outputs (mean-variance head) or from the spread (1/(K − 1))
+    of ``<name>_members`` outputs (shallow ensemble) plus `ENSEMBLE_VARIANCE_FLOOR`.
+    """
+    gaussians = {}
+    for name in ("energy", "forces"):
+        if f"{name}_variance" in outputs:
+            gaussians[name] = (outputs[name], outputs[f"{name}_variance"])
+        elif f"{name}_members" in outputs:
+            members = outputs[f"{name}_members"]
+            gaussians[name] = (jnp.mean(members, axis=0),
+                               jnp.var(members, axis=0, ddof=1) + ENSEMBLE_VARIANCE_FLOOR)
+    return gaussians
+
+
+def gaussian_nll_terms(outputs: dict, graph: AtomsGraph, beta: float) -> dict:
+    """``energy_nll`` (per structure, divided by its atom count) and ``forces_nll`` (per component).
+
+    Only the outputs with a predicted variance get a term. Padding is masked; its
+    variance is replaced by 1 before the logarithm so no NaN reaches the gradient.
+    """
+    targets = graph.targets
+    terms = {}
+    gaussians = predicted_gaussians(outputs)
+    if "energy" in gaussians:
+        mean, variance = gaussians["energy"]
+        mask = targets["energy_mask"] * graph.graph_mask.astype(mean.dtype)
+        variance = jnp.where(mask > 0, variance, 1.0)
+        n_atoms = jnp.maximum(graph.n_node, 1).astype(mean.dtype)
+        per_graph = beta_nll(mean - targets["energy"], variance, beta) / n_atoms
+        terms["energy_nll"] = _masked_mean(per_graph, mask)
+    if "forces" in gaussians:
+        mean, variance = gaussians["forces"]
+        mask = targets["forces_mask"] * graph.node_mask
+        variance = jnp.where(mask[:, None] > 0, variance, 1.0)
+        per_atom = jnp.mean(beta_nll(mean - targets["forces"], variance, beta), axis=-1)
+        terms["forces_nll"] = _masked_mean(per_atom, mask)
+    return terms

@@ -12,6 +12,14 @@ validation, best-checkpoint selection and the summary use the ensemble mean, and
 the last epoch σ recalibration scales are fitted on the validation set
 (``calibration.json``).
 
+``mve`` and ``shallow_ensemble`` train one model, stored as a posterior of one sample
+(the same stacked state and prediction path): its head predicts variances, or K
+readouts whose spread is the variance. They start with the ``loss:`` section's MSE and
+after ``uncertainty.warmup_fraction`` of the run switch to the β-NLL of the predicted
+Gaussian (`mlip.training.loss.gaussian_nll_terms`); validation and best-checkpoint
+selection then use the NLL. When an MVE run switches, its variance offset is set to
+the last validation errors so σ starts near the error (METHODS.md §4.3).
+
 Determinism: shuffling uses ``seed + epoch`` and parameters depend only on the seed,
 so a run killed and resumed from ``last.msgpack`` ends where an uninterrupted run
 would (for runs limited by epochs, not by wall-clock time).
@@ -39,7 +47,7 @@ from mlip.potential import Potential
 from mlip.training import checkpoint
 from mlip.training.config import RunConfig, save_config
 from mlip.training.evaluation import Predictor, compute_metrics, loss_from_metrics, parity_plot
-from mlip.training.loss import loss_terms, total_loss
+from mlip.training.loss import gaussian_nll_terms, loss_terms, total_loss
 from mlip.uq import ensemble
 from mlip.uq.evaluation import fit_recalibration, recalibrate_predictions, uncertainty_metrics
 from mlip.uq.posterior import PosteriorPotential
@@ -150,10 +158,14 @@ class Trainer:
         check_elements(valid_frames, self.statistics.atomic_numbers, "validation")
         self.potential = Potential(config.model, self.statistics)
         # Ensemble members share the statistics (data, not parameters) and the batches.
-        self.members = config.uncertainty.members if config.uncertainty.method == "deep_ensemble" else None
+        # A model that predicts a Gaussian (mve, shallow_ensemble) is a posterior of one sample.
+        method = config.uncertainty.method
+        self.gaussian_nll = method in ("mve", "shallow_ensemble")
+        self.members = (config.uncertainty.members if method == "deep_ensemble"
+                        else 1 if self.gaussian_nll else None)
         # What predicts: the single model, or the posterior over the stacked members.
-        self.model = (PosteriorPotential(self.potential, method=config.uncertainty.method, ddof=1,
-                                         parallel_samples=config.uncertainty.parallel_members)
+        self.model = (PosteriorPotential(self.potential, method=method, ddof=1,
+                                         parallel_samples=getattr(config.uncertainty, "parallel_members", None))
                       if self.members else self.potential)
         self.use_stress = any(s.frame.stress is not None for s in self.train_samples) \
             and config.loss.stress_weight > 0
@@ -184,14 +196,43 @@ class Trainer:
     def _state_template(self) -> dict:
         return jax.tree.map(np.asarray, self.initial_state())
 
+    def loss_weights(self, progress: float) -> dict:
+        """Weights of the loss terms at a fraction of the run (MSE terms, then NLL terms after the warm-up)."""
+        weights = self.config.loss.weights_at(progress)
+        if self.gaussian_nll:
+            uq = self.config.uncertainty
+            nll = progress >= uq.warmup_fraction
+            nll_forces = self.config.uncertainty.method == "mve" or uq.member_forces_in_training
+            weights.update(energy_nll=uq.nll_energy_weight if nll else 0.0,
+                           forces_nll=uq.nll_forces_weight if nll and nll_forces else 0.0)
+            if nll:
+                weights["energy"] = 0.0
+                if nll_forces:
+                    weights["forces"] = 0.0
+        return weights
+
+    def _nll_phase(self, progress: float) -> bool:
+        return self.gaussian_nll and progress >= self.config.uncertainty.warmup_fraction
+
+    def _loss_stage(self, progress: float) -> int:
+        """Changes whenever the loss changes (stage two, NLL phase), so validation losses stay comparable."""
+        stage_two = self.config.loss.weights_at(progress) != self.config.loss.weights_at(0.0)
+        return 1 + int(stage_two) + 2 * int(self._nll_phase(progress))
+
     def _make_train_step(self):
         potential, loss_config, use_stress = self.potential, self.config.loss, self.use_stress
         optimizer, ema_decay = self.optimizer, self.config.training.ema_decay
+        gaussian_nll, uq = self.gaussian_nll, self.config.uncertainty
+        # A shallow ensemble's per-member forces cost K backward passes; only when asked.
+        member_derivatives = getattr(uq, "member_forces_in_training", False)
 
         def step_fn(params, opt_state, ema_params, graph, learning_rate, step, loss_weights):
             def loss_fn(p):
-                outputs = potential.apply(p, graph, compute_forces=True, compute_stress=use_stress)
+                outputs = potential.apply(p, graph, compute_forces=True, compute_stress=use_stress,
+                                          member_derivatives=member_derivatives)
                 terms = loss_terms(outputs, graph, loss_config)
+                if gaussian_nll:
+                    terms.update(gaussian_nll_terms(outputs, graph, uq.beta))
                 return total_loss(terms, loss_weights), terms
 
             (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -206,7 +247,7 @@ class Trainer:
         if self.members:
             # Each member: own parameters, optimizer state and EMA; shared batch and schedule.
             return ensemble.map_over_members(step_fn, n_member_args=3,
-                                             parallel=self.config.uncertainty.parallel_members)
+                                             parallel=getattr(self.config.uncertainty, "parallel_members", None))
         return step_fn
 
     # ---------------------------------------------------------------- run
@@ -232,6 +273,7 @@ class Trainer:
         training = self.config.training
         start_time = time.monotonic() - state["elapsed"]
         stop_reason = "max_epochs"
+        previous_progress = self._progress(state, start_time)
         progress_bar = _progress_bar(training.progress_bar, training.max_epochs, state["epoch"])
         while state["epoch"] < training.max_epochs:
             epoch = state["epoch"]
@@ -239,9 +281,12 @@ class Trainer:
             out_of_time = False
             for graph, _ in self.train_batches.batches(shuffle_seed=self.config.seed * 100_003 + epoch):
                 progress = self._progress(state, start_time)
+                if self._nll_phase(progress) and not self._nll_phase(previous_progress):
+                    self._start_nll(state, rows)
+                previous_progress = progress
                 lr = learning_rate_at(self.config, progress, state["plateau_factor"])
                 weights = {name: jnp.asarray(value, self.dtype)
-                           for name, value in self.config.loss.weights_at(progress).items()}
+                           for name, value in self.loss_weights(progress).items()}
                 params, opt_state, ema, loss, _ = self._train_step(
                     state["params"], state["opt_state"], state["ema_params"], graph,
                     jnp.asarray(lr, self.dtype), jnp.asarray(state["step"], self.dtype), weights)
@@ -271,6 +316,27 @@ class Trainer:
         summary = self.finish(state, stop_reason)
         return summary
 
+    def _start_nll(self, state: dict, rows: list) -> None:
+        """MVE: set the variance offset so σ starts at the last validation error (METHODS.md §4.3).
+
+        Before the first validation there is no error estimate and the initial variance stays.
+        """
+        if self.config.uncertainty.method != "mve" or not rows:
+            return
+        from mlip.heads.uncertainty import reset_variance_offset
+
+        last = rows[-1]
+        if last.get("valid_forces_rmse") in ("", None) or last.get("valid_energy_rmse_per_atom") in ("", None):
+            return
+        scale2 = self.statistics.scale**2
+        mean_atoms = float(np.mean([s.n_atoms for s in self.train_samples]))
+        # σ_E² = Σ_i s_i ≈ N s, and σ_E ≈ N · RMSE per atom: s = N · RMSE²_per_atom (normalised units).
+        energy_variance = mean_atoms * float(last["valid_energy_rmse_per_atom"]) ** 2 / scale2
+        forces_variance = float(last["valid_forces_rmse"]) ** 2 / scale2
+        for key in ("params", "ema_params"):
+            if state[key] is not None:
+                state[key] = reset_variance_offset(state[key], energy_variance, forces_variance)
+
     def _progress(self, state: dict, start_time: float) -> float:
         training = self.config.training
         steps_per_epoch = len(self.train_batches)
@@ -283,9 +349,11 @@ class Trainer:
         params = state["ema_params"] if state["ema_params"] is not None else state["params"]
         predictions = self.predictor.predict(params, self.valid_samples, self.config.training.eval_batch_size)
         metrics = compute_metrics(self.valid_samples, predictions)
-        weights = self.config.loss.weights_at(progress)
+        weights = self.loss_weights(progress)
         valid_loss = loss_from_metrics(metrics, weights)
-        stage = 2 if weights != self.config.loss.weights_at(0.0) else 1
+        if self._nll_phase(progress):
+            valid_loss += self._validation_nll(predictions, weights)
+        stage = self._loss_stage(progress)
         if stage != state["loss_stage"]:
             # New loss weights make earlier validation losses incomparable: restart the
             # best-model tracking (as MACE does when it enters its second stage).
@@ -307,6 +375,28 @@ class Trainer:
                 "learning_rate": lr, "train_loss": train_loss, "valid_loss": valid_loss,
                 **{f"valid_{name}": metrics.get(name, "") for name in
                    ("energy_mae_per_atom", "energy_rmse_per_atom", "forces_mae", "forces_rmse", "stress_mae")}}
+
+    def _validation_nll(self, predictions: list, weights: dict) -> float:
+        """The NLL terms of the training loss on the validation set (β = 0, i.e. the plain NLL)."""
+        terms = 0.0
+        energy_errors, force_errors, force_sigma = [], [], []
+        for sample, prediction in zip(self.valid_samples, predictions):
+            frame = sample.frame
+            if frame.energy is not None:
+                energy_errors.append((prediction["energy"] - frame.energy, prediction["energy_std"], frame.n_atoms))
+            if frame.forces is not None:
+                force_errors.append((prediction["forces"] - frame.forces).reshape(-1))
+                force_sigma.append(prediction["forces_std"].reshape(-1))
+        from mlip.uq.calibration import SIGMA_FLOOR
+
+        if energy_errors and weights.get("energy_nll"):
+            error, sigma, n_atoms = (np.asarray(column, np.float64) for column in zip(*energy_errors))
+            sigma = np.maximum(sigma, SIGMA_FLOOR)
+            terms += weights["energy_nll"] * float(np.mean((np.log(sigma**2) + (error / sigma) ** 2) / (2 * n_atoms)))
+        if force_errors and weights.get("forces_nll"):
+            error, sigma = np.concatenate(force_errors), np.maximum(np.concatenate(force_sigma), SIGMA_FLOOR)
+            terms += weights["forces_nll"] * float(np.mean(0.5 * (np.log(sigma**2) + (error / sigma) ** 2)))
+        return terms
 
     def finish(self, state: dict, stop_reason: str) -> dict:
         """Plots, test-set evaluation and a summary after the last epoch."""
@@ -415,8 +505,11 @@ def plot_learning_curve(metrics_path: str, png_path: str) -> None:
         return
     epochs = [int(r["epoch"]) for r in rows]
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    axes[0].semilogy(epochs, [float(r["train_loss"]) for r in rows], label="train")
-    axes[0].semilogy(epochs, [float(r["valid_loss"]) for r in rows], label="valid")
+    losses = [float(r[column]) for r in rows for column in ("train_loss", "valid_loss")]
+    # NLL losses (mve, shallow_ensemble) can be negative: a log axis cannot show them.
+    plot_loss = axes[0].semilogy if min(losses) > 0 else axes[0].plot
+    plot_loss(epochs, [float(r["train_loss"]) for r in rows], label="train")
+    plot_loss(epochs, [float(r["valid_loss"]) for r in rows], label="valid")
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("loss")
     axes[0].legend()

@@ -1,9 +1,11 @@
 """The one prediction path of every uncertainty method: a posterior is a stack of parameter samples.
 
 A posterior is a parameter pytree whose every leaf has a leading axis of M samples
-(deep-ensemble members today; SWAG, Laplace or MCMC draws later). Predictions are
-`jax.vmap` of `Potential.apply` over that axis (in groups, one group after another,
-where that is faster: `map_samples`), so each sample computes its own forces
+(deep-ensemble members; one sample for a mean-variance model; SWAG, Laplace or MCMC
+draws later). A shallow ensemble keeps its K readouts stacked inside the head and
+evaluates them in one backbone pass; its samples are the K readouts (`flatten_members`).
+Predictions are `jax.vmap` of `Potential.apply` over that axis (in groups, one group
+after another, where that is faster: `map_samples`), so each sample computes its own forces
 and stress as derivatives of its own energy (the ensemble variance is never
 differentiated). The M predictions are reduced by the law of total variance
 (METHODS.md §4.1):
@@ -91,6 +93,32 @@ def map_samples(fn: Callable, stacked: Any, parallel: Optional[int] = None) -> A
     if group >= sample_count(stacked):
         return jax.vmap(fn)(stacked)
     return jax.lax.map(fn, stacked, batch_size=group if group > 1 else None)
+
+
+def flatten_members(sample_outputs: dict) -> dict:
+    """Outputs [M, ...] with readout members ``<name>_members`` [M, K, ...] as M·K samples.
+
+    Per-sample variances (``<name>_variance`` [M, ...]) are repeated over the K members
+    of their sample. Outputs without members are returned unchanged.
+    """
+    if "energy_members" not in sample_outputs:
+        return sample_outputs
+    n_members = sample_outputs["energy_members"].shape[1]
+    flat = {key: value for key, value in sample_outputs.items() if not key.endswith("_members")}
+    for name in UNCERTAIN_OUTPUTS:
+        if f"{name}_members" in sample_outputs:
+            values = sample_outputs[f"{name}_members"]
+            flat[name] = values.reshape((-1,) + values.shape[2:])
+        elif name in flat:
+            # No per-member values (apply called with member_derivatives=False; the
+            # posterior never does): the mean repeated, with no epistemic spread.
+            flat[name] = jnp.repeat(flat[name], n_members, axis=0)
+        variance_key = f"{name}_variance"
+        if variance_key in flat:
+            flat[variance_key] = jnp.repeat(flat[variance_key], n_members, axis=0)
+    if "node_energy" in flat:
+        flat["node_energy"] = jnp.repeat(flat["node_energy"], n_members, axis=0)
+    return flat
 
 
 def predictive_moments(sample_outputs: dict, ddof: int = 1) -> dict:
@@ -193,9 +221,15 @@ class PosteriorPotential:
 
     def sample_outputs(self, posterior_params: Any, graph, compute_forces: bool = True,
                        compute_stress: bool = False) -> dict:
-        """``Potential.apply`` of every sample: each output with a leading axis [M, ...]."""
-        return map_samples(lambda params: self.potential.apply(params, graph, compute_forces, compute_stress),
-                           posterior_params, self.parallel_samples)
+        """``Potential.apply`` of every sample: each output with a leading axis [M, ...].
+
+        For a shallow-ensemble head every parameter sample holds K readout members, and
+        the samples are the M·K (parameter sample, member) pairs: ``<name>_members``
+        [M, K, ...] becomes ``<name>`` [M·K, ...].
+        """
+        outputs = map_samples(lambda params: self.potential.apply(params, graph, compute_forces, compute_stress),
+                              posterior_params, self.parallel_samples)
+        return flatten_members(outputs)
 
     def apply(self, posterior_params: Any, graph, compute_forces: bool = True,
               compute_stress: bool = False) -> dict:
