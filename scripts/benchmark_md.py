@@ -5,23 +5,25 @@ periodic fcc Cu with 25 % Au on random sites (a = 3.7 Å) in cubic supercells of
 atoms (108, 500, 2048, 4000 by default). Velocities: Maxwell-Boltzmann at 300 K (seed 0),
 zero total momentum; NVE, timestep 0.5 fs. Paths timed, each case in its own process:
 
-    mlip-ase   mlip's MLIPCalculator (skin 1 Å) driven by ASE VelocityVerlet
-    mlip-md    mlip's on-device MD (mlip.md.MolecularDynamics, NVE, skin 1 Å)
+    mlip-ase   mlip's MLIPCalculator (skin 0.5 Å) driven by ASE VelocityVerlet
+    mlip-md    mlip's on-device MD (mlip.md.MolecularDynamics, NVE, skin 0.5 Å)
     mace-ase   mace-torch's MACECalculator driven by ASE VelocityVerlet
     apax-ase   apax's ASECalculator driven by ASE VelocityVerlet
     apax-md    apax's own JAX MD (apax.md.simulate.run_sim, NVE)
 
 Models: mlip's default model (MACE, 64x0e+64x1o, l <= 3 harmonics, correlation 3,
-2 interactions, r_max 5 Å, radial MLP 64-64-64) with random weights; mace-torch's
-ScaleShiftMACE with the same hyperparameters and random weights (built directly, saved
-with torch.save and loaded by MACECalculator from the file); apax's GMNN (its defaults,
-with the 16-function Bessel basis at r_max 5 Å as in scripts/benchmark_accuracy.py),
-which apax can only load from a trained model directory: it is trained (untimed) for
-``--apax-epochs`` epochs on 200 frames of the shipped data. One model per family: H/C/O
-for ethanol, Cu/Au for the metal. The random-weight MACE models output energies scaled
-by 0.1 eV, so forces stay small and the measured steps are nearly free flight at 300 K:
-timing does not depend on the values, only on the atom and neighbour counts (the JSON
-records temperatures at start and end of each case as a check).
+2 interactions, r_max 5 Å, radial MLP 64-64-64) and mace-torch's MACE with the same
+hyperparameters; apax's GMNN (its defaults, with the 16-function Bessel basis at r_max
+5 Å as in scripts/benchmark_accuracy.py). One model per family: H/C/O for ethanol,
+Cu/Au for the metal. Metal: mlip and mace-torch have random weights (energies scaled by
+0.1 eV, so forces stay small and the timed steps are nearly free flight at 300 K; mace's
+ScaleShiftMACE is built directly, saved with torch.save and loaded by MACECalculator
+from the file). Ethanol: a random model lets the molecule fly apart, so mlip
+(``--train-seconds``) and mace-torch (``--mace-epochs``, mace_run_train) are trained
+briefly on 200 frames. apax can only load a trained model directory: its GMNN is trained
+for ``--apax-epochs`` epochs on 200 frames per family. All training is untimed and cached
+in ``--work-dir``. Timing depends on atom and neighbour counts, not on the weights; the
+JSON records each case's temperature at start and end as a check.
 
 Each case runs some warm-up steps first (compilation; reported as ``warmup_s``, not
 timed), then steps in chunks until ``--min-seconds`` of stepping or ``--max-steps`` steps.
@@ -31,7 +33,7 @@ Results: docs/benchmark_md.json, a table between ``<!-- md-speed:start -->`` and
 ``<!-- md-speed:end -->`` in docs/benchmarks.md, and docs/benchmark_md.png.
 
     python scripts/benchmark_md.py --setup          # creates /work/peers/{mace,apax}-venv
-    python scripts/benchmark_md.py                  # full run (about 1 to 1.5 hours on 2 cores)
+    python scripts/benchmark_md.py                  # full run (about an hour on 2 cores)
     python scripts/benchmark_md.py --sizes 9 108 --max-steps 5 --no-docs   # smoke test
 
 This is a benchmark script, never part of the test suite. Only the standard library is
@@ -58,12 +60,16 @@ PATHS = ("mlip-ase", "mlip-md", "mace-ase", "apax-ase", "apax-md")
 FRAMEWORK_OF = {"mlip-ase": "mlip", "mlip-md": "mlip", "mace-ase": "mace", "apax-ase": "apax",
                 "apax-md": "apax"}
 DESCRIPTIONS = {
-    "mlip-ase": "mlip MLIPCalculator (skin 1 Å) + ASE VelocityVerlet",
-    "mlip-md": "mlip on-device MD (mlip.md, NVE, skin 1 Å)",
+    "mlip-ase": "mlip MLIPCalculator (skin {mlip_skin:g} Å) + ASE VelocityVerlet",
+    "mlip-md": "mlip on-device MD (mlip.md, NVE, skin {mlip_skin:g} Å)",
     "mace-ase": "mace-torch MACECalculator + ASE VelocityVerlet",
-    "apax-ase": "apax ASECalculator (skin 0.5 Å) + ASE VelocityVerlet",
-    "apax-md": "apax JAX MD (run_sim, NVE, skin 0.5 Å)",
+    "apax-ase": "apax ASECalculator (skin {apax_skin:g} Å) + ASE VelocityVerlet",
+    "apax-md": "apax JAX MD (run_sim, NVE, skin {apax_skin:g} Å)",
 }
+
+
+def describe(path: str, meta: dict) -> str:
+    return DESCRIPTIONS[path].format(**meta)
 # One architecture for both MACE implementations: mlip's defaults (MACEConfig).
 MACE_ARCHITECTURE = {"r_max": 5.0, "num_channels": 64, "max_L": 1, "max_ell": 3, "correlation": 3,
                      "num_interactions": 2, "num_bessel": 8, "num_polynomial_cutoff": 5,
@@ -167,16 +173,28 @@ def _ase_case(spec: dict, make_calculator) -> dict:
     start = time.perf_counter()
     atoms.get_forces()  # first call: compilation (jax) or first evaluation
     first_call_s = time.perf_counter() - start
-    dynamics.run(spec["warmup_steps"])
+    # Warm-up: --warmup-steps steps, or at least 2 once they take over min_seconds / 2.
+    warmup_steps = 0
+    while warmup_steps < spec["warmup_steps"]:
+        dynamics.run(1)
+        warmup_steps += 1
+        if warmup_steps >= 2 and time.perf_counter() - start - first_call_s > spec["min_seconds"] / 2:
+            break
     warmup_s = time.perf_counter() - start
     timing = Stopwatch(spec["min_seconds"], spec["max_steps"], spec["step_limit_s"]).run(dynamics.run)
     return {**timing, "setup_s": setup_s, "first_call_s": first_call_s, "warmup_s": warmup_s,
+            "warmup_steps": warmup_steps,
             "temperature_start_K": t_start, "temperature_end_K": _temperature(atoms),
             "max_force_end": float(abs(atoms.get_forces()).max())}
 
 
 def _mlip_potential(spec: dict):
     import jax
+
+    if spec.get("mlip_model"):  # briefly trained (ethanol)
+        from mlip.training.checkpoint import load_potential
+        potential, params = load_potential(spec["mlip_model"])
+        return potential, params, int(sum(x.size for x in jax.tree.leaves(params)))
 
     from mlip.data.statistics import DatasetStatistics
     from mlip.potential import Potential
@@ -269,17 +287,25 @@ def worker_mace_ase(spec: dict) -> dict:
     import torch
 
     torch.set_default_dtype(torch.float32)
+    if spec.get("torch_threads"):
+        torch.set_num_threads(spec["torch_threads"])
     device = spec["mace_device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = os.path.join(spec["work_dir"], f"mace_{spec['family']}.model")
-    n_params = _build_mace_model(spec, path)  # random weights, rebuilt each case (same seed)
+    if spec.get("mace_model"):  # briefly trained by mace_run_train (ethanol)
+        path = spec["mace_model"]
+        n_params = None
+    else:
+        path = os.path.join(spec["work_dir"], f"mace_{spec['family']}.model")
+        n_params = _build_mace_model(spec, path)  # random weights, rebuilt each case (same seed)
 
     def make(atoms):
         from mace.calculators import MACECalculator
         return MACECalculator(model_paths=path, device=device, default_dtype="float32")
 
     result = _ase_case(spec, make)
+    if n_params is None:
+        n_params = int(sum(p.numel() for p in torch.load(path, weights_only=False).parameters()))
     result.update(n_params=n_params, device=device, torch_threads=torch.get_num_threads())
     return result
 
@@ -440,6 +466,64 @@ def run_case(python: str, spec: dict, timeout_s: float, log_path: str) -> dict:
     return result
 
 
+def train_molecule_models(args, mace_python_dir: str, frameworks: set) -> dict:
+    """Briefly trained ethanol models for mlip and mace-torch (untimed, cached in --work-dir).
+
+    A random-weight model does not hold a molecule together: over the 1 ps of a 2000-step
+    case ethanol's atoms fly apart or into each other, which stops mlip's on-device MD
+    (close-contact check) and shrinks the neighbour counts being timed. Both MACE models
+    (same architecture) are therefore trained for a short while on 200 frames; the metal
+    cells, of which only tens to hundreds of steps are timed on CPU, keep random weights.
+    """
+    import yaml
+
+    models = {}
+    e0_file = os.path.join(ROOT, "data", "ethanol_gfn2_e0s.json")
+    if "mlip" in frameworks:
+        run_dir = os.path.join(args.work_dir, f"mlip_molecule_{args.train_seconds:g}s")
+        models["mlip"] = run_dir
+        if not os.path.exists(os.path.join(run_dir, "best.msgpack")):
+            config = {"run_dir": run_dir, "seed": 0,
+                      "data": {"train": f"{ETHANOL}@0:200", "valid": f"{ETHANOL}@200:220", "e0s": e0_file},
+                      "training": {"max_epochs": 100000, "max_time": args.train_seconds, "batch_size": 5,
+                                   "optimizer": {"name": "adam", "learning_rate": 0.02, "amsgrad": True},
+                                   "progress_bar": False, "plots": False}}
+            config_path = os.path.join(args.work_dir, "mlip_molecule.yaml")
+            with open(config_path, "w") as stream:
+                yaml.safe_dump(config, stream)
+            print(f"training mlip's ethanol model ({args.train_seconds:g} s) ...", flush=True)
+            with open(os.path.join(args.work_dir, "mlip_molecule_train.log"), "w") as log:
+                subprocess.run([sys.executable, "-m", "mlip.cli", "train", config_path], check=True,
+                               stdout=log, stderr=subprocess.STDOUT, cwd=args.work_dir)
+    if "mace" in frameworks:
+        mace_dir = os.path.join(args.work_dir, f"mace_molecule_{args.mace_epochs}ep")
+        models["mace"] = os.path.join(mace_dir, "ethanol.model")
+        if not os.path.exists(models["mace"]):
+            import ase.io
+            os.makedirs(mace_dir, exist_ok=True)
+            for name, index in (("train", "0:200"), ("valid", "200:220")):
+                ase.io.write(os.path.join(mace_dir, f"{name}.extxyz"), ase.io.read(ETHANOL, index))
+            e0s = json.load(open(e0_file))
+            a = MACE_ARCHITECTURE
+            arguments = [
+                "--name=ethanol", f"--train_file={mace_dir}/train.extxyz",
+                f"--valid_file={mace_dir}/valid.extxyz",
+                "--E0s={" + ",".join(f"{z}:{v}" for z, v in e0s.items()) + "}",
+                "--energy_key=REF_energy", "--forces_key=REF_forces", "--model=MACE",
+                f"--num_channels={a['num_channels']}", f"--max_L={a['max_L']}", f"--max_ell={a['max_ell']}",
+                f"--correlation={a['correlation']}", f"--r_max={a['r_max']}",
+                f"--num_interactions={a['num_interactions']}", "--batch_size=5", "--valid_batch_size=20",
+                "--lr=0.01", "--amsgrad", "--default_dtype=float32", "--device=cpu", "--seed=0",
+                f"--max_num_epochs={args.mace_epochs}", f"--checkpoints_dir={mace_dir}/checkpoints",
+                f"--model_dir={mace_dir}", f"--log_dir={mace_dir}/logs", f"--results_dir={mace_dir}/results",
+            ]
+            print(f"training mace-torch's ethanol model ({args.mace_epochs} epochs) ...", flush=True)
+            with open(os.path.join(mace_dir, "train.log"), "w") as log:
+                subprocess.run([os.path.join(mace_python_dir, "mace_run_train"), *arguments], check=True,
+                               stdout=log, stderr=subprocess.STDOUT, cwd=mace_dir)
+    return models
+
+
 def train_apax_models(args, python_dir: str) -> dict:
     """apax needs a trained model directory: its GMNN, briefly trained per family.
 
@@ -597,8 +681,9 @@ def markdown(report: dict) -> str:
         + (f"; {machine['device_note']}" if machine.get("device_note") else "") + ".",
         f"Command: `{meta['command']}`",
         f"Protocol: NVE, {meta['timestep_fs']} fs, Maxwell-Boltzmann {meta['temperature_K']:g} K; "
-        f"{meta['warmup_steps']} warm-up steps (on-device MD: one block) not timed; then at least "
-        f"{meta['min_seconds']:g} s or {meta['max_steps']} steps per case.",
+        f"compilation and up to {meta['warmup_steps']} warm-up steps (on-device MD: one block) not "
+        f"timed; then at least {meta['min_seconds']:g} s or {meta['max_steps']} steps per case; "
+        f"larger sizes skipped once a step takes over {meta['step_limit_s']:g} s.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         "",
         "µs per atom per step (steps per second); lower is faster in the first number.",
@@ -611,7 +696,7 @@ def markdown(report: dict) -> str:
         counts = {family_of(r["n_atoms"]): r["n_params"] for r in results
                   if r["path"] == path and "n_params" in r}
         params = " / ".join(f"{counts[f] / 1000:.0f}k" for f in ("molecule", "metal") if f in counts)
-        lines.append(f"| {DESCRIPTIONS[path]} | {params} | "
+        lines.append(f"| {describe(path, meta)} | {params} | "
                      + " | ".join(_cell(rows.get(n)) for n in sizes) + " |")
     notes = [f"- {r['path']} at {r['n_atoms']} atoms: {r['reason']}" for r in results if r["status"] != "ok"]
     notes += [f"- {r['path']} at {r['n_atoms']} atoms: {r['warning']}" for r in results if "warning" in r]
@@ -651,7 +736,7 @@ def plot(report: dict, path: str) -> None:
             continue
         color, marker, line = styles[name]
         axis.plot([r["n_atoms"] for r in rows], [r["us_per_atom_step"] for r in rows], color=color,
-                  marker=marker, linestyle=line, label=DESCRIPTIONS[name])
+                  marker=marker, linestyle=line, label=describe(name, report["meta"]))
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("atoms (9: ethanol; others: periodic fcc Cu/Au)")
@@ -694,18 +779,28 @@ def main(argv=None) -> None:
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {PATHS}")
     parser.add_argument("--min-seconds", type=float, default=20.0, help="time at least this long per case")
     parser.add_argument("--max-steps", type=int, default=2000, help="... or at most this many steps")
-    parser.add_argument("--warmup-steps", type=int, default=10, help="ASE paths: untimed steps first")
+    parser.add_argument("--warmup-steps", type=int, default=10,
+                        help="ASE paths: untimed steps first (at least 2, fewer than this once "
+                             "they take over --min-seconds / 2)")
     parser.add_argument("--block-steps", type=int, default=50,
                         help="steps per compiled block of mlip-md (and the least apax-md uses)")
-    parser.add_argument("--step-limit-s", type=float, default=10.0,
+    parser.add_argument("--step-limit-s", type=float, default=30.0,
                         help="skip a path's larger sizes once one step takes (or would take) longer")
     parser.add_argument("--case-timeout-s", type=float, default=1200.0, help="kill a case after this long")
     parser.add_argument("--timestep-fs", type=float, default=0.5)
     parser.add_argument("--temperature-K", type=float, default=300.0)
-    parser.add_argument("--skin", type=float, default=1.0, help="mlip's neighbour-list skin, Å")
+    parser.add_argument("--skin", type=float, default=0.5,
+                        help="mlip's neighbour-list skin, Å (mlip.md's default), for both mlip paths")
     parser.add_argument("--apax-skin", type=float, default=0.5, help="apax's dr_threshold (its default), Å")
     parser.add_argument("--apax-epochs", type=int, default=20,
                         help="epochs of apax's (untimed) training on 200 frames per family")
+    parser.add_argument("--train-seconds", type=float, default=90.0,
+                        help="mlip's (untimed) training of its ethanol model")
+    parser.add_argument("--mace-epochs", type=int, default=2,
+                        help="epochs of mace-torch's (untimed) training of its ethanol model")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="mace-torch's intra-op threads (default: torch's own choice, one per "
+                             "core; on a loaded machine 2 threads ran 25x slower than 1)")
     parser.add_argument("--mace-device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device-note", default=None,
@@ -747,9 +842,12 @@ def main(argv=None) -> None:
         structures[n] = os.path.join(args.work_dir, f"system_{n}.extxyz")
         ase.io.write(structures[n], atoms, format="extxyz")
         neighbours.setdefault(family_of(n), average_neighbours(atoms, MACE_ARCHITECTURE["r_max"]))
-    apax_models = {}
-    if any(FRAMEWORK_OF[p] == "apax" for p in paths):
+    apax_models, molecule_models = {}, {}
+    frameworks = {FRAMEWORK_OF[p] for p in paths}
+    if "apax" in frameworks:
         apax_models = train_apax_models(args, os.path.dirname(pythons["apax"]))
+    if 9 in sizes and frameworks & {"mlip", "mace"}:
+        molecule_models = train_molecule_models(args, os.path.dirname(pythons["mace"]), frameworks)
 
     results, last = [], {}
     for n in sizes:
@@ -766,7 +864,11 @@ def main(argv=None) -> None:
                         "block_steps": args.block_steps, "step_limit_s": args.step_limit_s,
                         "skin": args.skin, "apax_skin": args.apax_skin, "seed": args.seed,
                         "avg_num_neighbors": neighbours[family_of(n)], "mace_device": args.mace_device,
+                        "torch_threads": args.torch_threads,
                         "apax_model": apax_models.get(family_of(n)), "work_dir": args.work_dir}
+                if family_of(n) == "molecule":
+                    spec["mlip_model"] = molecule_models.get("mlip")
+                    spec["mace_model"] = molecule_models.get("mace")
                 if path == "apax-md":
                     spec["block_steps"] = apax_block(results, n, args)
                 log_path = os.path.join(args.work_dir, f"{path}_{n}.log")
@@ -789,13 +891,17 @@ def main(argv=None) -> None:
                        "max_steps": args.max_steps, "warmup_steps": args.warmup_steps,
                        "block_steps": args.block_steps, "step_limit_s": args.step_limit_s,
                        "mlip_skin": args.skin, "apax_skin": args.apax_skin,
+                       "torch_threads": args.torch_threads,
                        "apax_training": f"{args.apax_epochs} epochs on 200 frames per family",
+                       "ethanol_training": f"mlip {args.train_seconds:g} s, mace-torch {args.mace_epochs} "
+                                           "epochs on 200 frames; metal cells: random weights",
                        "avg_num_neighbors": neighbours, "energy_scale_eV": ENERGY_SCALE,
                        "mace_architecture": MACE_ARCHITECTURE, "apax_model": APAX_MODEL,
                        "systems": {"9": "ethanol, frame 0 of data/ethanol_gfn2_500K.extxyz, non-periodic",
                                    "other": f"cubic fcc supercell, a = {FCC_A} Å, Cu with "
                                             f"{AU_FRACTION:.0%} Au on random sites, periodic"},
-                       "paths_described": {p: DESCRIPTIONS[p] for p in paths}},
+                       "paths_described": {p: describe(p, {"mlip_skin": args.skin,
+                                                           "apax_skin": args.apax_skin}) for p in paths}},
               "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as stream:
