@@ -189,3 +189,12 @@ def test_md_cli_writes_trajectory_log_and_summary(cuau, tmp_path):
     summary = json.loads((tmp_path / "md_summary.json").read_text())
     assert summary["steps"] == 40 and summary["stop_reason"] == "completed"
     assert os.path.exists(tmp_path / "md.log")
+
+
+def test_small_molecule_never_rebuilds_its_complete_neighbour_list():
+    potential, params = make_potential([1, 6, 8], r_max=6.0, scale=0.05)  # > every distance
+    atoms = molecule("CH3CH2OH")
+    md = MolecularDynamics(potential, params, atoms, ensemble="langevin", temperature_K=2000.0, skin=0.01,
+                           timestep_fs=0.5, max_temperature_K=1e6, min_distance_fraction=0.1)
+    md.run(60)
+    assert md.neighbour_list_builds == 1 and md.steps_done == 60
