@@ -8,9 +8,10 @@ mean-variance head adds ``energy_variance`` [G] = Σ_i s² v_i + floor and ``for
 [N, 3] (per atom, the same for the three components), read as aleatoric variances by
 `mlip.uq.PosteriorPotential`; they are auxiliary outputs, never differentiated, so forces
 stay −∂E/∂r. A shallow-ensemble head gives K energies per atom: ``energy`` and
-``forces`` are the mean over members (forces = −∂ mean E/∂r, one backward pass) and
-``<name>_members`` [K, ...] hold each member's energy, forces and stress (K backward
-passes from one forward pass, batched by `jax.vmap` of one `jax.vjp`).
+``forces`` are the mean over members and ``<name>_members`` [K, ...] hold each member's
+energy, forces and stress (K backward passes from one forward pass, batched by
+`jax.vmap` of one `jax.vjp`); without member derivatives (training) the forces are
+−∂ mean E/∂r from one backward pass.
 
 Energies here are *above the per-element reference energies* E0(Z): the references
 are large (thousands of eV for DFT) and are added on the host in float64 (see
@@ -164,6 +165,22 @@ class Potential:
         if not (compute_forces or compute_stress):
             _, aux = energy_of(graph.positions, strain)
             return self._collect(graph, aux[0], aux[1])
+        if members and member_derivatives:
+            def member_totals(positions, strain):
+                _, aux = energy_of(positions, strain)
+                return aux[2], aux  # [K] per-member totals
+
+            _, vjp, (energy, nodes, _) = jax.vjp(member_totals, graph.positions, strain, has_aux=True)
+            # One forward pass, K backward passes batched: row k of the identity picks member k.
+            member_gradients = jax.vmap(vjp)(jnp.eye(members, dtype=graph.positions.dtype))
+            outputs = self._collect(graph, energy, nodes)
+            # The mean's derivative is the mean of the members' (the energy is linear in them).
+            outputs["forces_members"] = -member_gradients[0]
+            outputs["forces"] = jnp.mean(outputs["forces_members"], axis=0)
+            if compute_stress:
+                outputs["stress_members"] = jax.vmap(lambda g: self._stress(graph, g))(member_gradients[1])
+                outputs["stress"] = jnp.mean(outputs["stress_members"], axis=0)
+            return outputs
         argnums = (0, 1) if compute_stress else (0,)
         gradients, (energy, nodes, _) = jax.grad(energy_of, argnums=argnums, has_aux=True)(
             graph.positions, strain)
@@ -171,16 +188,6 @@ class Potential:
         outputs["forces"] = -gradients[0]
         if compute_stress:
             outputs["stress"] = self._stress(graph, gradients[1])
-        if members and member_derivatives:
-            def member_totals(positions, strain):
-                return energy_of(positions, strain)[1][2]  # [K]
-
-            _, vjp = jax.vjp(member_totals, graph.positions, strain)
-            # One forward pass, K backward passes batched: row k of the identity picks member k.
-            member_gradients = jax.vmap(vjp)(jnp.eye(members, dtype=graph.positions.dtype))
-            outputs["forces_members"] = -member_gradients[0]
-            if compute_stress:
-                outputs["stress_members"] = jax.vmap(lambda g: self._stress(graph, g))(member_gradients[1])
         return outputs
 
     def _collect(self, graph: AtomsGraph, graph_energy: jnp.ndarray, nodes: dict) -> dict:
