@@ -98,14 +98,14 @@ def command_evaluate(args) -> int:
     metrics = compute_metrics(samples, predictions)
     metrics["data"] = args.data
     metrics["run_dir"] = args.run_dir
-    from mlip.uq import has_uncertainty, sample_count
+    from mlip.uq import has_uncertainty
 
     uncertain = has_uncertainty(potential)
     if uncertain:
         from mlip.uq.evaluation import uncertainty_metrics
 
         metrics["uncertainty_method"] = potential.method
-        metrics["posterior_samples"] = sample_count(params)
+        metrics["posterior_samples"] = potential.prediction_count(params)  # shallow ensemble: its K readouts
         metrics.update(uncertainty_metrics(samples, predictions))
     rows = [("frames", str(metrics["n_frames"]))]
     for key, label, factor, unit in (("energy_mae_per_atom", "energy MAE", 1000, "meV/atom"),

@@ -85,6 +85,33 @@ def test_ensemble_nll_uses_member_mean_and_spread(labelled_batch):
     expected = np.mean([0.5 * np.log(2.0 + ENSEMBLE_VARIANCE_FLOOR) / n for n in sizes])
     assert float(terms["energy_nll"]) == pytest.approx(expected, rel=1e-10)
     assert "forces_nll" not in terms
+    # With each member's forces (member_forces_in_training): members F ± 0.5, variance 0.5.
+    forces = np.asarray(graph.targets["forces"])
+    forces_members = jnp.asarray(np.stack([forces + 0.5, forces - 0.5]))
+    terms = gaussian_nll_terms({"energy": jnp.asarray(members.mean(0)), "energy_members": jnp.asarray(members),
+                                "forces": jnp.asarray(forces), "forces_members": forces_members}, graph, beta=0.0)
+    assert float(terms["forces_nll"]) == pytest.approx(0.5 * np.log(0.5 + ENSEMBLE_VARIANCE_FLOOR), rel=1e-10)
+
+
+def test_loss_switches_from_mse_to_nll_after_the_warmup():
+    from types import SimpleNamespace
+
+    from mlip.training.config import config_from_dict
+    from mlip.training.trainer import Trainer
+
+    def weights(uncertainty, progress):
+        config = config_from_dict({"data": {"train": "x.xyz"}, "uncertainty": uncertainty})
+        return Trainer.loss_weights(SimpleNamespace(config=config, gaussian_nll=True), progress)
+
+    mve = {"method": "mve", "warmup_fraction": 0.4, "nll_forces_weight": 3.0}
+    assert weights(mve, 0.39) == {"energy": 1.0, "forces": 100.0, "stress": 1.0, "energy_nll": 0.0, "forces_nll": 0.0}
+    assert weights(mve, 0.4) == {"energy": 0.0, "forces": 0.0, "stress": 1.0, "energy_nll": 1.0, "forces_nll": 3.0}
+    # A shallow ensemble without member forces keeps the MSE of its mean forces.
+    shallow = {"method": "shallow_ensemble", "warmup_fraction": 0.4}
+    assert weights(shallow, 0.5) == {"energy": 0.0, "forces": 100.0, "stress": 1.0, "energy_nll": 1.0,
+                                     "forces_nll": 0.0}
+    with_forces = weights({**shallow, "member_forces_in_training": True}, 0.5)
+    assert (with_forces["forces"], with_forces["forces_nll"]) == (0.0, 1.0)
 
 
 # ---------------------------------------------------------------- heads
@@ -284,6 +311,7 @@ def test_train_evaluate_and_calculator_end_to_end(method, emt_file, tmp_path):
                 "forces_coverage_95", "stress_nll", "forces_mae"):
         assert key in metrics, key
     assert metrics["uncertainty_method"] == method
+    assert metrics["posterior_samples"] == (1 if method == "mve" else 2)
     assert os.path.exists(tmp_path / "test_uncertainty.csv")
 
     if method == "mve":

@@ -216,6 +216,10 @@ class PosteriorPotential:
     def reference_energy(self, numbers) -> float:
         return self.potential.reference_energy(numbers)
 
+    def prediction_count(self, posterior_params: Any) -> int:
+        """Predictions the moments are taken over: parameter samples × readout members (shallow ensemble)."""
+        return sample_count(posterior_params) * max(getattr(self.potential, "ensemble_members", 0), 1)
+
     def with_recalibration(self, recalibration: Recalibration) -> "PosteriorPotential":
         return dataclasses.replace(self, recalibration=recalibration)
 
