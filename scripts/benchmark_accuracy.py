@@ -339,20 +339,6 @@ def write_report(results: dict, meta: dict) -> None:
         stream.write(text)
 
 
-def setup(peer_dir: str) -> None:
-    os.makedirs(peer_dir, exist_ok=True)
-    mace = os.path.join(peer_dir, "mace-venv")
-    apax = os.path.join(peer_dir, "apax-venv")
-    if not os.path.exists(mace):
-        subprocess.run([sys.executable, "-m", "venv", mace], check=True)
-        # torch==2.13.0 first: the CPU build on disk; a bare `torch` pulls a CUDA build of several GB.
-        subprocess.run([os.path.join(mace, "bin", "pip"), "install", "torch==2.13.0"], check=True)
-        subprocess.run([os.path.join(mace, "bin", "pip"), "install", "mace-torch"], check=True)
-    if not os.path.exists(apax):
-        subprocess.run([sys.executable, "-m", "venv", apax], check=True)
-        subprocess.run([os.path.join(apax, "bin", "pip"), "install", "apax"], check=True)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help="create the peer venvs and exit")
@@ -369,6 +355,8 @@ def main(argv=None) -> None:
                         help="seconds per apax epoch on this machine (plans its lr decay)")
     args = parser.parse_args(argv)
     if args.setup:
+        from peer_venvs import setup  # scripts/ is on sys.path when a script runs
+
         setup(args.peer_dir)
         return
     os.makedirs(args.work_dir, exist_ok=True)

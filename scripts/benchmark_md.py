@@ -753,21 +753,6 @@ def plot(report: dict, path: str) -> None:
     plt.close(figure)
 
 
-def setup(peer_dir: str) -> None:
-    """The peers' venvs, as scripts/benchmark_accuracy.py makes them (same versions)."""
-    os.makedirs(peer_dir, exist_ok=True)
-    mace = os.path.join(peer_dir, "mace-venv")
-    apax = os.path.join(peer_dir, "apax-venv")
-    if not os.path.exists(mace):
-        subprocess.run([sys.executable, "-m", "venv", mace], check=True)
-        # torch==2.13.0 first: the CPU build on disk; a bare `torch` pulls a CUDA build of several GB.
-        subprocess.run([os.path.join(mace, "bin", "pip"), "install", "torch==2.13.0"], check=True)
-        subprocess.run([os.path.join(mace, "bin", "pip"), "install", "mace-torch==0.3.16"], check=True)
-    if not os.path.exists(apax):
-        subprocess.run([sys.executable, "-m", "venv", apax], check=True)
-        subprocess.run([os.path.join(apax, "bin", "pip"), "install", "apax==0.14.0"], check=True)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help="create the peer venvs and exit")
@@ -816,6 +801,8 @@ def main(argv=None) -> None:
         run_worker(args.worker)
         return
     if args.setup:
+        from peer_venvs import setup  # scripts/ is on sys.path when a script runs
+
         setup(args.peer_dir)
         return
     paths = [p for p in args.paths.split(",") if p]

@@ -108,7 +108,7 @@ def parity_plot(samples: Sequence[GraphSample], predictions: Sequence[dict], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mlip.training.checkpoint import atomic_write_bytes
+    from mlip.training.checkpoint import save_figure
 
     labelled = [(s.frame, p) for s, p in zip(samples, predictions)]
     energy_pairs = np.array([(f.energy / f.n_atoms, p["energy"] / f.n_atoms)
@@ -127,9 +127,4 @@ def parity_plot(samples: Sequence[GraphSample], predictions: Sequence[dict], pat
         axis.set_ylabel(f"predicted {label}")
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    import io
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(figure, path)

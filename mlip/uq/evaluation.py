@@ -158,7 +158,7 @@ def calibration_plot(samples: Sequence, predictions: Sequence[dict], path: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mlip.training.checkpoint import atomic_write_bytes
+    from mlip.training.checkpoint import save_figure
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     for name, (errors, sigma) in paired_errors(samples, predictions).items():
@@ -182,8 +182,4 @@ def calibration_plot(samples: Sequence, predictions: Sequence[dict], path: str,
     axes[1].set_ylabel("mean |force error| per structure (eV/Å)")
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(figure, path)

@@ -1,0 +1,30 @@
+"""The peers' virtual environments for the benchmark scripts (mace-torch and apax, pinned).
+
+Standard library only: the benchmark scripts import it in every venv they run in.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+PEER_VERSIONS = {"torch": "2.13.0", "mace-torch": "0.3.16", "apax": "0.14.0"}
+
+
+def setup(peer_dir: str) -> None:
+    """Create ``peer_dir/mace-venv`` and ``peer_dir/apax-venv`` where missing."""
+    os.makedirs(peer_dir, exist_ok=True)
+    mace = os.path.join(peer_dir, "mace-venv")
+    apax = os.path.join(peer_dir, "apax-venv")
+    if not os.path.exists(mace):
+        subprocess.run([sys.executable, "-m", "venv", mace], check=True)
+        # torch==2.13.0 first: the CPU build on disk; a bare `torch` pulls a CUDA build of several GB.
+        subprocess.run([os.path.join(mace, "bin", "pip"), "install", f"torch=={PEER_VERSIONS['torch']}"],
+                       check=True)
+        subprocess.run([os.path.join(mace, "bin", "pip"), "install",
+                        f"mace-torch=={PEER_VERSIONS['mace-torch']}"], check=True)
+    if not os.path.exists(apax):
+        subprocess.run([sys.executable, "-m", "venv", apax], check=True)
+        subprocess.run([os.path.join(apax, "bin", "pip"), "install", f"apax=={PEER_VERSIONS['apax']}"],
+                       check=True)
