@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from benchmark_common import cpu_model, setup  # noqa: E402  (scripts/ is sys.path[0])
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz")
 E0_FILE = os.path.join(ROOT, "data", "ethanol_gfn2_e0s.json")
@@ -287,16 +289,6 @@ def versions(peer_dir: str) -> dict:
     return found
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def write_report(results: dict, meta: dict) -> None:
     docs = os.path.join(ROOT, "docs")
     os.makedirs(docs, exist_ok=True)
@@ -355,8 +347,6 @@ def main(argv=None) -> None:
                         help="seconds per apax epoch on this machine (plans its lr decay)")
     args = parser.parse_args(argv)
     if args.setup:
-        from peer_venvs import setup  # scripts/ is on sys.path when a script runs
-
         setup(args.peer_dir)
         return
     os.makedirs(args.work_dir, exist_ok=True)

@@ -53,6 +53,8 @@ import subprocess
 import sys
 import time
 
+from benchmark_common import cpu_model, setup  # noqa: E402  (scripts/ is sys.path[0])
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ETHANOL = os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz")
 CUAU = os.path.join(ROOT, "data", "cuau_emt.extxyz")
@@ -631,16 +633,6 @@ def machine_info(device_note: str | None) -> dict:
     return info
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def versions(peer_dir: str) -> dict:
     found = {}
     for name, python, packages in (("mlip", sys.executable, ["jax", "jaxlib", "e3nn-jax", "flax", "ase"]),
@@ -801,8 +793,6 @@ def main(argv=None) -> None:
         run_worker(args.worker)
         return
     if args.setup:
-        from peer_venvs import setup  # scripts/ is on sys.path when a script runs
-
         setup(args.peer_dir)
         return
     paths = [p for p in args.paths.split(",") if p]

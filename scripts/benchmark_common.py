@@ -1,4 +1,4 @@
-"""The peers' virtual environments for the benchmark scripts (mace-torch and apax, pinned).
+"""What the benchmark scripts share: the peers' pinned venvs (mace-torch, apax) and machine facts.
 
 Standard library only: the benchmark scripts import it in every venv they run in.
 """
@@ -6,6 +6,7 @@ Standard library only: the benchmark scripts import it in every venv they run in
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -28,3 +29,14 @@ def setup(peer_dir: str) -> None:
         subprocess.run([sys.executable, "-m", "venv", apax], check=True)
         subprocess.run([os.path.join(apax, "bin", "pip"), "install", f"apax=={PEER_VERSIONS['apax']}"],
                        check=True)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform's guess)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
