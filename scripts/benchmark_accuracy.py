@@ -33,7 +33,8 @@ import time
 
 import numpy as np
 
-from benchmark_common import cpu_model, setup  # noqa: E402  (scripts/ is sys.path[0])
+from benchmark_common import cpu_model, setup
+from benchmark_common import versions as peer_versions  # noqa: E402  (scripts/ is sys.path[0])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz")
@@ -270,23 +271,7 @@ def _apax_epochs(model_dir: str) -> int | None:
 
 # ---------------------------------------------------------------- report
 def versions(peer_dir: str) -> dict:
-    found = {"python": platform.python_version()}
-    for name, python, packages in (("mlip", sys.executable, ["jax", "e3nn-jax", "flax"]),
-                                   ("mace", os.path.join(peer_dir, "mace-venv", "bin", "python"),
-                                    ["mace-torch", "torch"]),
-                                   ("apax", os.path.join(peer_dir, "apax-venv", "bin", "python"),
-                                    ["apax", "jax"])):
-        if not os.path.exists(python):
-            continue
-        code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
-                f"{packages!r}}}))")
-        try:
-            installed = json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True,
-                                                  check=True).stdout)
-            found.update({f"{package} ({name})": version for package, version in installed.items()})
-        except subprocess.CalledProcessError:
-            pass
-    return found
+    return {"python": platform.python_version(), **peer_versions(peer_dir)}
 
 
 def write_report(results: dict, meta: dict) -> None:

@@ -5,6 +5,7 @@ Standard library only: the benchmark scripts import it in every venv they run in
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -40,3 +41,24 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def versions(peer_dir: str) -> dict:
+    """Installed versions of the packages that matter, in mlip's venv and each peer's."""
+    found = {}
+    for name, python, packages in (("mlip", sys.executable, ["jax", "jaxlib", "e3nn-jax", "flax", "ase"]),
+                                   ("mace", os.path.join(peer_dir, "mace-venv", "bin", "python"),
+                                    ["mace-torch", "torch", "e3nn", "ase"]),
+                                   ("apax", os.path.join(peer_dir, "apax-venv", "bin", "python"),
+                                    ["apax", "jax", "ase"])):
+        if not os.path.exists(python):
+            continue
+        code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+                f"{packages!r}}}))")
+        try:
+            installed = json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True,
+                                                  check=True).stdout)
+            found.update({f"{package} ({name})": version for package, version in installed.items()})
+        except subprocess.CalledProcessError:
+            pass
+    return found

@@ -53,7 +53,7 @@ import subprocess
 import sys
 import time
 
-from benchmark_common import cpu_model, setup  # noqa: E402  (scripts/ is sys.path[0])
+from benchmark_common import cpu_model, setup, versions  # noqa: E402  (scripts/ is sys.path[0])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ETHANOL = os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz")
@@ -631,26 +631,6 @@ def machine_info(device_note: str | None) -> dict:
     if device_note:
         info["device_note"] = device_note
     return info
-
-
-def versions(peer_dir: str) -> dict:
-    found = {}
-    for name, python, packages in (("mlip", sys.executable, ["jax", "jaxlib", "e3nn-jax", "flax", "ase"]),
-                                   ("mace", os.path.join(peer_dir, "mace-venv", "bin", "python"),
-                                    ["mace-torch", "torch", "e3nn", "ase"]),
-                                   ("apax", os.path.join(peer_dir, "apax-venv", "bin", "python"),
-                                    ["apax", "jax", "ase"])):
-        if not os.path.exists(python):
-            continue
-        code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
-                f"{packages!r}}}))")
-        try:
-            installed = json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True,
-                                                  check=True).stdout)
-            found.update({f"{package} ({name})": version for package, version in installed.items()})
-        except subprocess.CalledProcessError:
-            pass
-    return found
 
 
 # ---------------------------------------------------------------- report
