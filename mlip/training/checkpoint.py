@@ -32,6 +32,7 @@ from mlip.errors import CheckpointError
 # Runs without uncertainty are still written as 1, so older mlip versions read them.
 FORMAT_VERSION = 2
 CALIBRATION_FILE = "calibration.json"
+POSTERIOR_FILE = "posterior.msgpack"  # samples of SWAG, Laplace, SG-MCMC, IVON runs
 
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:
@@ -208,7 +209,11 @@ def load_potential(run_dir: str, which: str = "best"):
                                        ddof=int(uncertainty.get("ddof", 1)),
                                        recalibration=read_recalibration(run_dir))
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    if which == "best":
+    if uncertainty is not None and uncertainty.get("posterior_file"):
+        # SWAG, Laplace, SG-MCMC, IVON: the samples drawn after the last epoch are the
+        # model, for "best" and "last" alike (the training state is not a posterior).
+        params = load_pytree(os.path.join(run_dir, uncertainty["posterior_file"]), zeros)
+    elif which == "best":
         params = load_pytree(os.path.join(run_dir, "best.msgpack"), zeros)
     else:
         state = load_pytree_raw(os.path.join(run_dir, "last.msgpack"))

@@ -230,8 +230,94 @@ class ShallowEnsembleConfig(GaussianNLLSettings):
     member_forces_in_training: bool = False
 
 
-# Later methods (swag, laplace, sgmcmc, ivon) join this union.
-UncertaintyConfig = Union[NoUncertaintyConfig, DeepEnsembleConfig, MeanVarianceConfig, ShallowEnsembleConfig]
+class PosteriorSamplingSettings(StrictModel):
+    """Shared by the methods that leave a posterior to draw from (swag, laplace, sgmcmc, ivon)."""
+
+    recalibrate: bool = Field(True, description="fit σ scales on the validation set after training")
+    parallel_samples: Optional[PositiveInt] = Field(
+        None, description="posterior samples vmapped at once in prediction; null: all on GPU/TPU, 1 on CPU")
+
+
+class SWAGConfig(PosteriorSamplingSettings):
+    """SWAG (METHODS.md §4.5): a Gaussian fitted to the parameters visited late in training.
+
+    Until ``start_fraction`` of the run the model trains as usual; from then on the
+    learning rate is held constant and every ``collect_every_steps`` steps (null: once
+    per epoch) the parameters update a running mean, a running second moment (diagonal)
+    and the last ``max_rank`` deviations from the mean (low-rank part). After the run
+    ``samples`` parameter sets are drawn, scaled by ``scale``, and form the posterior.
+    """
+
+    method: Literal["swag"] = "swag"
+    start_fraction: float = Field(0.75, gt=0.0, lt=1.0, description="fraction of the run before collection starts")
+    learning_rate: Optional[PositiveFloat] = Field(
+        None, description="constant learning rate during collection; null: the schedule's rate at start_fraction")
+    collect_every_steps: Optional[PositiveInt] = Field(None, description="null: once per epoch")
+    max_rank: int = Field(20, ge=2, le=200, description="K, deviation columns kept for the low-rank part")
+    samples: int = Field(20, ge=2, le=256, description="S, parameter draws forming the posterior")
+    scale: float = Field(0.5, gt=0.0, description="s in θ = θ̄ + s/√2 (...) ; 1 is the derivation, 0.5 common")
+
+
+class LaplaceConfig(PosteriorSamplingSettings):
+    """Last-layer Laplace (METHODS.md §4.7): a Gaussian over the energy readout's last linear layer.
+
+    After training the readout weights w enter E and F linearly, so the generalised
+    Gauss–Newton precision P = J_Eᵀ J_E/σ_E² + J_Fᵀ J_F/σ_F² + λ I over the training set
+    is exact; σ_E, σ_F are the training errors and λ maximises the marginal likelihood
+    (or is given). ``samples`` antithetic draws w* ± δ from N(w*, P⁻¹) become K readouts
+    of one backbone (a shallow-ensemble head), so the posterior mean equals the trained
+    model and the spread costs one backbone pass.
+    """
+
+    method: Literal["laplace"] = "laplace"
+    samples: int = Field(16, ge=2, le=256, description="readout draws (rounded up to an even number)")
+    prior_precision: Optional[PositiveFloat] = Field(
+        None, description="λ; null: maximise the marginal likelihood over a grid 10^[-6, 6]")
+
+
+class SGMCMCConfig(PosteriorSamplingSettings):
+    """Stochastic-gradient MCMC (METHODS.md §4.8): chains that sample the posterior while training.
+
+    ``chains`` independently initialised chains run together (stacked like deep-ensemble
+    members). The gradient of Ũ = N·loss + ½ prior_precision·|θ|², scaled by 1/temperature,
+    drives SGLD or SGHMC (RMSprop-preconditioned when ``preconditioned``) with injected
+    Gaussian noise. After ``burn_in_fraction`` of the run, ``samples_per_chain`` evenly
+    spaced states of every chain are kept; all of them form the posterior.
+    """
+
+    method: Literal["sgmcmc"] = "sgmcmc"
+    sampler: Literal["sgld", "sghmc"] = "sghmc"
+    chains: int = Field(4, ge=1, le=64)
+    temperature: PositiveFloat = Field(1.0, description="T < 1: cold posterior")
+    friction: float = Field(0.05, gt=0.0, le=1.0, description="SGHMC momentum decay a per step")
+    preconditioned: bool = True
+    prior_precision: NonNegativeFloat = Field(1.0, description="Gaussian prior precision on every parameter")
+    burn_in_fraction: float = Field(0.5, ge=0.0, lt=1.0)
+    samples_per_chain: int = Field(5, ge=1, le=100)
+
+
+class IVONConfig(PosteriorSamplingSettings):
+    """IVON (METHODS.md §4.6): variational learning of a diagonal Gaussian posterior by an Adam-like optimizer.
+
+    Replaces ``training.optimizer`` (its learning rate and the schedule still apply;
+    IVON's rates are larger than Adam's). ``effective_sample_size`` λ defaults to the
+    number of training structures. After training ``samples`` draws θ ~ N(m, 1/(λ(h+δ)))
+    form the posterior.
+    """
+
+    method: Literal["ivon"] = "ivon"
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99999, ge=0.0, lt=1.0)
+    hess_init: PositiveFloat = Field(1.0, description="h₀")
+    weight_decay: PositiveFloat = Field(1e-4, description="δ, also the prior precision per unit λ")
+    effective_sample_size: Optional[PositiveFloat] = Field(None, description="λ; null: training structures")
+    mc_samples: PositiveInt = Field(1, description="weight draws per training step")
+    clip_radius: Optional[PositiveFloat] = Field(None, description="elementwise clip of the update; null: none")
+    samples: int = Field(20, ge=2, le=256, description="S, parameter draws forming the posterior")
+
+
+UncertaintyConfig = Union[NoUncertaintyConfig, DeepEnsembleConfig, MeanVarianceConfig, ShallowEnsembleConfig,
+                          SWAGConfig, LaplaceConfig, SGMCMCConfig, IVONConfig]
 
 # uncertainty.method -> the model.head.name it needs (methods not listed use any head but these).
 METHOD_HEADS = {"mve": "mve", "shallow_ensemble": "shallow_ensemble"}

@@ -50,7 +50,8 @@ from mlip.training.evaluation import Predictor, compute_metrics, loss_from_metri
 from mlip.training.loss import gaussian_nll_terms, loss_terms, total_loss
 from mlip.uq import ensemble
 from mlip.uq.evaluation import fit_recalibration, recalibrate_predictions, uncertainty_metrics
-from mlip.uq.posterior import PosteriorPotential
+from mlip.uq.methods import hooks_for
+from mlip.uq.posterior import PosteriorPotential, sample_count
 
 METRIC_COLUMNS = ["epoch", "step", "time_s", "learning_rate", "train_loss", "valid_loss",
                   "valid_energy_mae_per_atom", "valid_energy_rmse_per_atom", "valid_forces_mae",
@@ -161,8 +162,9 @@ class Trainer:
         # A model that predicts a Gaussian (mve, shallow_ensemble) is a posterior of one sample.
         method = config.uncertainty.method
         self.gaussian_nll = method in ("mve", "shallow_ensemble")
-        self.members = (config.uncertainty.members if method == "deep_ensemble"
-                        else 1 if self.gaussian_nll else None)
+        self.hooks = hooks_for(self)
+        self.members = self.hooks.training_members
+        self.ema_decay = config.training.ema_decay if self.hooks.uses_ema else None
         # What predicts: the single model, or the posterior over the stacked members.
         self.model = (PosteriorPotential(self.potential, method=method, ddof=1,
                                          parallel_samples=getattr(config.uncertainty, "parallel_members", None))
@@ -171,7 +173,8 @@ class Trainer:
             and config.loss.stress_weight > 0
         e0_table = self.statistics.e0_per_species()
         self.train_batches = BatchIterator(self.train_samples, config.training.batch_size, e0_table, self.dtype)
-        self.optimizer = make_optimizer(config)
+        # Extra-argument support: the step passes key and learning_rate to every update.
+        self.optimizer = optax.with_extra_args_support(self.hooks.optimizer(make_optimizer(config)))
         # Stress needs a second derivative direction; skip it for all-molecule data.
         any_periodic = any(s.frame.is_periodic for s in self.train_samples + self.valid_samples)
         self.predictor = Predictor(self.model, compute_stress=any_periodic)
@@ -188,8 +191,8 @@ class Trainer:
             params = self.potential.init(key, first_batch)
             opt_state = self.optimizer.init(params)
         return {"params": params, "opt_state": opt_state,
-                "ema_params": params if self.config.training.ema_decay is not None else None,
-                "epoch": 0, "step": 0, "elapsed": 0.0, "best_valid_loss": float("inf"),
+                "ema_params": params if self.ema_decay is not None else None,
+                "collection": self.hooks.initial_collection(params), "epoch": 0, "step": 0, "elapsed": 0.0, "best_valid_loss": float("inf"),
                 "best_epoch": -1, "plateau_factor": 1.0, "plateau_best": float("inf"),
                 "plateau_bad_epochs": 0, "loss_stage": 1}
 
@@ -221,12 +224,12 @@ class Trainer:
 
     def _make_train_step(self):
         potential, loss_config, use_stress = self.potential, self.config.loss, self.use_stress
-        optimizer, ema_decay = self.optimizer, self.config.training.ema_decay
+        optimizer, ema_decay, hooks = self.optimizer, self.ema_decay, self.hooks
         gaussian_nll, uq = self.gaussian_nll, self.config.uncertainty
         # A shallow ensemble's per-member forces cost K backward passes; only when asked.
         member_derivatives = getattr(uq, "member_forces_in_training", False)
 
-        def step_fn(params, opt_state, ema_params, graph, learning_rate, step, loss_weights):
+        def step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights):
             def loss_fn(p):
                 outputs = potential.apply(p, graph, compute_forces=True, compute_stress=use_stress,
                                           member_derivatives=member_derivatives)
@@ -235,8 +238,11 @@ class Trainer:
                     terms.update(gaussian_nll_terms(outputs, graph, uq.beta))
                 return total_loss(terms, loss_weights), terms
 
-            (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            # IVON takes the gradient at a weight draw m + ε; other methods at the parameters.
+            gradient_params, update_args = hooks.perturb(params, opt_state, key)
+            (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(gradient_params)
+            updates, opt_state = optimizer.update(grads, opt_state, params, key=key,
+                                                  learning_rate=learning_rate, **update_args)
             params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
             if ema_params is not None:
                 # torch_ema's warm-up: the decay grows with the number of updates.
@@ -244,11 +250,23 @@ class Trainer:
                 ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
             return params, opt_state, ema_params, loss, terms
 
-        if self.members:
-            # Each member: own parameters, optimizer state and EMA; shared batch and schedule.
-            return ensemble.map_over_members(step_fn, n_member_args=3,
-                                             parallel=getattr(self.config.uncertainty, "parallel_members", None))
-        return step_fn
+        # A fresh key every step (and every member): samplers' noise is never reused.
+        base_key = jax.random.PRNGKey(self.config.seed + 7919)
+        members = self.members
+        if members:
+            # Each member: own parameters, optimizer state, EMA and noise; shared batch and schedule.
+            mapped = ensemble.map_over_members(step_fn, n_member_args=4,
+                                               parallel=getattr(self.config.uncertainty, "parallel_members", None))
+
+            def member_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights):
+                keys = jax.random.split(jax.random.fold_in(base_key, step.astype(jnp.uint32)), members)
+                return mapped(params, opt_state, ema_params, keys, graph, learning_rate, step, loss_weights)
+            return member_step
+
+        def single_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights):
+            key = jax.random.fold_in(base_key, step.astype(jnp.uint32))
+            return step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights)
+        return single_step
 
     # ---------------------------------------------------------------- run
     def run(self, resume: bool = False) -> dict:
@@ -284,13 +302,15 @@ class Trainer:
                 if self._nll_phase(progress) and not self._nll_phase(previous_progress):
                     self._start_nll(state, rows)
                 previous_progress = progress
-                lr = learning_rate_at(self.config, progress, state["plateau_factor"])
+                lr = self.hooks.learning_rate(learning_rate_at(self.config, progress, state["plateau_factor"]),
+                                              progress)
                 weights = {name: jnp.asarray(value, self.dtype)
                            for name, value in self.loss_weights(progress).items()}
                 params, opt_state, ema, loss, _ = self._train_step(
                     state["params"], state["opt_state"], state["ema_params"], graph,
                     jnp.asarray(lr, self.dtype), jnp.asarray(state["step"], self.dtype), weights)
                 state.update(params=params, opt_state=opt_state, ema_params=ema, step=state["step"] + 1)
+                state["collection"] = self.hooks.after_step(state["collection"], state, progress)
                 epoch_losses.append(loss)
                 if training.max_time is not None and time.monotonic() - start_time > training.max_time:
                     out_of_time = True
@@ -301,6 +321,8 @@ class Trainer:
                                 "training.optimizer.learning_rate or check the labels")
             state["epoch"] = epoch + 1
             state["elapsed"] = time.monotonic() - start_time
+            state["collection"] = self.hooks.after_epoch(state["collection"], state,
+                                                         self._progress(state, start_time))
             row = self._validate(state, train_loss, lr, self._progress(state, start_time))
             rows.append(row)
             _write_metrics(os.path.join(self.run_dir, "metrics.csv"), rows)
@@ -404,11 +426,17 @@ class Trainer:
                    "elapsed_s": round(state["elapsed"], 1), "stop_reason": stop_reason,
                    "best_epoch": state["best_epoch"], "best_valid_loss": state["best_valid_loss"]}
         best_params = checkpoint.load_pytree(os.path.join(self.run_dir, "best.msgpack"), state["params"])
+        # SWAG, Laplace, SG-MCMC, IVON: the posterior drawn now predicts from here on.
+        posterior = self.hooks.posterior(state, best_params)
+        if posterior is not None:
+            best_params = self._store_posterior(posterior)
+            summary["posterior"] = {"samples": sample_count(best_params), **posterior.details}
+        has_uncertainty = bool(self.members) or posterior is not None
         valid_predictions = self.predictor.predict(best_params, self.valid_samples,
                                                    self.config.training.eval_batch_size)
         summary["valid"] = compute_metrics(self.valid_samples, valid_predictions)
         predictor = self.predictor
-        if self.members:
+        if has_uncertainty:
             if self.config.uncertainty.recalibrate:
                 recalibration = fit_recalibration(self.valid_samples, valid_predictions)
                 before = uncertainty_metrics(self.valid_samples, valid_predictions)
@@ -429,7 +457,7 @@ class Trainer:
             test_predictions = predictor.predict(best_params, test_samples,
                                                  self.config.training.eval_batch_size)
             summary["test"] = compute_metrics(test_samples, test_predictions)
-            if self.members:
+            if has_uncertainty:
                 summary["test"].update(uncertainty_metrics(test_samples, test_predictions))
         if self.config.training.plots:
             plot_learning_curve(os.path.join(self.run_dir, "metrics.csv"),
@@ -438,6 +466,22 @@ class Trainer:
                         os.path.join(self.run_dir, "parity_valid.png"), "validation set, best model")
         checkpoint.write_json(os.path.join(self.run_dir, "summary.json"), summary)
         return summary
+
+
+    def _store_posterior(self, posterior) -> object:
+        """Write the posterior samples and a model.json that loads them; predict with them from now on."""
+        model_config = posterior.model_config or self.config.model
+        potential = Potential(model_config, self.statistics)
+        settings = self.config.uncertainty
+        self.model = PosteriorPotential(potential, method=settings.method, ddof=posterior.ddof,
+                                        parallel_samples=getattr(settings, "parallel_samples", None))
+        self.predictor = Predictor(self.model, self.predictor.compute_stress)
+        checkpoint.save_pytree(os.path.join(self.run_dir, checkpoint.POSTERIOR_FILE), posterior.params)
+        uncertainty = {"method": settings.method, "members": sample_count(posterior.params),
+                       "ddof": posterior.ddof, "posterior_file": checkpoint.POSTERIOR_FILE, **posterior.details}
+        checkpoint.write_json(os.path.join(self.run_dir, "model.json"),
+                              checkpoint.model_metadata(potential, uncertainty))
+        return posterior.params
 
 
 def train(config: RunConfig, resume: bool = False) -> dict:
