@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -33,7 +32,7 @@ import time
 
 import numpy as np
 
-from benchmark_common import cpu_model, setup
+from benchmark_common import cpu_model, replace_marked_section, run_with_budget, setup
 from benchmark_common import versions as peer_versions  # noqa: E402  (scripts/ is sys.path[0])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,29 +42,6 @@ E0_FILE = os.path.join(ROOT, "data", "ethanol_gfn2_e0s.json")
 # One architecture for both MACE implementations: the same as configs/benchmark_ethanol.yaml.
 MACE_ARCHITECTURE = {"r_max": 5.0, "num_channels": 32, "max_L": 1, "max_ell": 3, "correlation": 3,
                      "num_interactions": 2, "batch_size": 5, "lr": 0.01}
-
-
-def run_with_budget(command: list, budget_s: float, log_path: str, env=None, grace_s: float = 0.0) -> dict:
-    """Run ``command``; interrupt it when ``budget_s + grace_s`` seconds have passed."""
-    start = time.monotonic()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-        stopped = False
-        while process.poll() is None:
-            if time.monotonic() - start > budget_s + grace_s:
-                stopped = True
-                # SIGTERM, not SIGINT: a process started from a background job may ignore SIGINT.
-                os.killpg(process.pid, signal.SIGTERM)
-                try:  # a few seconds to exit cleanly; then it is killed
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-                break
-            time.sleep(0.5)
-    return {"wall_s": round(time.monotonic() - start, 1), "stopped_at_budget": stopped,
-            "returncode": process.returncode}
 
 
 def write_split(work_dir: str, train: str, valid: str, test: str) -> dict:
@@ -306,14 +282,11 @@ def write_report(results: dict, meta: dict) -> None:
                      f"{row['forces_mae_mev_per_a']:.1f} | {row['forces_rmse_mev_per_a']:.1f} | {ratio} |")
     section = "\n".join(lines)
     path = os.path.join(docs, "benchmarks.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
-    if begin in text and end in text:
-        text = text[:text.index(begin) + len(begin)] + "\n" + section + "\n" + text[text.index(end):]
-    else:
-        text += f"\n## Accuracy at equal wall-clock budget\n\n{begin}\n{section}\n{end}\n"
-    with open(path, "w") as stream:
-        stream.write(text)
+    if not os.path.exists(path):
+        with open(path, "w") as stream:
+            stream.write("# Benchmarks\n")
+    replace_marked_section(path, "<!-- accuracy:begin -->", "<!-- accuracy:end -->", section,
+                           "Accuracy at equal wall-clock budget")
 
 
 def main(argv=None) -> None:

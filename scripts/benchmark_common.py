@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the peers' pinned venvs (mace-torch, apax) and machine facts.
+"""What the benchmark scripts share: peers' pinned venvs, machine facts, budgeted runs, doc sections.
 
 Standard library only: the benchmark scripts import it in every venv they run in.
 """
@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import time
 
 PEER_VERSIONS = {"torch": "2.13.0", "mace-torch": "0.3.16", "apax": "0.14.0"}
 
@@ -43,14 +45,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def versions(peer_dir: str) -> dict:
-    """Installed versions of the packages that matter, in mlip's venv and each peer's."""
+def versions(peer_dir: str | None = None) -> dict:
+    """Installed versions of the packages that matter, in mlip's venv and each peer's (none without peer_dir)."""
     found = {}
-    for name, python, packages in (("mlip", sys.executable, ["jax", "jaxlib", "e3nn-jax", "flax", "ase"]),
-                                   ("mace", os.path.join(peer_dir, "mace-venv", "bin", "python"),
-                                    ["mace-torch", "torch", "e3nn", "ase"]),
-                                   ("apax", os.path.join(peer_dir, "apax-venv", "bin", "python"),
-                                    ["apax", "jax", "ase"])):
+    venvs = [("mlip", sys.executable, ["jax", "jaxlib", "e3nn-jax", "flax", "ase"])]
+    if peer_dir is not None:
+        venvs += [("mace", os.path.join(peer_dir, "mace-venv", "bin", "python"), ["mace-torch", "torch", "e3nn", "ase"]),
+                  ("apax", os.path.join(peer_dir, "apax-venv", "bin", "python"), ["apax", "jax", "ase"])]
+    for name, python, packages in venvs:
         if not os.path.exists(python):
             continue
         code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
@@ -62,3 +64,42 @@ def versions(peer_dir: str) -> dict:
         except subprocess.CalledProcessError:
             pass
     return found
+
+
+def run_with_budget(command: list, budget_s: float, log_path: str, env=None, grace_s: float = 0.0,
+                    cwd: str | None = None) -> dict:
+    """Run ``command``; interrupt it when ``budget_s + grace_s`` seconds have passed."""
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                   start_new_session=True)
+        stopped = False
+        while process.poll() is None:
+            if time.monotonic() - start > budget_s + grace_s:
+                stopped = True
+                # SIGTERM, not SIGINT: a process started from a background job may ignore SIGINT.
+                os.killpg(process.pid, signal.SIGTERM)
+                try:  # a few seconds to exit cleanly; then it is killed
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                break
+            time.sleep(0.5)
+    return {"wall_s": round(time.monotonic() - start, 1), "stopped_at_budget": stopped,
+            "returncode": process.returncode}
+
+
+def replace_marked_section(path: str, begin: str, end: str, section: str, heading: str) -> None:
+    """Put ``section`` between the markers ``begin`` and ``end`` of the Markdown file ``path``.
+
+    Where the file or the markers are missing, a new ``## heading`` with the markers is
+    appended; the rest of the file is kept as it is.
+    """
+    text = open(path).read() if os.path.exists(path) else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin) + len(begin)] + "\n" + section + "\n" + text[text.index(end):]
+    else:
+        text += f"\n## {heading}\n\n{begin}\n{section}\n{end}\n"
+    with open(path, "w") as stream:
+        stream.write(text)
