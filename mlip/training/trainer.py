@@ -239,8 +239,18 @@ class Trainer:
                 return total_loss(terms, loss_weights), terms
 
             # IVON takes the gradient at a weight draw m + ε; other methods at the parameters.
-            gradient_params, update_args = hooks.perturb(params, opt_state, key)
-            (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(gradient_params)
+            def gradient_at_draw(draw_key):
+                gradient_params, draw_args = hooks.perturb(params, opt_state, draw_key)
+                (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(gradient_params)
+                return loss, terms, grads, draw_args
+
+            if hooks.gradient_draws == 1:
+                loss, terms, grads, update_args = gradient_at_draw(key)
+            else:  # several draws, one after another (memory of one backward pass)
+                loss, terms, grads, draw_args = jax.lax.map(
+                    gradient_at_draw, jax.random.split(key, hooks.gradient_draws))
+                loss, terms = jax.tree.map(lambda x: x.mean(axis=0), (loss, terms))
+                grads, update_args = hooks.combine_draws(grads, draw_args)
             updates, opt_state = optimizer.update(grads, opt_state, params, key=key,
                                                   learning_rate=learning_rate, **update_args)
             params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)

@@ -27,6 +27,7 @@ import dataclasses
 import importlib
 from typing import Any, Optional
 
+import jax
 import optax
 
 _HOOKS: dict = {}
@@ -73,6 +74,9 @@ class MethodHooks:
 
     training_members: Optional[int] = None
     uses_ema: bool = True
+    # Weight draws per step (IVON's mc_samples): `perturb` is called with one key per draw
+    # and `combine_draws` reduces the S gradients and update arguments to one.
+    gradient_draws: int = 1
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -84,6 +88,11 @@ class MethodHooks:
     def perturb(self, params: Any, opt_state: Any, key) -> tuple[Any, dict]:
         """(parameters to take the gradient at, extra keyword arguments for ``update``)."""
         return params, {}
+
+    def combine_draws(self, grads: Any, update_args: dict) -> tuple[Any, dict]:
+        """Gradients and update arguments of ``gradient_draws`` draws (leading axis S) → one step's."""
+        mean = lambda tree: jax.tree.map(lambda leaf: leaf.mean(axis=0), tree)  # noqa: E731
+        return mean(grads), mean(update_args)
 
     def learning_rate(self, learning_rate: float, progress: float) -> float:
         return learning_rate
