@@ -279,10 +279,19 @@ class SGMCMCConfig(PosteriorSamplingSettings):
     """Stochastic-gradient MCMC (METHODS.md §4.8): chains that sample the posterior while training.
 
     ``chains`` independently initialised chains run together (stacked like deep-ensemble
-    members). The gradient of Ũ = N·loss + ½ prior_precision·|θ|², scaled by 1/temperature,
-    drives SGLD or SGHMC (RMSprop-preconditioned when ``preconditioned``) with injected
-    Gaussian noise. After ``burn_in_fraction`` of the run, ``samples_per_chain`` evenly
-    spaced states of every chain are kept; all of them form the posterior.
+    members, each with its own noise). They sample exp(−Ũ/T) with Ũ = N·loss +
+    ½ prior_precision·|θ|² (N training structures, loss the batch mean of the ``loss:``
+    section) by SGLD or SGHMC, RMSprop-preconditioned when ``preconditioned``; the
+    temperature T scales the injected noise. Replaces ``training.optimizer`` except its
+    ``learning_rate`` α, and the schedule still applies (cosine or constant).
+
+    Step size: the Langevin step is η = α/N for SGLD and η = friction·α/N for SGHMC, so
+    the deterministic part of either is a plain gradient step of size α on the mean
+    loss (SGHMC: its velocity at steady drift), and α keeps the meaning it has for
+    other optimizers (with preconditioning, an RMSprop step; Adam-like rates work).
+    After ``burn_in_fraction`` of the run, ``samples_per_chain`` evenly spaced states of
+    every chain are kept (at most one per epoch; the last ones if the run outlasts the
+    plan); all chains × samples form the posterior.
     """
 
     method: Literal["sgmcmc"] = "sgmcmc"
@@ -291,6 +300,10 @@ class SGMCMCConfig(PosteriorSamplingSettings):
     temperature: PositiveFloat = Field(1.0, description="T < 1: cold posterior")
     friction: float = Field(0.05, gt=0.0, le=1.0, description="SGHMC momentum decay a per step")
     preconditioned: bool = True
+    preconditioner_decay: float = Field(
+        0.999, ge=0.0, lt=1.0, description="β of the RMSprop average; slow (near 1) keeps G nearly constant")
+    preconditioner_epsilon: PositiveFloat = Field(
+        1e-5, description="ε in G = 1/(ε + sqrt(V)), mean-loss gradient units; caps G (and the noise) at 1/ε")
     prior_precision: NonNegativeFloat = Field(1.0, description="Gaussian prior precision on every parameter")
     burn_in_fraction: float = Field(0.5, ge=0.0, lt=1.0)
     samples_per_chain: int = Field(5, ge=1, le=100)
