@@ -227,6 +227,12 @@ def test_shallow_ensemble_members_match_their_mean(shallow_model):
         members = np.asarray(outputs[f"{name}_members"])
         np.testing.assert_allclose(predicted[f"{name}_std"], members.std(0, ddof=1), rtol=1e-8, atol=1e-12)
     assert np.all(np.asarray(predicted["forces_std"])[np.asarray(graph.node_mask)] > 0)
+    # apply_mean (what MD calls): the same means from one backward pass per sample.
+    mean_apply = jax.jit(lambda p, g: PosteriorPotential(potential, "shallow_ensemble").apply_mean(p, g, True, True))
+    means = mean_apply(stack_samples([params, params]), graph)
+    assert set(means) == {"energy", "node_energy", "forces", "stress"}
+    for name in ("energy", "forces", "stress"):
+        np.testing.assert_allclose(means[name], predicted[name], rtol=1e-10, atol=1e-12)
 
 
 def test_shallow_ensemble_with_identical_heads_has_zero_spread_and_keeps_it(shallow_model):

@@ -346,9 +346,13 @@ def _force_function(program: _Program, ensemble: Ensemble, params, template):
     compute_stress = ensemble.changes_cell
     potential = program.potential
 
+    # A posterior moves atoms by its mean forces; σ is not needed per step, and for K
+    # readouts on one backbone the mean forces cost one backward pass instead of K.
+    apply = getattr(potential, "apply_mean", potential.apply)
+
     def evaluate(positions, cell):
         graph = template.replace(positions=positions, cell=template.cell.at[0].set(cell))
-        outputs = potential.apply(params, graph, True, compute_stress)
+        outputs = apply(params, graph, True, compute_stress)
         stress = outputs["stress"][0] if compute_stress else jnp.zeros((3, 3), positions.dtype)
         return outputs["energy"][0], outputs["forces"], stress
 

@@ -235,6 +235,19 @@ class PosteriorPotential:
                               posterior_params, self.parallel_samples)
         return flatten_members(outputs)
 
+    def apply_mean(self, posterior_params: Any, graph, compute_forces: bool = True,
+                   compute_stress: bool = False) -> dict:
+        """Only the posterior mean of energy, node energies, forces and stress (no σ).
+
+        What MD needs: for readout members (shallow ensemble, Laplace) the mean forces are
+        the derivative of the mean energy, one backward pass instead of K.
+        """
+        outputs = map_samples(lambda params: self.potential.apply(params, graph, compute_forces, compute_stress,
+                                                                  member_derivatives=False),
+                              posterior_params, self.parallel_samples)
+        return {name: jnp.mean(outputs[name], axis=0)
+                for name in ("energy", "node_energy", "forces", "stress") if name in outputs}
+
     def apply(self, posterior_params: Any, graph, compute_forces: bool = True,
               compute_stress: bool = False) -> dict:
         """Posterior mean under the keys of `Potential.apply` plus standard deviations.
