@@ -106,7 +106,9 @@ def command_evaluate(args) -> int:
 
         metrics["uncertainty_method"] = potential.method
         metrics["posterior_samples"] = potential.prediction_count(params)  # shallow ensemble: its K readouts
-        metrics.update(uncertainty_metrics(samples, predictions))
+        from mlip.training.checkpoint import read_interval_quantiles
+
+        metrics.update(uncertainty_metrics(samples, predictions, read_interval_quantiles(args.run_dir)))
     rows = [("frames", str(metrics["n_frames"]))]
     for key, label, factor, unit in (("energy_mae_per_atom", "energy MAE", 1000, "meV/atom"),
                                      ("energy_rmse_per_atom", "energy RMSE", 1000, "meV/atom"),
@@ -151,6 +153,10 @@ def _uncertainty_rows(metrics: dict) -> list:
                      f"ENCE {metrics[f'{name}_ence']:.3f}, 95 % coverage {metrics[f'{name}_coverage_95']:.3f}, "
                      f"Spearman {'-' if spearman is None else f'{spearman:.3f}'}, "
                      f"RMV {metrics[f'{name}_rmv']:.3g} {unit}"))
+        if f"{name}_interval_miscalibration_area" in metrics:
+            rows.append((f"{name} intervals", "isotonically recalibrated: miscalibration area "
+                         f"{metrics[f'{name}_interval_miscalibration_area']:.3f}, 95 % coverage "
+                         f"{metrics[f'{name}_interval_coverage_95']:.3f}"))
     return rows
 
 

@@ -57,6 +57,24 @@ def test_recalibration_recovers_the_scale_and_reduces_nll():
         assert calibration.gaussian_nll(errors, factor * scale * overconfident) > after
 
 
+def test_interval_recalibration_calibrates_heavy_tailed_errors():
+    """Student-t errors with σ = their scale: variance scaling cannot fix the shape, quantiles can."""
+    rng = np.random.default_rng(5)
+    sigma = rng.uniform(0.1, 1.0, 40_000)
+    errors = sigma * rng.standard_t(df=3, size=sigma.size)
+    fit, held_out = slice(0, 20_000), slice(20_000, None)
+    scale = calibration.fit_variance_scale(errors[fit], sigma[fit])
+    gaussian_area = calibration.miscalibration_area(errors[held_out], scale * sigma[held_out])
+    quantiles = calibration.fit_interval_quantiles(errors[fit], scale * sigma[fit])
+    assert gaussian_area > 0.05
+    assert calibration.interval_miscalibration_area(errors[held_out], scale * sigma[held_out], quantiles) < 0.01
+    assert calibration.interval_coverage_recalibrated(errors[held_out], scale * sigma[held_out],
+                                                      quantiles) == pytest.approx(0.95, abs=0.01)
+    # For Gaussian errors the fitted half-widths are the Gaussian ones.
+    gaussian = calibration.fit_interval_quantiles(rng.normal(size=50_000), np.ones(50_000))
+    assert calibration.interval_half_width(gaussian, 0.95) == pytest.approx(1.96, abs=0.03)
+
+
 def test_ence_and_spearman_on_hand_made_cases():
     # Two bins: σ = 1 with errors ±1 (RMSE 1), σ = 2 with errors ±1 (RMSE 1): (0 + 0.5) / 2.
     errors = np.array([1.0, -1.0, 1.0, -1.0])
@@ -234,6 +252,7 @@ def test_deep_ensemble_run_stores_members_and_recalibration(ensemble_run):
     assert model["uncertainty"] == {"method": "deep_ensemble", "members": 3, "ddof": 1}
     calibration_file = json.load(open(os.path.join(ensemble_run, "calibration.json")))
     assert set(calibration_file["scale"]) == {"energy", "forces", "stress"}
+    assert len(calibration_file["interval_quantiles"]["forces"]) == 101
     assert all(s > 0 for s in calibration_file["scale"].values())
     summary = json.load(open(os.path.join(ensemble_run, "summary.json")))
     for split in ("valid", "test"):
@@ -257,7 +276,8 @@ def test_evaluate_reports_uncertainty_with_csv_and_plot(ensemble_run, emt_file, 
     assert main(["evaluate", ensemble_run, f"{emt_file}@12:", "--json", str(out), "--plot", str(plot)]) == 0
     metrics = json.loads(out.read_text())
     for key in ("energy_nll", "forces_nll", "forces_miscalibration_area", "forces_spearman",
-                "energy_spearman", "forces_ence", "forces_coverage_95", "stress_nll", "forces_mae"):
+                "energy_spearman", "forces_ence", "forces_coverage_95", "stress_nll", "forces_mae",
+                "forces_interval_miscalibration_area", "forces_interval_coverage_95"):
         assert key in metrics, key
     assert metrics["uncertainty_method"] == "deep_ensemble" and metrics["posterior_samples"] == 3
     summary = json.load(open(os.path.join(ensemble_run, "summary.json")))

@@ -161,6 +161,15 @@ def read_recalibration(run_dir: str):
         raise CheckpointError(f"{path}: not a readable calibration file ({error!r})") from None
 
 
+def read_interval_quantiles(run_dir: str) -> dict | None:
+    """name -> quantiles of |e|/σ for isotonically recalibrated intervals, or None (older runs, no labels)."""
+    path = os.path.join(run_dir, CALIBRATION_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as stream:
+        return json.load(stream).get("interval_quantiles")
+
+
 def dummy_graph(atomic_numbers):
     """A small molecule holding each known element once: enough to initialise parameters."""
     from mlip.data.batching import build_sample, pack_samples

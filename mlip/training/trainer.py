@@ -49,7 +49,8 @@ from mlip.training.config import RunConfig, save_config
 from mlip.training.evaluation import Predictor, compute_metrics, loss_from_metrics, parity_plot
 from mlip.training.loss import gaussian_nll_terms, loss_terms, total_loss
 from mlip.uq import ensemble
-from mlip.uq.evaluation import fit_recalibration, recalibrate_predictions, uncertainty_metrics
+from mlip.uq.evaluation import (fit_interval_recalibration, fit_recalibration, recalibrate_predictions,
+                                uncertainty_metrics)
 from mlip.uq.methods import hooks_for
 from mlip.uq.posterior import PosteriorPotential, sample_count
 
@@ -451,10 +452,13 @@ class Trainer:
                 recalibration = fit_recalibration(self.valid_samples, valid_predictions)
                 before = uncertainty_metrics(self.valid_samples, valid_predictions)
                 valid_predictions = recalibrate_predictions(valid_predictions, recalibration)
+                # Intervals ±Q(c)·σ whose coverage is calibrated whatever the error shape.
+                interval_quantiles = fit_interval_recalibration(self.valid_samples, valid_predictions)
                 checkpoint.write_recalibration(self.run_dir, recalibration, {
                     "method": "variance_scaling", "fitted_on": "validation", "checkpoint": "best",
                     "n_frames": len(self.valid_samples),
-                    "valid_nll_before": {k: v for k, v in before.items() if k.endswith("_nll")}})
+                    "valid_nll_before": {k: v for k, v in before.items() if k.endswith("_nll")},
+                    "interval_quantiles": interval_quantiles})
                 summary["recalibration"] = recalibration.to_json()
                 predictor = Predictor(self.model.with_recalibration(recalibration), predictor.compute_stress)
             summary["valid"].update(uncertainty_metrics(self.valid_samples, valid_predictions))
@@ -468,7 +472,8 @@ class Trainer:
                                                  self.config.training.eval_batch_size)
             summary["test"] = compute_metrics(test_samples, test_predictions)
             if has_uncertainty:
-                summary["test"].update(uncertainty_metrics(test_samples, test_predictions))
+                summary["test"].update(uncertainty_metrics(test_samples, test_predictions,
+                                                           checkpoint.read_interval_quantiles(self.run_dir)))
         if self.config.training.plots:
             plot_learning_curve(os.path.join(self.run_dir, "metrics.csv"),
                                 os.path.join(self.run_dir, "learning_curve.png"))

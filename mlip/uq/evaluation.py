@@ -68,16 +68,25 @@ def _finite_or_none(value: float) -> Optional[float]:
     return value if math.isfinite(value) else None  # JSON has no NaN
 
 
-def uncertainty_metrics(samples: Sequence, predictions: Sequence[dict]) -> dict:
+def uncertainty_metrics(samples: Sequence, predictions: Sequence[dict],
+                        interval_quantiles: Optional[dict] = None) -> dict:
     """NLL, miscalibration area, ENCE, 95 % coverage, RMV and Spearman ρ per output.
 
     Keys are ``<name>_nll``, ``<name>_miscalibration_area``, ``<name>_ence``,
     ``<name>_coverage_95``, ``<name>_rmv`` (root mean predicted variance) and
     ``<name>_spearman`` (per structure; None where undefined, e.g. a constant σ),
-    for name in energy, forces, stress where labels exist.
+    for name in energy, forces, stress where labels exist. With ``interval_quantiles``
+    (from `fit_interval_recalibration` on other data) also ``<name>_interval_miscalibration_area``
+    and ``<name>_interval_coverage_95`` of the isotonically recalibrated intervals ±Q(c)·σ.
     """
     metrics = {}
     for name, (errors, sigma) in paired_errors(samples, predictions).items():
+        if interval_quantiles and interval_quantiles.get(name) is not None:
+            quantiles = interval_quantiles[name]
+            metrics[f"{name}_interval_miscalibration_area"] = calibration.interval_miscalibration_area(
+                errors, sigma, quantiles)
+            metrics[f"{name}_interval_coverage_95"] = calibration.interval_coverage_recalibrated(
+                errors, sigma, quantiles, COVERAGE_LEVEL)
         metrics[f"{name}_nll"] = calibration.gaussian_nll(errors, sigma)
         metrics[f"{name}_miscalibration_area"] = calibration.miscalibration_area(errors, sigma)
         metrics[f"{name}_ence"] = calibration.ence(errors, sigma, _n_bins(errors.size))
@@ -96,6 +105,12 @@ def fit_recalibration(samples: Sequence, predictions: Sequence[dict]) -> Recalib
     scales = {name: calibration.fit_variance_scale(errors, sigma)
               for name, (errors, sigma) in paired_errors(samples, predictions).items()}
     return Recalibration(**scales)
+
+
+def fit_interval_recalibration(samples: Sequence, predictions: Sequence[dict]) -> dict:
+    """name -> quantiles of |e|/σ (`calibration.fit_interval_quantiles`), from recalibrated predictions."""
+    return {name: calibration.fit_interval_quantiles(errors, sigma).tolist()
+            for name, (errors, sigma) in paired_errors(samples, predictions).items()}
 
 
 def recalibrate_predictions(predictions: Sequence[dict], recalibration: Recalibration) -> list[dict]:
