@@ -129,6 +129,15 @@ def test_bayesian_linear_regression_mean_and_variance_approach_mean_field_poster
     np.testing.assert_allclose(np.asarray(posterior_std(state.hessian, n, wd)["w"]), mean_field_std, rtol=0.05)
 
 
+def test_shipped_config_loads():
+    from mlip.training.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, "configs", "uncertainty_ivon.yaml"), ["data.train=other.xyz@0:10"])
+    assert config.uncertainty.method == "ivon" and config.training.ema_decay is None
+    assert config.data.train == "other.xyz@0:10"
+
+
 # ---------------------------------------------------------------- end to end
 
 
