@@ -129,6 +129,20 @@ def test_bayesian_linear_regression_mean_and_variance_approach_mean_field_poster
     np.testing.assert_allclose(np.asarray(posterior_std(state.hessian, n, wd)["w"]), mean_field_std, rtol=0.05)
 
 
+def test_state_survives_a_checkpoint_round_trip(tmp_path):
+    from mlip.training import checkpoint
+    from mlip.uq.ivon import ivon
+
+    optimizer = ivon(10.0)
+    params = _tree(np.arange(10.0))
+    _, state = optimizer.update(_tree(np.ones(10)), optimizer.init(params), params, noise=_tree(np.full(10, 0.1)))
+    path = str(tmp_path / "last.msgpack")
+    checkpoint.save_pytree(path, {"opt_state": state})
+    restored = checkpoint.load_pytree(path, {"opt_state": optimizer.init(params)})["opt_state"]
+    assert type(restored).__name__ == "IVONState" and int(restored.count) == 1
+    np.testing.assert_array_equal(_flat(restored.hessian), _flat(state.hessian))
+
+
 def test_shipped_config_loads():
     from mlip.training.config import load_config
 

@@ -144,6 +144,9 @@ class IVONHooks(MethodHooks):
     ``clip_grad_norm`` (which clips g in the momentum, not in ĥ) apply; Adam's
     moments, amsgrad and weight decay do not (δ is ``uncertainty.weight_decay``).
 
+    ``mc_samples`` > 1: the trainer takes that many draws per step (`gradient_draws`) and
+    `combine_draws` averages g and ε ⊙ g over them, as the reference's Welford means.
+
     No EMA: h describes the spread around IVON's own m, and an average of m over the
     trajectory would pair that spread with another mean; the reference keeps none.
     Validation and the best checkpoint therefore use m itself.
