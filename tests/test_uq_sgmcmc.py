@@ -137,29 +137,12 @@ def test_posterior_without_collected_states_names_the_setting():
 def _config(emt_file, run_dir):
     return {"run_dir": str(run_dir), "seed": 3,
             "data": {"train": f"{emt_file}@0:8", "valid": f"{emt_file}@8:12"},
-            "model": {"backbone": {"num_channels": 4, "max_ell": 2, "correlation": 2, "radial_mlp": [8],
+            "model": {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8],
                                    "r_max": 3.0, "num_interactions": 1}},
             "training": {"max_epochs": 4, "batch_size": 4, "progress_bar": False, "plots": False,
                          "optimizer": {"learning_rate": 0.005}, "schedule": {"name": "constant"}},
             "uncertainty": {"method": "sgmcmc", "chains": 2, "burn_in_fraction": 0.5, "samples_per_chain": 2,
                             "temperature": 0.1}}
-
-
-def test_chains_get_their_own_noise_in_the_trainer(emt_file, tmp_path):
-    from mlip.training.config import config_from_dict
-    from mlip.training.trainer import Trainer
-
-    trainer = Trainer(config_from_dict(_config(emt_file, tmp_path / "run")))
-    state = trainer.initial_state()
-    # Both chains start from chain 0's parameters: only the noise can tell them apart.
-    same = jax.tree.map(lambda leaf: jnp.stack([leaf[0], leaf[0]]), state["params"])
-    opt_state = jax.vmap(trainer.optimizer.init)(same)
-    graph, _ = next(trainer.train_batches.batches(None))
-    weights = {name: jnp.asarray(value, trainer.dtype) for name, value in trainer.loss_weights(0.0).items()}
-    params, *_ = trainer._train_step(same, opt_state, None, graph, jnp.asarray(0.005, trainer.dtype),
-                                     jnp.asarray(0, trainer.dtype), weights)
-    differences = [float(jnp.max(jnp.abs(leaf[0] - leaf[1]))) for leaf in jax.tree.leaves(params)]
-    assert min(differences) > 0
 
 
 def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
@@ -191,3 +174,21 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     atoms.get_potential_energy()
     assert atoms.calc.results["energy_std"] > 0
     assert np.all(atoms.calc.results["forces_std"] > 0)
+
+
+def test_chains_get_their_own_noise_in_the_trainer(emt_file, tmp_path):
+    # After the end-to-end test: the same config compiles the same train step (persistent cache).
+    from mlip.training.config import config_from_dict
+    from mlip.training.trainer import Trainer
+
+    trainer = Trainer(config_from_dict(_config(emt_file, tmp_path / "run")))
+    state = trainer.initial_state()
+    # Both chains start from chain 0's parameters: only the noise can tell them apart.
+    same = jax.tree.map(lambda leaf: jnp.stack([leaf[0], leaf[0]]), state["params"])
+    opt_state = jax.vmap(trainer.optimizer.init)(same)
+    graph, _ = next(trainer.train_batches.batches(None))
+    weights = {name: jnp.asarray(value, trainer.dtype) for name, value in trainer.loss_weights(0.0).items()}
+    params, *_ = trainer._train_step(same, opt_state, None, graph, jnp.asarray(0.005, trainer.dtype),
+                                     jnp.asarray(0, trainer.dtype), weights)
+    differences = [float(jnp.max(jnp.abs(leaf[0] - leaf[1]))) for leaf in jax.tree.leaves(params)]
+    assert min(differences) > 0
