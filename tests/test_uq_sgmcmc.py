@@ -163,6 +163,19 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["posterior"]["samples"] == 4 and summary["posterior"]["sampler"] == "sghmc"
 
+    # The collection lives in last.msgpack: a resumed, longer run goes on collecting into the
+    # ring (epochs 2, 4 kept; spacing 2 → epoch 6 replaces epoch 2's states).
+    from mlip.training.checkpoint import load_pytree_raw
+
+    first = load_pytree_raw(os.path.join(run_dir, "posterior.msgpack"))
+    assert main(["train", "--resume", run_dir, "--set", "training.max_epochs=6"]) == 0
+    assert int(load_pytree_raw(os.path.join(run_dir, "last.msgpack"))["collection"]["collected"]) == 3
+    second = load_pytree_raw(os.path.join(run_dir, "posterior.msgpack"))
+    first_leaf, second_leaf = (np.asarray(jax.tree.leaves(tree)[0]) for tree in (first, second))
+    # Chain-major [chain0: slot0, slot1, chain1: slot0, slot1]: slot 0 (epoch 2 → 6) changed, slot 1 kept.
+    np.testing.assert_array_equal(first_leaf[[1, 3]], second_leaf[[1, 3]])
+    assert not np.array_equal(first_leaf[[0, 2]], second_leaf[[0, 2]])
+
     out = tmp_path / "test.json"
     assert main(["evaluate", run_dir, f"{emt_file}@12:", "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())
