@@ -162,7 +162,7 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     samples = 3
     config = {"run_dir": str(tmp_path / "run"), "seed": 2,
               "data": {"train": f"{emt_file}@0:8", "valid": f"{emt_file}@8:12"},
-              "model": {"backbone": {"num_channels": 4, "max_ell": 2, "correlation": 2, "radial_mlp": [8],
+              "model": {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8],
                                      "r_max": 3.0, "num_interactions": 1}},
               "training": {"max_epochs": 2, "batch_size": 4, "progress_bar": False, "plots": False,
                            "optimizer": {"learning_rate": 0.05, "clip_grad_norm": 10.0},

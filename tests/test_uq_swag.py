@@ -157,7 +157,7 @@ def test_collects_by_epoch_or_every_n_steps_after_start_fraction_only():
 def _write_config(tmp_path, emt_file, name, max_epochs=4):
     config = {"run_dir": str(tmp_path / name), "seed": 2,
               "data": {"train": f"{emt_file}@0:8", "valid": f"{emt_file}@8:12"},
-              "model": {"backbone": {"num_channels": 4, "max_ell": 2, "correlation": 2, "radial_mlp": [8],
+              "model": {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8],
                                      "r_max": 3.0, "num_interactions": 1}},
               "training": {"max_epochs": max_epochs, "batch_size": 4, "progress_bar": False, "plots": False,
                            "schedule": {"name": "cosine", "warmup_fraction": 0.0}},
