@@ -20,6 +20,11 @@ Gaussian (`mlip.training.loss.gaussian_nll_terms`); validation and best-checkpoi
 selection then use the NLL. When an MVE run switches, its variance offset is set to
 the last validation errors so σ starts near the error (METHODS.md §4.3).
 
+``swag``, ``laplace``, ``sgmcmc`` and ``ivon`` change the run through their
+`mlip.uq.methods.MethodHooks` (optimizer, weight draws, learning rate, state collected
+after each step or epoch) and after the last epoch leave a posterior of parameter
+samples (``posterior.msgpack``) that predicts from then on.
+
 Determinism: shuffling uses ``seed + epoch`` and parameters depend only on the seed,
 so a run killed and resumed from ``last.msgpack`` ends where an uninterrupted run
 would (for runs limited by epochs, not by wall-clock time).
@@ -193,7 +198,8 @@ class Trainer:
             opt_state = self.optimizer.init(params)
         return {"params": params, "opt_state": opt_state,
                 "ema_params": params if self.ema_decay is not None else None,
-                "collection": self.hooks.initial_collection(params), "epoch": 0, "step": 0, "elapsed": 0.0, "best_valid_loss": float("inf"),
+                "collection": self.hooks.initial_collection(params),  # SWAG moments, MCMC samples
+                "epoch": 0, "step": 0, "elapsed": 0.0, "best_valid_loss": float("inf"),
                 "best_epoch": -1, "plateau_factor": 1.0, "plateau_best": float("inf"),
                 "plateau_bad_epochs": 0, "loss_stage": 1}
 
