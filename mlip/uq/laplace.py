@@ -216,7 +216,8 @@ def fit_last_layer_posterior(statistics: dict, mean: np.ndarray,
 
 def readout_ensemble(params: Any, layer: LastLayer, draws: np.ndarray) -> Any:
     """Parameters of a K-readout (shallow-ensemble) head: the energy head K times, last layer from ``draws`` [K, d]."""
-    members = [layer.with_vector(params, jnp.asarray(w, layer.vector(params).dtype)) for w in draws]
+    dtype = layer.vector(params).dtype
+    members = [layer.with_vector(params, jnp.asarray(w, dtype)) for w in draws]
     stacked_heads = stack_samples([member["head"] for member in members])
     return {**params, "head": {"readouts": stacked_heads}}
 
@@ -252,10 +253,9 @@ class LaplaceHooks(MethodHooks):
     """Ordinary training; after the last epoch, the last-layer posterior of the best model."""
 
     def posterior(self, state: dict, best_params: Any) -> Posterior:
+        # Heads other than `energy` are refused by the config (mve, shallow_ensemble need
+        # their own methods) and by `LastLayer.of`.
         trainer = self.trainer
-        if trainer.config.model.head.name != "energy":
-            raise ConfigError("uncertainty.method 'laplace' needs model.head.name 'energy', "
-                              f"got '{trainer.config.model.head.name}'")
         batches = (graph for graph, _ in trainer.train_batches.batches(None))
         posterior, _ = laplace_posterior(trainer.potential, best_params, batches, self.settings.samples,
                                          trainer.config.seed, self.settings.prior_precision)
