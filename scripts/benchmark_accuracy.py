@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from benchmark_common import cpu_model, replace_marked_section, run_with_budget, setup
+from benchmark_common import cpu_model, replace_marked_section, run_with_budget, setup, small_backbone
 from benchmark_common import versions as peer_versions  # noqa: E402  (scripts/ is sys.path[0])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,11 +109,26 @@ def predict(kind: str, python: str, model: str, test_path: str, work_dir: str) -
 
 
 # ---------------------------------------------------------------- mlip
-def train_mlip(split: dict, work_dir: str, budget_s: float) -> dict:
+def small_config(work_dir: str) -> str:
+    """configs/benchmark_ethanol.yaml with the backbone of configs/small.yaml (same training)."""
+    import yaml
+
+    with open(os.path.join(ROOT, "configs", "benchmark_ethanol.yaml")) as stream:
+        config = yaml.safe_load(stream)
+    config["model"]["backbone"] = small_backbone()
+    path = os.path.join(work_dir, "benchmark_ethanol_small.yaml")
+    with open(path, "w") as stream:
+        yaml.safe_dump(config, stream)
+    return path
+
+
+def train_mlip(split: dict, work_dir: str, budget_s: float, small: bool = False) -> dict:
+    """mlip with configs/benchmark_ethanol.yaml, or (small) its training with configs/small.yaml's model."""
     start = time.monotonic()
-    run_dir = os.path.join(work_dir, "mlip_run")
+    name = "mlip-small" if small else "mlip"
+    run_dir = os.path.join(work_dir, f"{name}_run")
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = os.path.join(ROOT, "configs", "benchmark_ethanol.yaml")
+    config = small_config(work_dir) if small else os.path.join(ROOT, "configs", "benchmark_ethanol.yaml")
     # mlip stops itself on time (training.max_time counts from the start of its training
     # loop); 20 s are left for start-up and data loading, the rest of the budget is the
     # same hard limit every framework gets.
@@ -121,7 +136,7 @@ def train_mlip(split: dict, work_dir: str, budget_s: float) -> dict:
                "--set", f"run_dir={run_dir}", "--set", f"data.train={split['train']}",
                "--set", f"data.valid={split['valid']}", "--set", f"training.max_time={budget_s - 20}",
                "--set", "training.progress_bar=false"]
-    result = run_with_budget(command, budget_s, os.path.join(work_dir, "mlip_train.log"), grace_s=60)
+    result = run_with_budget(command, budget_s, os.path.join(work_dir, f"{name}_train.log"), grace_s=60)
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     # Training ends at start-up + max_time; the rest of wall_s is mlip's own final
     # evaluation and plots, which the peers do outside their budget.
@@ -250,12 +265,13 @@ def versions(peer_dir: str) -> dict:
     return {"python": platform.python_version(), **peer_versions(peer_dir)}
 
 
-def write_report(results: dict, meta: dict) -> None:
+def write_report(results: dict, meta: dict, section: str, json_path: str) -> None:
     docs = os.path.join(ROOT, "docs")
     os.makedirs(docs, exist_ok=True)
-    with open(os.path.join(docs, "benchmark_accuracy.json"), "w") as stream:
+    with open(json_path, "w") as stream:
         json.dump({"meta": meta, "results": results}, stream, indent=2)
-    ours = results.get("mlip", {}).get("forces_mae_mev_per_a")
+    reference = "mlip" if "mlip" in results else "mlip-small"
+    ours = results.get(reference, {}).get("forces_mae_mev_per_a")
     lines = [
         f"Run on {meta['date']}, {meta['cpu']} ({meta['cores']} cores), budget {meta['budget_s']:.0f} s "
         f"of wall-clock per framework (process start to stop, compilation included).",
@@ -266,10 +282,11 @@ def write_report(results: dict, meta: dict) -> None:
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         "",
         "| framework | model | params | epochs | training wall s | test E MAE meV/atom | E RMSE | "
-        "test F MAE meV/Å | F RMSE | F MAE / mlip's |",
+        f"test F MAE meV/Å | F RMSE | F MAE / {reference}'s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     descriptions = {"mlip": "MACE (ours), 32x0e+32x1o, ell 3, corr 3",
+                    "mlip-small": "MACE (ours), configs/small.yaml: 1 interaction, 16x0e, ell 2, corr 3",
                     "mace": "mace-torch MACE, 32x0e+32x1o, ell 3, corr 3",
                     "apax": "apax GMNN (defaults, 16 Bessel)"}
     for name, row in results.items():
@@ -280,12 +297,12 @@ def write_report(results: dict, meta: dict) -> None:
         lines.append(f"| {name} | {descriptions[name]} | {row.get('n_params', '')} | {row.get('epochs', '')} | "
                      f"{row.get('training_s', row['wall_s'])} | {row['energy_mae_mev_per_atom']:.2f} | {row['energy_rmse_mev_per_atom']:.2f} | "
                      f"{row['forces_mae_mev_per_a']:.1f} | {row['forces_rmse_mev_per_a']:.1f} | {ratio} |")
-    section = "\n".join(lines)
+    lines_text = "\n".join(lines)
     path = os.path.join(docs, "benchmarks.md")
     if not os.path.exists(path):
         with open(path, "w") as stream:
             stream.write("# Benchmarks\n")
-    replace_marked_section(path, "<!-- accuracy:begin -->", "<!-- accuracy:end -->", section,
+    replace_marked_section(path, f"<!-- {section}:begin -->", f"<!-- {section}:end -->", lines_text,
                            "Accuracy at equal wall-clock budget")
 
 
@@ -295,7 +312,11 @@ def main(argv=None) -> None:
     parser.add_argument("--peer-dir", default="/work/peers")
     parser.add_argument("--work-dir", default="/tmp/mlip-benchmark-accuracy")
     parser.add_argument("--budget-s", type=float, default=720.0)
-    parser.add_argument("--frameworks", default="mlip,mace,apax")
+    parser.add_argument("--frameworks", default="mlip,mace,apax",
+                        help="comma-separated: mlip, mlip-small (configs/small.yaml's model), mace, apax")
+    parser.add_argument("--section", default="accuracy",
+                        help="docs/benchmarks.md section (between <!-- NAME:begin/end -->) for the table")
+    parser.add_argument("--json", default=os.path.join(ROOT, "docs", "benchmark_accuracy.json"))
     parser.add_argument("--train", default="0:500")
     parser.add_argument("--valid", default="500:600")
     parser.add_argument("--test", default="600:1000")
@@ -313,8 +334,8 @@ def main(argv=None) -> None:
     for name in args.frameworks.split(","):
         print(f"training {name} for {args.budget_s:.0f} s ...", flush=True)
         try:
-            if name == "mlip":
-                run = train_mlip(split, args.work_dir, args.budget_s)
+            if name in ("mlip", "mlip-small"):
+                run = train_mlip(split, args.work_dir, args.budget_s, small=name == "mlip-small")
             elif name == "mace":
                 run = train_mace(split, args.work_dir, args.budget_s, os.path.join(args.peer_dir, "mace-venv"),
                                  args.mace_epoch_s)
@@ -335,7 +356,7 @@ def main(argv=None) -> None:
             "n_train": split["n_train"], "n_valid": split["n_valid"], "n_test": split["n_test"],
             "command": "python scripts/benchmark_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "versions": versions(args.peer_dir)}
-    write_report(results, meta)
+    write_report(results, meta, args.section, args.json)
 
 
 if __name__ == "__main__":

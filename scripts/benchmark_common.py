@@ -14,6 +14,15 @@ import sys
 import time
 
 PEER_VERSIONS = {"torch": "2.13.0", "mace-torch": "0.3.16", "apax": "0.14.0"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_backbone() -> dict:
+    """``model.backbone`` of configs/small.yaml, mlip's small model for fast MD (needs PyYAML)."""
+    import yaml
+
+    with open(os.path.join(ROOT, "configs", "small.yaml")) as stream:
+        return yaml.safe_load(stream)["model"]["backbone"]
 
 
 def setup(peer_dir: str) -> None:

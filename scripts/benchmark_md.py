@@ -7,23 +7,28 @@ zero total momentum; NVE, timestep 0.5 fs. Paths timed, each case in its own pro
 
     mlip-ase   mlip's MLIPCalculator (skin 0.5 Å) driven by ASE VelocityVerlet
     mlip-md    mlip's on-device MD (mlip.md.MolecularDynamics, NVE, skin 0.5 Å)
+    mlip-ase-small, mlip-md-small   the same two with the small model of configs/small.yaml
     mace-ase   mace-torch's MACECalculator driven by ASE VelocityVerlet
     apax-ase   apax's ASECalculator driven by ASE VelocityVerlet
     apax-md    apax's own JAX MD (apax.md.simulate.run_sim, NVE)
 
 Models: mlip's default model (MACE, 64x0e+64x1o, l <= 3 harmonics, correlation 3,
 2 interactions, r_max 5 Å, radial MLP 64-64-64) and mace-torch's MACE with the same
-hyperparameters; apax's GMNN (its defaults, with the 16-function Bessel basis at r_max
-5 Å as in scripts/benchmark_accuracy.py). One model per family: H/C/O for ethanol,
-Cu/Au for the metal. Metal: mlip and mace-torch have random weights (energies scaled by
-0.1 eV, so forces stay small and the timed steps are nearly free flight at 300 K; mace's
-ScaleShiftMACE is built directly, saved with torch.save and loaded by MACECalculator
-from the file). Ethanol: a random model lets the molecule fly apart, so mlip
-(``--train-seconds``) and mace-torch (``--mace-epochs``, mace_run_train) are trained
-briefly on 200 frames. apax can only load a trained model directory: its GMNN is trained
-for ``--apax-epochs`` epochs on 200 frames per family. All training is untimed and cached
-in ``--work-dir``. Timing depends on atom and neighbour counts, not on the weights; the
-JSON records each case's temperature at start and end as a check.
+hyperparameters; for the *-small paths, the backbone of configs/small.yaml (one
+interaction, 16 scalar channels, l <= 2, correlation 3); apax's GMNN (its defaults,
+with the 16-function Bessel basis at r_max 5 Å as in scripts/benchmark_accuracy.py).
+One model per family: H/C/O for ethanol, Cu/Au for the metal. Metal: mlip's default
+model and mace-torch have random weights (energies scaled by 0.1 eV, so forces stay
+small and the timed steps are nearly free flight at 300 K; mace's ScaleShiftMACE is
+built directly, saved with torch.save and loaded by MACECalculator from the file).
+mlip's small model is trained for ``--train-seconds`` on 200 frames of
+data/cuau_emt.extxyz: at its speed enough steps are timed for random weights to bring
+atoms together. Ethanol: a random model lets the molecule fly apart, so both mlip
+models (``--train-seconds``) and mace-torch (``--mace-epochs``, mace_run_train) are
+trained briefly on 200 frames. apax can only load a trained model directory: its GMNN
+is trained for ``--apax-epochs`` epochs on 200 frames per family. All training is
+untimed and cached in ``--work-dir``. Timing depends on atom and neighbour counts, not
+on the weights; the JSON records each case's temperature at start and end as a check.
 
 Each case runs some warm-up steps first (compilation; reported as ``warmup_s``, not
 timed), then steps in chunks until ``--min-seconds`` of stepping or ``--max-steps`` steps.
@@ -53,17 +58,19 @@ import subprocess
 import sys
 import time
 
-from benchmark_common import cpu_model, setup, versions  # noqa: E402  (scripts/ is sys.path[0])
+from benchmark_common import cpu_model, setup, small_backbone, versions  # noqa: E402  (scripts/ is sys.path[0])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ETHANOL = os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz")
 CUAU = os.path.join(ROOT, "data", "cuau_emt.extxyz")
-PATHS = ("mlip-ase", "mlip-md", "mace-ase", "apax-ase", "apax-md")
-FRAMEWORK_OF = {"mlip-ase": "mlip", "mlip-md": "mlip", "mace-ase": "mace", "apax-ase": "apax",
-                "apax-md": "apax"}
+PATHS = ("mlip-ase", "mlip-md", "mlip-ase-small", "mlip-md-small", "mace-ase", "apax-ase", "apax-md")
+FRAMEWORK_OF = {"mlip-ase": "mlip", "mlip-md": "mlip", "mlip-ase-small": "mlip", "mlip-md-small": "mlip",
+                "mace-ase": "mace", "apax-ase": "apax", "apax-md": "apax"}
 DESCRIPTIONS = {
     "mlip-ase": "mlip MLIPCalculator (skin {mlip_skin:g} Å) + ASE VelocityVerlet",
     "mlip-md": "mlip on-device MD (mlip.md, NVE, skin {mlip_skin:g} Å)",
+    "mlip-ase-small": "mlip small model, MLIPCalculator (skin {mlip_skin:g} Å) + ASE VelocityVerlet",
+    "mlip-md-small": "mlip small model, on-device MD (mlip.md, NVE, skin {mlip_skin:g} Å)",
     "mace-ase": "mace-torch MACECalculator + ASE VelocityVerlet",
     "apax-ase": "apax ASECalculator (skin {apax_skin:g} Å) + ASE VelocityVerlet",
     "apax-md": "apax JAX MD (run_sim, NVE, skin {apax_skin:g} Å)",
@@ -206,7 +213,9 @@ def _mlip_potential(spec: dict):
     numbers = FAMILIES[spec["family"]]
     statistics = DatasetStatistics(atomic_numbers=numbers, e0={z: 0.0 for z in numbers}, shift=0.0,
                                    scale=ENERGY_SCALE, avg_num_neighbors=spec["avg_num_neighbors"])
-    potential = Potential(ModelConfig(), statistics)  # the default model, float32
+    # The default model, or the small one's backbone (paths *-small); float32.
+    config = ModelConfig(backbone=spec["mlip_backbone"]) if spec.get("mlip_backbone") else ModelConfig()
+    potential = Potential(config, statistics)
     params = potential.init(jax.random.PRNGKey(spec["seed"]), dummy_graph(numbers))
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
     return potential, params, n_params
@@ -413,8 +422,9 @@ def worker_apax_md(spec: dict) -> dict:
             "n_params": _apax_parameter_count(spec["apax_model"])}
 
 
-WORKERS = {"mlip-ase": worker_mlip_ase, "mlip-md": worker_mlip_md, "mace-ase": worker_mace_ase,
-           "apax-ase": worker_apax_ase, "apax-md": worker_apax_md}
+WORKERS = {"mlip-ase": worker_mlip_ase, "mlip-md": worker_mlip_md, "mlip-ase-small": worker_mlip_ase,
+           "mlip-md-small": worker_mlip_md, "mace-ase": worker_mace_ase, "apax-ase": worker_apax_ase,
+           "apax-md": worker_apax_md}
 
 
 def run_worker(spec_path: str) -> None:
@@ -468,6 +478,30 @@ def run_case(python: str, spec: dict, timeout_s: float, log_path: str) -> dict:
     return result
 
 
+def train_mlip_model(args, model: str, family: str, source: str, e0s: str, backbone: dict | None) -> str:
+    """Run dir of an mlip model trained for --train-seconds on 200 frames of ``source`` (cached)."""
+    import yaml
+
+    run_dir = os.path.join(args.work_dir, f"{model.replace('-', '_')}_{family}_{args.train_seconds:g}s")
+    if os.path.exists(os.path.join(run_dir, "best.msgpack")):
+        return run_dir
+    config = {"run_dir": run_dir, "seed": 0,
+              "data": {"train": f"{source}@0:200", "valid": f"{source}@200:220", "e0s": e0s},
+              "training": {"max_epochs": 100000, "max_time": args.train_seconds, "batch_size": 5,
+                           "optimizer": {"name": "adam", "learning_rate": 0.02, "amsgrad": True},
+                           "progress_bar": False, "plots": False}}
+    if backbone:
+        config["model"] = {"backbone": backbone}
+    config_path = os.path.join(args.work_dir, f"{model}_{family}.yaml")
+    with open(config_path, "w") as stream:
+        yaml.safe_dump(config, stream)
+    print(f"training {model}'s {family} model ({args.train_seconds:g} s) ...", flush=True)
+    with open(os.path.join(args.work_dir, f"{model}_{family}_train.log"), "w") as log:
+        subprocess.run([sys.executable, "-m", "mlip.cli", "train", config_path], check=True,
+                       stdout=log, stderr=subprocess.STDOUT, cwd=args.work_dir)
+    return run_dir
+
+
 def train_molecule_models(args, mace_python_dir: str, frameworks: set) -> dict:
     """Briefly trained ethanol models for mlip and mace-torch (untimed, cached in --work-dir).
 
@@ -481,22 +515,9 @@ def train_molecule_models(args, mace_python_dir: str, frameworks: set) -> dict:
 
     models = {}
     e0_file = os.path.join(ROOT, "data", "ethanol_gfn2_e0s.json")
-    if "mlip" in frameworks:
-        run_dir = os.path.join(args.work_dir, f"mlip_molecule_{args.train_seconds:g}s")
-        models["mlip"] = run_dir
-        if not os.path.exists(os.path.join(run_dir, "best.msgpack")):
-            config = {"run_dir": run_dir, "seed": 0,
-                      "data": {"train": f"{ETHANOL}@0:200", "valid": f"{ETHANOL}@200:220", "e0s": e0_file},
-                      "training": {"max_epochs": 100000, "max_time": args.train_seconds, "batch_size": 5,
-                                   "optimizer": {"name": "adam", "learning_rate": 0.02, "amsgrad": True},
-                                   "progress_bar": False, "plots": False}}
-            config_path = os.path.join(args.work_dir, "mlip_molecule.yaml")
-            with open(config_path, "w") as stream:
-                yaml.safe_dump(config, stream)
-            print(f"training mlip's ethanol model ({args.train_seconds:g} s) ...", flush=True)
-            with open(os.path.join(args.work_dir, "mlip_molecule_train.log"), "w") as log:
-                subprocess.run([sys.executable, "-m", "mlip.cli", "train", config_path], check=True,
-                               stdout=log, stderr=subprocess.STDOUT, cwd=args.work_dir)
+    for model, backbone in (("mlip", None), ("mlip-small", small_backbone())):
+        if model in frameworks:
+            models[model] = train_mlip_model(args, model, "molecule", ETHANOL, e0_file, backbone)
     if "mace" in frameworks:
         mace_dir = os.path.join(args.work_dir, f"mace_molecule_{args.mace_epochs}ep")
         models["mace"] = os.path.join(mace_dir, "ethanol.model")
@@ -699,7 +720,8 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    styles = {"mlip-ase": ("C0", "o", "-"), "mlip-md": ("C0", "s", "--"), "mace-ase": ("C3", "^", "-"),
+    styles = {"mlip-ase": ("C0", "o", "-"), "mlip-md": ("C0", "s", "--"), "mlip-ase-small": ("C1", "o", "-"),
+              "mlip-md-small": ("C1", "s", "--"), "mace-ase": ("C3", "^", "-"),
               "apax-ase": ("C2", "v", "-"), "apax-md": ("C2", "D", "--")}
     for name in report["meta"]["paths"]:
         rows = sorted((r for r in report["results"] if r["path"] == name and r["status"] == "ok"),
@@ -801,10 +823,20 @@ def main(argv=None) -> None:
         neighbours.setdefault(family_of(n), average_neighbours(atoms, MACE_ARCHITECTURE["r_max"]))
     apax_models, molecule_models = {}, {}
     frameworks = {FRAMEWORK_OF[p] for p in paths}
+    # Which mlip models the paths need: the default one, the small one, or both.
+    frameworks |= {"mlip-small" for p in paths if p.endswith("-small")}
+    if not any(p.startswith("mlip") and not p.endswith("-small") for p in paths):
+        frameworks.discard("mlip")
     if "apax" in frameworks:
         apax_models = train_apax_models(args, os.path.dirname(pythons["apax"]))
-    if 9 in sizes and frameworks & {"mlip", "mace"}:
+    if 9 in sizes and frameworks & {"mlip", "mlip-small", "mace"}:
         molecule_models = train_molecule_models(args, os.path.dirname(pythons["mace"]), frameworks)
+    small_metal_model = None
+    if "mlip-small" in frameworks and any(family_of(n) == "metal" for n in sizes):
+        # The small model is fast enough that hundreds of steps are timed per metal
+        # cell, and random weights let atoms collide within them (at 108 atoms, after
+        # 372 steps): it is trained briefly on the shipped EMT Cu/Au frames instead.
+        small_metal_model = train_mlip_model(args, "mlip-small", "metal", CUAU, "fit", small_backbone())
 
     results, last = [], {}
     for n in sizes:
@@ -823,8 +855,12 @@ def main(argv=None) -> None:
                         "avg_num_neighbors": neighbours[family_of(n)], "mace_device": args.mace_device,
                         "torch_threads": args.torch_threads,
                         "apax_model": apax_models.get(family_of(n)), "work_dir": args.work_dir}
+                small = path.endswith("-small")
+                if small:
+                    spec["mlip_backbone"] = small_backbone()
+                    spec["mlip_model"] = small_metal_model
                 if family_of(n) == "molecule":
-                    spec["mlip_model"] = molecule_models.get("mlip")
+                    spec["mlip_model"] = molecule_models.get("mlip-small" if small else "mlip")
                     spec["mace_model"] = molecule_models.get("mace")
                 if path == "apax-md":
                     spec["block_steps"] = apax_block(results, n, args)
@@ -851,9 +887,11 @@ def main(argv=None) -> None:
                        "torch_threads": args.torch_threads,
                        "apax_training": f"{args.apax_epochs} epochs on 200 frames per family",
                        "ethanol_training": f"mlip {args.train_seconds:g} s, mace-torch {args.mace_epochs} "
-                                           "epochs on 200 frames; metal cells: random weights",
+                                           "epochs on 200 frames; metal cells: random weights, except "
+                                           f"mlip's small model: {args.train_seconds:g} s on 200 EMT frames",
                        "avg_num_neighbors": neighbours, "energy_scale_eV": ENERGY_SCALE,
                        "mace_architecture": MACE_ARCHITECTURE, "apax_model": APAX_MODEL,
+                       "mlip_small_backbone": small_backbone() if "mlip-small" in frameworks else None,
                        "systems": {"9": "ethanol, frame 0 of data/ethanol_gfn2_500K.extxyz, non-periodic",
                                    "other": f"cubic fcc supercell, a = {FCC_A} Å, Cu with "
                                             f"{AU_FRACTION:.0%} Au on random sites, periodic"},
