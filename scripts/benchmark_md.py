@@ -507,11 +507,11 @@ def train_molecule_models(args, mace_python_dir: str, frameworks: set) -> dict:
 
     A random-weight model does not hold a molecule together: over the 1 ps of a 2000-step
     case ethanol's atoms fly apart or into each other, which stops mlip's on-device MD
-    (close-contact check) and shrinks the neighbour counts being timed. Both MACE models
-    (same architecture) are therefore trained for a short while on 200 frames; the metal
-    cells, of which only tens to hundreds of steps are timed on CPU, keep random weights.
+    (close-contact check) and shrinks the neighbour counts being timed. The MACE models
+    (mlip's default and small ones, mace-torch's) are therefore trained for a short while
+    on 200 frames. For the metal cells, of which only tens to hundreds of steps of the
+    default model are timed on CPU, only the small model is trained (see main).
     """
-    import yaml
 
     models = {}
     e0_file = os.path.join(ROOT, "data", "ethanol_gfn2_e0s.json")
