@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -213,9 +214,7 @@ def _mlip_potential(spec: dict):
     numbers = FAMILIES[spec["family"]]
     statistics = DatasetStatistics(atomic_numbers=numbers, e0={z: 0.0 for z in numbers}, shift=0.0,
                                    scale=ENERGY_SCALE, avg_num_neighbors=spec["avg_num_neighbors"])
-    # The default model, or the small one's backbone (paths *-small); float32.
-    config = ModelConfig(backbone=spec["mlip_backbone"]) if spec.get("mlip_backbone") else ModelConfig()
-    potential = Potential(config, statistics)
+    potential = Potential(ModelConfig(), statistics)  # the default model, float32
     params = potential.init(jax.random.PRNGKey(spec["seed"]), dummy_graph(numbers))
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
     return potential, params, n_params
@@ -482,7 +481,9 @@ def train_mlip_model(args, model: str, family: str, source: str, e0s: str, backb
     """Run dir of an mlip model trained for --train-seconds on 200 frames of ``source`` (cached)."""
     import yaml
 
-    run_dir = os.path.join(args.work_dir, f"{model.replace('-', '_')}_{family}_{args.train_seconds:g}s")
+    # The backbone's digest in the name: an edited configs/small.yaml trains afresh.
+    digest = hashlib.sha1(json.dumps(backbone, sort_keys=True).encode()).hexdigest()[:8]
+    run_dir = os.path.join(args.work_dir, f"{model.replace('-', '_')}_{family}_{args.train_seconds:g}s_{digest}")
     if os.path.exists(os.path.join(run_dir, "best.msgpack")):
         return run_dir
     config = {"run_dir": run_dir, "seed": 0,
@@ -856,8 +857,7 @@ def main(argv=None) -> None:
                         "torch_threads": args.torch_threads,
                         "apax_model": apax_models.get(family_of(n)), "work_dir": args.work_dir}
                 small = path.endswith("-small")
-                if small:
-                    spec["mlip_backbone"] = small_backbone()
+                if small:  # trained for both families
                     spec["mlip_model"] = small_metal_model
                 if family_of(n) == "molecule":
                     spec["mlip_model"] = molecule_models.get("mlip-small" if small else "mlip")
