@@ -64,15 +64,17 @@ from benchmark_common import cpu_model, setup, small_backbone, versions  # noqa:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ETHANOL = os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz")
 CUAU = os.path.join(ROOT, "data", "cuau_emt.extxyz")
-PATHS = ("mlip-ase", "mlip-md", "mlip-ase-small", "mlip-md-small", "mace-ase", "apax-ase", "apax-md")
+PATHS = ("mlip-ase", "mlip-md", "mlip-ase-small", "mlip-md-small", "mace-ase", "mace-ase-small", "apax-ase",
+         "apax-md")
 FRAMEWORK_OF = {"mlip-ase": "mlip", "mlip-md": "mlip", "mlip-ase-small": "mlip", "mlip-md-small": "mlip",
-                "mace-ase": "mace", "apax-ase": "apax", "apax-md": "apax"}
+                "mace-ase": "mace", "mace-ase-small": "mace", "apax-ase": "apax", "apax-md": "apax"}
 DESCRIPTIONS = {
     "mlip-ase": "mlip MLIPCalculator (skin {mlip_skin:g} Å) + ASE VelocityVerlet",
     "mlip-md": "mlip on-device MD (mlip.md, NVE, skin {mlip_skin:g} Å)",
     "mlip-ase-small": "mlip small model, MLIPCalculator (skin {mlip_skin:g} Å) + ASE VelocityVerlet",
     "mlip-md-small": "mlip small model, on-device MD (mlip.md, NVE, skin {mlip_skin:g} Å)",
     "mace-ase": "mace-torch MACECalculator + ASE VelocityVerlet",
+    "mace-ase-small": "mace-torch, mlip's small model's architecture, MACECalculator + ASE VelocityVerlet",
     "apax-ase": "apax ASECalculator (skin {apax_skin:g} Å) + ASE VelocityVerlet",
     "apax-md": "apax JAX MD (run_sim, NVE, skin {apax_skin:g} Å)",
 }
@@ -84,6 +86,18 @@ def describe(path: str, meta: dict) -> str:
 MACE_ARCHITECTURE = {"r_max": 5.0, "num_channels": 64, "max_L": 1, "max_ell": 3, "correlation": 3,
                      "num_interactions": 2, "num_bessel": 8, "num_polynomial_cutoff": 5,
                      "radial_mlp": [64, 64, 64], "readout_hidden": 16}
+
+
+def mace_small_architecture() -> dict:
+    """mace-torch's hyperparameters for the architecture of mlip's small model (configs/small.yaml)."""
+    backbone = small_backbone()
+    return {**MACE_ARCHITECTURE, "r_max": backbone["r_max"], "num_channels": backbone["num_channels"],
+            "max_L": backbone["max_l"], "max_ell": backbone["max_ell"], "correlation": backbone["correlation"],
+            "num_interactions": backbone["num_interactions"], "radial_mlp": list(backbone["radial_mlp"]),
+            "num_bessel": backbone.get("num_bessel", 8),
+            "num_polynomial_cutoff": backbone.get("envelope_p", 5)}
+
+
 APAX_MODEL = {"name": "gmnn", "basis": {"name": "bessel", "n_basis": 16, "r_max": 5.0}}
 FAMILIES = {"molecule": (1, 6, 8), "metal": (29, 79)}
 FCC_A = 3.7  # Å, between Cu (3.61) and Cu3Au (3.75)
@@ -302,7 +316,7 @@ def worker_mace_ase(spec: dict) -> dict:
     device = spec["mace_device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.get("mace_model"):  # briefly trained by mace_run_train (ethanol)
+    if spec.get("mace_model"):  # briefly trained by mace_run_train (ethanol; the small model: both)
         path = spec["mace_model"]
         n_params = None
     else:
@@ -422,7 +436,8 @@ def worker_apax_md(spec: dict) -> dict:
 
 
 WORKERS = {"mlip-ase": worker_mlip_ase, "mlip-md": worker_mlip_md, "mlip-ase-small": worker_mlip_ase,
-           "mlip-md-small": worker_mlip_md, "mace-ase": worker_mace_ase, "apax-ase": worker_apax_ase,
+           "mlip-md-small": worker_mlip_md, "mace-ase": worker_mace_ase, "mace-ase-small": worker_mace_ase,
+           "apax-ase": worker_apax_ase,
            "apax-md": worker_apax_md}
 
 
@@ -520,32 +535,51 @@ def train_molecule_models(args, mace_python_dir: str, frameworks: set) -> dict:
         if model in frameworks:
             models[model] = train_mlip_model(args, model, "molecule", ETHANOL, e0_file, backbone)
     if "mace" in frameworks:
-        mace_dir = os.path.join(args.work_dir, f"mace_molecule_{args.mace_epochs}ep")
-        models["mace"] = os.path.join(mace_dir, "ethanol.model")
-        if not os.path.exists(models["mace"]):
-            import ase.io
-            os.makedirs(mace_dir, exist_ok=True)
-            for name, index in (("train", "0:200"), ("valid", "200:220")):
-                ase.io.write(os.path.join(mace_dir, f"{name}.extxyz"), ase.io.read(ETHANOL, index))
-            e0s = json.load(open(e0_file))
-            a = MACE_ARCHITECTURE
-            arguments = [
-                "--name=ethanol", f"--train_file={mace_dir}/train.extxyz",
-                f"--valid_file={mace_dir}/valid.extxyz",
-                "--E0s={" + ",".join(f"{z}:{v}" for z, v in e0s.items()) + "}",
-                "--energy_key=REF_energy", "--forces_key=REF_forces", "--model=MACE",
-                f"--num_channels={a['num_channels']}", f"--max_L={a['max_L']}", f"--max_ell={a['max_ell']}",
-                f"--correlation={a['correlation']}", f"--r_max={a['r_max']}",
-                f"--num_interactions={a['num_interactions']}", "--batch_size=5", "--valid_batch_size=20",
-                "--lr=0.01", "--amsgrad", "--default_dtype=float32", "--device=cpu", "--seed=0",
-                f"--max_num_epochs={args.mace_epochs}", f"--checkpoints_dir={mace_dir}/checkpoints",
-                f"--model_dir={mace_dir}", f"--log_dir={mace_dir}/logs", f"--results_dir={mace_dir}/results",
-            ]
-            print(f"training mace-torch's ethanol model ({args.mace_epochs} epochs) ...", flush=True)
-            with open(os.path.join(mace_dir, "train.log"), "w") as log:
-                subprocess.run([os.path.join(mace_python_dir, "mace_run_train"), *arguments], check=True,
-                               stdout=log, stderr=subprocess.STDOUT, cwd=mace_dir)
+        models["mace"] = train_mace_model(args, mace_python_dir, "molecule", ETHANOL, e0s_argument(e0_file),
+                                          MACE_ARCHITECTURE, args.mace_epochs)
+    if "mace-small" in frameworks:
+        models["mace-small"] = train_mace_model(args, mace_python_dir, "molecule", ETHANOL,
+                                                e0s_argument(e0_file), mace_small_architecture(),
+                                                args.mace_small_epochs)
     return models
+
+
+def e0s_argument(e0_file: str) -> str:
+    """mace_run_train's --E0s dictionary from mlip's JSON file of isolated-atom energies."""
+    return "{" + ",".join(f"{z}:{v}" for z, v in json.load(open(e0_file)).items()) + "}"
+
+
+def train_mace_model(args, mace_python_dir: str, family: str, source: str, e0s: str,
+                     architecture: dict, epochs: int) -> str:
+    """A mace-torch model trained by mace_run_train for ``epochs`` on 200 frames (cached)."""
+    import ase.io
+
+    digest = hashlib.sha1(json.dumps(architecture, sort_keys=True).encode()).hexdigest()[:8]
+    mace_dir = os.path.join(args.work_dir, f"mace_{family}_{epochs}ep_{digest}")
+    model_path = os.path.join(mace_dir, f"{family}.model")
+    if os.path.exists(model_path):
+        return model_path
+    os.makedirs(mace_dir, exist_ok=True)
+    for name, index in (("train", "0:200"), ("valid", "200:220")):
+        ase.io.write(os.path.join(mace_dir, f"{name}.extxyz"), ase.io.read(source, index))
+    a = architecture
+    arguments = [
+        f"--name={family}", f"--train_file={mace_dir}/train.extxyz", f"--valid_file={mace_dir}/valid.extxyz",
+        f"--E0s={e0s}", "--energy_key=REF_energy", "--forces_key=REF_forces", "--model=MACE",
+        f"--num_channels={a['num_channels']}", f"--max_L={a['max_L']}", f"--max_ell={a['max_ell']}",
+        f"--correlation={a['correlation']}", f"--r_max={a['r_max']}",
+        f"--num_interactions={a['num_interactions']}", f"--num_radial_basis={a['num_bessel']}",
+        f"--num_cutoff_basis={a['num_polynomial_cutoff']}", f"--radial_MLP={a['radial_mlp']}",
+        f"--MLP_irreps={a['readout_hidden']}x0e", "--batch_size=5", "--valid_batch_size=20",
+        "--lr=0.01", "--amsgrad", "--default_dtype=float32", "--device=cpu", "--seed=0",
+        f"--max_num_epochs={epochs}", f"--checkpoints_dir={mace_dir}/checkpoints",
+        f"--model_dir={mace_dir}", f"--log_dir={mace_dir}/logs", f"--results_dir={mace_dir}/results",
+    ]
+    print(f"training mace-torch's {family} model ({epochs} epochs) ...", flush=True)
+    with open(os.path.join(mace_dir, "train.log"), "w") as log:
+        subprocess.run([os.path.join(mace_python_dir, "mace_run_train"), *arguments], check=True,
+                       stdout=log, stderr=subprocess.STDOUT, cwd=mace_dir)
+    return model_path
 
 
 def train_apax_models(args, python_dir: str) -> dict:
@@ -723,6 +757,7 @@ def plot(report: dict, path: str) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     styles = {"mlip-ase": ("C0", "o", "-"), "mlip-md": ("C0", "s", "--"), "mlip-ase-small": ("C1", "o", "-"),
               "mlip-md-small": ("C1", "s", "--"), "mace-ase": ("C3", "^", "-"),
+              "mace-ase-small": ("C4", "^", "-"),
               "apax-ase": ("C2", "v", "-"), "apax-md": ("C2", "D", "--")}
     for name in report["meta"]["paths"]:
         rows = sorted((r for r in report["results"] if r["path"] == name and r["status"] == "ok"),
@@ -778,6 +813,9 @@ def main(argv=None) -> None:
                         help="mlip's (untimed) training of its ethanol model")
     parser.add_argument("--mace-epochs", type=int, default=2,
                         help="epochs of mace-torch's (untimed) training of its ethanol model")
+    parser.add_argument("--mace-small-epochs", type=int, default=10,
+                        help="epochs of mace-torch's (untimed) training of mlip's small architecture, "
+                             "per family")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="mace-torch's intra-op threads (default: torch's own choice, one per "
                              "core; on a loaded machine 2 threads ran 25x slower than 1)")
@@ -824,20 +862,28 @@ def main(argv=None) -> None:
         neighbours.setdefault(family_of(n), average_neighbours(atoms, MACE_ARCHITECTURE["r_max"]))
     apax_models, molecule_models = {}, {}
     frameworks = {FRAMEWORK_OF[p] for p in paths}
-    # Which mlip models the paths need: the default one, the small one, or both.
-    frameworks |= {"mlip-small" for p in paths if p.endswith("-small")}
-    if not any(p.startswith("mlip") and not p.endswith("-small") for p in paths):
-        frameworks.discard("mlip")
+    # Which models the paths need: mlip's and mace-torch's default ones, their small ones.
+    for name in ("mlip", "mace"):
+        if any(p.startswith(name) and p.endswith("-small") for p in paths):
+            frameworks.add(f"{name}-small")
+        if not any(p.startswith(name) and not p.endswith("-small") for p in paths):
+            frameworks.discard(name)
     if "apax" in frameworks:
         apax_models = train_apax_models(args, os.path.dirname(pythons["apax"]))
-    if 9 in sizes and frameworks & {"mlip", "mlip-small", "mace"}:
+    if 9 in sizes and frameworks & {"mlip", "mlip-small", "mace", "mace-small"}:
         molecule_models = train_molecule_models(args, os.path.dirname(pythons["mace"]), frameworks)
-    small_metal_model = None
-    if "mlip-small" in frameworks and any(family_of(n) == "metal" for n in sizes):
+    small_metal_models = {}
+    if any(family_of(n) == "metal" for n in sizes):
         # The small model is fast enough that hundreds of steps are timed per metal
         # cell, and random weights let atoms collide within them (at 108 atoms, after
         # 372 steps): it is trained briefly on the shipped EMT Cu/Au frames instead.
-        small_metal_model = train_mlip_model(args, "mlip-small", "metal", CUAU, "fit", small_backbone())
+        if "mlip-small" in frameworks:
+            small_metal_models["mlip-small"] = train_mlip_model(args, "mlip-small", "metal", CUAU, "fit",
+                                                                small_backbone())
+        if "mace-small" in frameworks:
+            small_metal_models["mace-small"] = train_mace_model(
+                args, os.path.dirname(pythons["mace"]), "metal", CUAU, "average", mace_small_architecture(),
+                args.mace_small_epochs)
 
     results, last = [], {}
     for n in sizes:
@@ -857,11 +903,12 @@ def main(argv=None) -> None:
                         "torch_threads": args.torch_threads,
                         "apax_model": apax_models.get(family_of(n)), "work_dir": args.work_dir}
                 small = path.endswith("-small")
-                if small:  # trained for both families
-                    spec["mlip_model"] = small_metal_model
                 if family_of(n) == "molecule":
                     spec["mlip_model"] = molecule_models.get("mlip-small" if small else "mlip")
-                    spec["mace_model"] = molecule_models.get("mace")
+                    spec["mace_model"] = molecule_models.get("mace-small" if small else "mace")
+                elif small:  # trained for the metal too
+                    spec["mlip_model"] = small_metal_models.get("mlip-small")
+                    spec["mace_model"] = small_metal_models.get("mace-small")
                 if path == "apax-md":
                     spec["block_steps"] = apax_block(results, n, args)
                 log_path = os.path.join(args.work_dir, f"{path}_{n}.log")
@@ -888,10 +935,14 @@ def main(argv=None) -> None:
                        "apax_training": f"{args.apax_epochs} epochs on 200 frames per family",
                        "ethanol_training": f"mlip {args.train_seconds:g} s, mace-torch {args.mace_epochs} "
                                            "epochs on 200 frames; metal cells: random weights, except "
-                                           f"mlip's small model: {args.train_seconds:g} s on 200 EMT frames",
+                                           f"mlip's small model: {args.train_seconds:g} s on 200 EMT frames; "
+                                           f"mace-torch's small model: {args.mace_small_epochs} epochs on "
+                                           "200 frames per family",
                        "avg_num_neighbors": neighbours, "energy_scale_eV": ENERGY_SCALE,
                        "mace_architecture": MACE_ARCHITECTURE, "apax_model": APAX_MODEL,
                        "mlip_small_backbone": small_backbone() if "mlip-small" in frameworks else None,
+                       "mace_small_architecture": (mace_small_architecture() if "mace-small" in frameworks
+                                                   else None),
                        "systems": {"9": "ethanol, frame 0 of data/ethanol_gfn2_500K.extxyz, non-periodic",
                                    "other": f"cubic fcc supercell, a = {FCC_A} Å, Cu with "
                                             f"{AU_FRACTION:.0%} Au on random sites, periodic"},
