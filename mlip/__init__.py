@@ -1,6 +1,11 @@
 """mlip: machine-learned interatomic potentials on JAX (MACE-class models, ASE calculator)."""
 
+from mlip.host_memory import keep_host_memory
+
 __version__ = "0.1.0"
+
+# Before any JAX computation, so XLA's threads allocate under these settings.
+keep_host_memory()
 
 
 def __getattr__(name):

@@ -237,6 +237,7 @@ def _mlip_potential(spec: dict):
 def worker_mlip_ase(spec: dict) -> dict:
     import jax
 
+    from mlip import host_memory
     from mlip.calculator import MLIPCalculator
 
     info = {}
@@ -248,7 +249,7 @@ def worker_mlip_ase(spec: dict) -> dict:
 
     result = _ase_case(spec, make)
     result.update(n_params=info["n_params"], neighbour_list_builds=info["calculator"].neighbour_list_builds,
-                  device=str(jax.devices()[0]))
+                  device=str(jax.devices()[0]), host_memory_kept=host_memory.applied)
     return result
 
 
@@ -256,6 +257,7 @@ def worker_mlip_md(spec: dict) -> dict:
     import ase.io
     import jax
 
+    from mlip import host_memory
     from mlip.md import MolecularDynamics
 
     atoms = ase.io.read(spec["structure"])
@@ -273,7 +275,8 @@ def worker_mlip_md(spec: dict) -> dict:
     final = md.atoms
     result = {**timing, "setup_s": setup_s, "warmup_s": warmup_s, "block_steps": block,
               "temperature_start_K": t_start, "temperature_end_K": _temperature(final),
-              "steps_done": int(md.steps_done), "n_params": n_params, "device": str(jax.devices()[0])}
+              "steps_done": int(md.steps_done), "n_params": n_params, "device": str(jax.devices()[0]),
+              "host_memory_kept": host_memory.applied}
     for name in ("neighbour_list_builds", "compilations"):
         if hasattr(md, name):
             result[name] = int(getattr(md, name))
