@@ -814,7 +814,7 @@ def main(argv=None) -> None:
                         help="epochs of apax's (untimed) training on 200 frames per family")
     parser.add_argument("--train-seconds", type=float, default=90.0,
                         help="mlip's (untimed) training of its ethanol model")
-    parser.add_argument("--mace-epochs", type=int, default=2,
+    parser.add_argument("--mace-epochs", type=int, default=10,
                         help="epochs of mace-torch's (untimed) training of its ethanol model")
     parser.add_argument("--mace-small-epochs", type=int, default=10,
                         help="epochs of mace-torch's (untimed) training of mlip's small architecture, "
