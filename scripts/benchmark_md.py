@@ -9,6 +9,7 @@ zero total momentum; NVE, timestep 0.5 fs. Paths timed, each case in its own pro
     mlip-md    mlip's on-device MD (mlip.md.MolecularDynamics, NVE, skin 0.5 Å)
     mlip-ase-small, mlip-md-small   the same two with the small model of configs/small.yaml
     mace-ase   mace-torch's MACECalculator driven by ASE VelocityVerlet
+    mace-ase-small   the same with the architecture of mlip's small model
     apax-ase   apax's ASECalculator driven by ASE VelocityVerlet
     apax-md    apax's own JAX MD (apax.md.simulate.run_sim, NVE)
 
@@ -23,9 +24,10 @@ small and the timed steps are nearly free flight at 300 K; mace's ScaleShiftMACE
 built directly, saved with torch.save and loaded by MACECalculator from the file).
 mlip's small model is trained for ``--train-seconds`` on 200 frames of
 data/cuau_emt.extxyz: at its speed enough steps are timed for random weights to bring
-atoms together. Ethanol: a random model lets the molecule fly apart, so both mlip
-models (``--train-seconds``) and mace-torch (``--mace-epochs``, mace_run_train) are
-trained briefly on 200 frames. apax can only load a trained model directory: its GMNN
+atoms together; mace-torch's small model for ``--mace-small-epochs`` (mace_run_train)
+on the same frames, for both families. Ethanol: a random model lets the molecule fly
+apart, so both mlip models (``--train-seconds``) and mace-torch (``--mace-epochs``,
+mace_run_train) are trained briefly on 200 frames. apax can only load a trained model directory: its GMNN
 is trained for ``--apax-epochs`` epochs on 200 frames per family. All training is
 untimed and cached in ``--work-dir``. Timing depends on atom and neighbour counts, not
 on the weights; the JSON records each case's temperature at start and end as a check.
