@@ -9,8 +9,8 @@ against 55 ms; ``docs/benchmarks.md``). With one arena, no ``mmap`` and no trimm
 a freed block stays in the heap and the next call reuses it without a page fault.
 
 The price: memory freed by the process is kept by it for reuse, not returned to the
-system, so the resident size stays at its peak. Set ``MLIP_KEEP_HOST_MEMORY=0`` to keep
-glibc's defaults. The settings only reach threads that have not allocated yet, so
+system, so the resident size stays at its peak. Set ``MLIP_KEEP_HOST_MEMORY=0`` (or
+``false``, ``no``, ``off``) to keep glibc's defaults. The settings only reach threads that have not allocated yet, so
 ``import mlip`` before the first JAX computation (the CLI does).
 """
 
@@ -33,7 +33,8 @@ def keep_host_memory() -> bool:
     global applied
     if applied:
         return True
-    if os.environ.get("MLIP_KEEP_HOST_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    switched_off = os.environ.get("MLIP_KEEP_HOST_MEMORY", "1").strip().lower() in ("0", "false", "no", "off")
+    if switched_off or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)
