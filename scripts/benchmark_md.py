@@ -61,7 +61,8 @@ import subprocess
 import sys
 import time
 
-from benchmark_common import cpu_model, setup, small_backbone, versions  # noqa: E402  (scripts/ is sys.path[0])
+# scripts/ is sys.path[0]
+from benchmark_common import cpu_model, replace_marked_section, setup, small_backbone, versions  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ETHANOL = os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz")
@@ -740,18 +741,11 @@ def markdown(report: dict) -> str:
 
 def write_docs(report: dict, section: str, plot_path: str | None) -> None:
     path = os.path.join(ROOT, "docs", "benchmarks.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    begin, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     body = markdown(report)
     if plot_path:
         image = os.path.relpath(plot_path, os.path.dirname(path))
         body += f"\n\n![µs per atom per step against atoms]({image})"
-    if begin in text and end in text:
-        text = text[:text.index(begin) + len(begin)] + "\n" + body + "\n" + text[text.index(end):]
-    else:
-        text = text.rstrip("\n") + f"\n\n## MD speed\n\n{begin}\n{body}\n{end}\n"
-    with open(path, "w") as stream:
-        stream.write(text)
+    replace_marked_section(path, f"<!-- {section}:start -->", f"<!-- {section}:end -->", body, "MD speed")
 
 
 def plot(report: dict, path: str) -> None:
