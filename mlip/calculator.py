@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
-from mlip.data.batching import GraphSample, PaddedSizes, build_sample, pack_samples, round_up_to_bucket
+from mlip.data.batching import GraphSample, build_sample, pack_samples, sizes_for
 from mlip.data.reader import Frame
 from mlip.errors import DataError
 
@@ -92,8 +92,7 @@ class MLIPCalculator(Calculator):
         frame = Frame(positions=np.asarray(atoms.positions, np.float64), numbers=numbers,
                       cell=np.asarray(atoms.cell.array, np.float64), pbc=pbc)
         sample = self._sample_with_neighbours(frame)
-        sizes = PaddedSizes(round_up_to_bucket(sample.n_atoms + 1), round_up_to_bucket(sample.n_edges), 2)
-        graph = pack_samples([sample], sizes, None, self._dtype)
+        graph = pack_samples([sample], sizes_for([sample], 2), None, self._dtype)
         want_stress = bool(pbc.all())
         outputs = jax.device_get(self._apply(self.params, graph, want_stress))
         n = sample.n_atoms

@@ -10,9 +10,16 @@ Conventions (see DESIGN.md):
     ``r_ij = positions[j] + shifts[k] @ cell[g] - positions[i]``, i.e. ``shifts`` are
     the integer lattice translations of the *sender* image (ASE's ``neighbor_list``
     "ijS" with i = receiver, j = sender).
-  * padding nodes have ``species == 0``; padding edges join a padding node to itself;
-    padding graphs (at the end) hold only padding nodes. Masks, not branches, remove
-    padding from every sum.
+  * padding nodes have ``species == 0``; padding edges are self-loops with zero shift
+    (``senders == receivers``, ``shifts == 0``), which no real edge can be; padding
+    graphs (at the end) hold only padding nodes. Masks, not branches, remove padding
+    from every sum.
+  * two edge layouts. ``neighbours_per_node == 0``: an edge list, real edges first,
+    padding edges on the last padding node. ``neighbours_per_node == K > 0``: a dense
+    receiver-major layout, ``E == N * K`` and edge ``n * K + k`` has receiver ``n``;
+    a node with fewer than K neighbours fills its remaining slots with self-loops.
+    Models may then aggregate by reshaping to [N, K] instead of scattering (see
+    `mlip.models.mace`). K is static (part of the jit cache key).
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class AtomsGraph:
         targets: dict of labels: ``energy`` [G] (eV, above the reference energies),
             ``forces`` [N, 3] (eV/Å), ``stress`` [G, 3, 3] (eV/Å³), each with a
             matching ``<name>_mask`` ([G] or [N]) that is 1 where the label exists.
+        neighbours_per_node: K of the dense receiver-major edge layout; 0 for an edge
+            list. Static: a pytree metadata field.
     """
 
     positions: Array  # [N, 3]
@@ -63,6 +72,7 @@ class AtomsGraph:
     spin: Array  # [G]
     fidelity: Array  # [G]
     targets: dict = dataclasses.field(default_factory=dict)
+    neighbours_per_node: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def n_graph(self) -> int:
@@ -75,8 +85,9 @@ class AtomsGraph:
 
     @property
     def edge_mask(self) -> Array:
-        """[E] True for real edges (padding edges start and end on padding nodes)."""
-        return self.species[self.receivers] > 0
+        """[E] True for real edges (padding edges are self-loops with zero shift)."""
+        xp = jnp if isinstance(self.senders, jax.Array) else np
+        return (self.senders != self.receivers) | xp.any(self.shifts != 0, axis=-1)
 
     @property
     def graph_mask(self) -> Array:

@@ -39,7 +39,7 @@ class LennardJonesPotential:
 
     def apply(self, params, graph, compute_forces=True, compute_stress=False):
         n_graph = graph.n_node.shape[0]
-        real = graph.species[graph.receivers] > 0
+        real = graph.edge_mask
 
         def energy_of(positions, strain):
             strain = 0.5 * (strain + jnp.swapaxes(strain, -1, -2))

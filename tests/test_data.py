@@ -123,15 +123,44 @@ def test_bucket_ladder_is_monotone_and_bounded():
     assert len(set(values)) < 40  # bounded number of shapes over three decades
 
 
-def test_padding_layout():
+@pytest.mark.parametrize("layout", ["list", "dense"])
+def test_padding_layout(layout):
     frames = read_frames_from_atoms([molecule("H2O"), molecule("CH4")])
     samples = build_samples(frames, 3.0)
-    sizes = sizes_for(samples, 4)
+    sizes = sizes_for(samples, 4, layout)
     graph = pack_samples(samples, sizes)
     assert graph.positions.shape == (sizes.n_node, 3) and graph.n_node.shape == (4,)
     assert graph.node_mask.sum() == 8 and graph.graph_mask.tolist() == [True, True, False, False]
     assert graph.n_node.sum() == sizes.n_node and graph.n_edge.sum() == sizes.n_edge
-    assert not graph.node_mask[graph.receivers[~graph.edge_mask]].any()
+    assert graph.edge_mask.sum() == sum(s.n_edges for s in samples)
+    padding = ~graph.edge_mask
+    assert np.all(graph.senders[padding] == graph.receivers[padding]) and not graph.shifts[padding].any()
+    if layout == "list":
+        assert graph.neighbours_per_node == 0
+        assert not graph.node_mask[graph.receivers[padding]].any()
+    else:  # receiver-major: K slots per node, CH4's carbon has the most neighbours (4)
+        k = graph.neighbours_per_node
+        assert k == 4 and sizes.n_edge == sizes.n_node * k
+        np.testing.assert_array_equal(graph.receivers, np.repeat(np.arange(sizes.n_node), k))
+
+
+def test_dense_and_list_layouts_hold_the_same_edges():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 1)
+    atoms.rattle(0.1, seed=1)
+    samples = build_samples(read_frames_from_atoms([atoms, molecule("CH3CH2OH")]), 4.0)
+    graphs = [pack_samples(samples, sizes_for(samples, 3, layout)) for layout in ("list", "dense")]
+
+    def edge_set(graph):
+        mask = graph.edge_mask
+        return sorted(zip(graph.receivers[mask], graph.senders[mask], *graph.shifts[mask].T))
+
+    assert edge_set(graphs[0]) == edge_set(graphs[1])
+    assert [s.max_neighbours for s in samples] == [18, 8]  # fcc to the second shell; ethanol: all
+    assert graphs[1].neighbours_per_node == 20  # 18 on the ladder
+    # auto takes the dense layout unless its slots outnumber the list's edges more than 2:1
+    assert sizes_for(samples, 3).neighbours_per_node == 20
+    waters = build_samples(read_frames_from_atoms([molecule("H2O")]), 4.0) * 20
+    assert sizes_for(waters + samples[:1], 22).neighbours_per_node == 0
 
 
 def read_frames_from_atoms(images):

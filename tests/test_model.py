@@ -7,7 +7,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from conftest import make_potential
-from mlip.data.batching import PaddedSizes, build_sample, build_samples, pack_samples
+from mlip.data.batching import PaddedSizes, build_sample, build_samples, pack_samples, sizes_for
 from mlip.data.reader import Frame
 from mlip.models.radial import polynomial_envelope
 
@@ -150,6 +150,33 @@ def test_padding_and_batching_do_not_change_results(molecule_model, bulk_model):
         np.testing.assert_allclose(together["stress"][g], single["stress"][0], atol=1e-12)
         offset += sample.n_atoms
     assert np.all(together["energy"][2:] == 0) and np.all(together["forces"][offset:] == 0)
+
+
+def test_dense_and_list_edge_layouts_give_the_same_model():
+    """The dense [atoms, K] aggregation equals e3nn's tensor product plus scatter: outputs,
+    stress, and the parameter gradient of a force loss (what training differentiates)."""
+    potential, params = make_potential([1, 6, 8, 29, 79])
+    crystal = small_triclinic_cell().repeat((1, 2, 1))
+    crystal.numbers[[0, 3]] = [8, 6]  # light elements in the cell too
+    structures = [crystal, ethanol(), molecule("H2O")]
+    samples = build_samples([frame_of(a) for a in structures], potential.cutoff)
+    graphs = [pack_samples(samples, sizes_for(samples, 4, layout), None, np.float64)
+              for layout in ("list", "dense")]
+    assert graphs[0].neighbours_per_node == 0 and graphs[1].neighbours_per_node > 0
+
+    def force_loss(p, graph):
+        outputs = potential.apply(p, graph, True, True)
+        return (outputs["forces"] ** 2).sum(), outputs
+
+    evaluate = jax.jit(jax.value_and_grad(force_loss, has_aux=True))
+    (_, as_list), grad_list = jax.device_get(evaluate(params, graphs[0]))
+    (_, dense), grad_dense = jax.device_get(evaluate(params, graphs[1]))
+    np.testing.assert_allclose(dense["energy"], as_list["energy"], rtol=1e-12, atol=1e-12)
+    for key in ("forces", "stress", "node_energy"):
+        np.testing.assert_allclose(dense[key], as_list[key], rtol=1e-10, atol=1e-12)
+    assert np.abs(as_list["forces"]).max() > 1e-2  # a real signal, not zeros compared
+    for a, b in zip(jax.tree.leaves(grad_dense), jax.tree.leaves(grad_list)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_energy_is_smooth_when_a_neighbour_crosses_the_cutoff(molecule_model, apply_fn):

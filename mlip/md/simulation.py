@@ -24,8 +24,9 @@ heats the system past ``max_temperature_K`` is discarded and the run stops with
 `MDStabilityError`, which names the step, atoms and values; the state before it
 is kept (``md.atoms``).
 
-Compilations: one per (padded atom count, padded edge capacity); the capacity only
-grows, along the bucket ladder, so a run compiles a handful of times at most.
+Compilations: one per (padded atom count, neighbour capacity K of the dense edge
+layout); K only grows, along the bucket ladder, so a run compiles a handful of times
+at most.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols, covalent_radii
 
-from mlip.data.batching import PaddedSizes, build_sample, pack_samples, round_up_to_bucket
+from mlip.data.batching import PaddedSizes, build_sample, pack_samples, round_up_neighbours, round_up_to_bucket
 from mlip.data.reader import Frame
 from mlip.errors import DataError, MLIPError
 from mlip.md import integrators
@@ -142,7 +143,7 @@ class MolecularDynamics:
         self.max_history_steps = int(max_history_steps)
         self._drift_sums = np.zeros(5)
         self._energy_origin: Optional[float] = None
-        self._edge_capacity = 0
+        self._neighbour_capacity = 0
         self._template = None
         self._program = _Program(potential, self.block_steps)
         self._limits = np.array([self.skin, self.min_distance_fraction, self.max_temperature_K])
@@ -177,8 +178,9 @@ class MolecularDynamics:
         frame = Frame(positions=np.asarray(positions, np.float64), numbers=self.numbers,
                       cell=np.asarray(cell, np.float64), pbc=self.pbc)
         sample = build_sample(frame, self.potential.cutoff + self.skin)
-        self._edge_capacity = max(self._edge_capacity, round_up_to_bucket(sample.n_edges))
-        sizes = PaddedSizes(round_up_to_bucket(self.n_atoms + 1), self._edge_capacity, 2)
+        # Dense edge layout (mlip.graph): K slots per atom, a capacity that only grows.
+        self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
+        sizes = PaddedSizes.dense(round_up_to_bucket(self.n_atoms + 1), self._neighbour_capacity, 2)
         graph = pack_samples([sample], sizes, None, self.dtype)
         self._template = jax.device_put(graph.replace(targets={}))
         self._reference_positions = jnp.asarray(graph.positions, self.dtype)
@@ -378,7 +380,7 @@ def _run_block(program: _Program, ensemble: Ensemble, limits, params, state: MDS
     skin, min_distance_fraction, max_temperature_K = limits[0], limits[1], limits[2]
     evaluate = _force_function(program, ensemble, params, template)
     dtype = state.positions.dtype
-    real_edge = template.species[template.receivers] > 0
+    real_edge = template.edge_mask
     radii = jnp.asarray(covalent_radii, dtype)
     pair_radius = radii[template.species[template.senders]] + radii[template.species[template.receivers]]
     pair_radius = jnp.where(real_edge, pair_radius, 1.0)

@@ -102,6 +102,10 @@ class DataConfig(StrictModel):
         "fit", description="'fit' (least squares), a JSON file of isolated-atom energies, "
                            "or a mapping element -> eV")
     scaling: Literal["rms_forces", "std_energy"] = "rms_forces"
+    edge_layout: Literal["auto", "dense", "list"] = Field(
+        "auto", description="edges of a batch as K slots per atom ('dense', a matrix product per "
+                            "atom), as a list ('list', a scatter), or dense where it needs at most "
+                            "2 slots per edge ('auto'); results are the same, speed differs")
 
 
 class LossConfig(StrictModel):

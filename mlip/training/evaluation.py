@@ -22,9 +22,10 @@ class Predictor:
     posterior mean and carry ``energy_std``, ``forces_std`` and ``stress_std`` too.
     """
 
-    def __init__(self, potential, compute_stress: bool = True):
+    def __init__(self, potential, compute_stress: bool = True, layout: str = "auto"):
         self.potential = potential
         self.compute_stress = compute_stress
+        self.layout = layout  # edge layout of the batches (mlip.data.batching.sizes_for)
         self._apply = jax.jit(lambda params, graph: potential.apply(
             params, graph, compute_forces=True, compute_stress=compute_stress))
 
@@ -38,7 +39,7 @@ class Predictor:
         dtype = np.float64 if self.potential.config.dtype == "float64" else np.float32
         for start in range(0, len(samples), batch_size):
             chunk = list(samples[start:start + batch_size])
-            graph = pack_samples(chunk, sizes_for(chunk, batch_size + 1), None, dtype)
+            graph = pack_samples(chunk, sizes_for(chunk, batch_size + 1, self.layout), None, dtype)
             outputs = jax.device_get(self._apply(params, graph))
             offset = 0
             for g, sample in enumerate(chunk):

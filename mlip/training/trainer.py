@@ -178,12 +178,13 @@ class Trainer:
         self.use_stress = any(s.frame.stress is not None for s in self.train_samples) \
             and config.loss.stress_weight > 0
         e0_table = self.statistics.e0_per_species()
-        self.train_batches = BatchIterator(self.train_samples, config.training.batch_size, e0_table, self.dtype)
+        self.train_batches = BatchIterator(self.train_samples, config.training.batch_size, e0_table, self.dtype,
+                                           config.data.edge_layout)
         # Extra-argument support: the step passes key and learning_rate to every update.
         self.optimizer = optax.with_extra_args_support(self.hooks.optimizer(make_optimizer(config)))
         # Stress needs a second derivative direction; skip it for all-molecule data.
         any_periodic = any(s.frame.is_periodic for s in self.train_samples + self.valid_samples)
-        self.predictor = Predictor(self.model, compute_stress=any_periodic)
+        self.predictor = Predictor(self.model, compute_stress=any_periodic, layout=config.data.edge_layout)
         self._train_step = jax.jit(self._make_train_step())
 
     # ---------------------------------------------------------------- state
@@ -466,14 +467,15 @@ class Trainer:
                     "valid_nll_before": {k: v for k, v in before.items() if k.endswith("_nll")},
                     "interval_quantiles": interval_quantiles})
                 summary["recalibration"] = recalibration.to_json()
-                predictor = Predictor(self.model.with_recalibration(recalibration), predictor.compute_stress)
+                predictor = Predictor(self.model.with_recalibration(recalibration), predictor.compute_stress,
+                                      predictor.layout)
             summary["valid"].update(uncertainty_metrics(self.valid_samples, valid_predictions))
         if self.config.data.test:
             test_frames = read_frames(self.config.data.test, label_keys(self.config))
             check_elements(test_frames, self.statistics.atomic_numbers, "test")
             test_samples = build_samples(test_frames, self.potential.cutoff)
             if not predictor.compute_stress and any(s.frame.is_periodic for s in test_samples):
-                predictor = Predictor(predictor.potential, compute_stress=True)
+                predictor = Predictor(predictor.potential, compute_stress=True, layout=predictor.layout)
             test_predictions = predictor.predict(best_params, test_samples,
                                                  self.config.training.eval_batch_size)
             summary["test"] = compute_metrics(test_samples, test_predictions)
@@ -496,7 +498,7 @@ class Trainer:
         settings = self.config.uncertainty
         self.model = PosteriorPotential(potential, method=settings.method, ddof=posterior.ddof,
                                         parallel_samples=getattr(settings, "parallel_samples", None))
-        self.predictor = Predictor(self.model, self.predictor.compute_stress)
+        self.predictor = Predictor(self.model, self.predictor.compute_stress, self.predictor.layout)
         checkpoint.save_pytree(os.path.join(self.run_dir, checkpoint.POSTERIOR_FILE), posterior.params)
         uncertainty = {"method": settings.method, "members": sample_count(posterior.params),
                        "ddof": posterior.ddof, "posterior_file": checkpoint.POSTERIOR_FILE, **posterior.details}
