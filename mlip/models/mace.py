@@ -70,7 +70,7 @@ def dense_convolution(node_features: e3nn.IrrepsArray, edge_sh: e3nn.IrrepsArray
     mix = mix.reshape(n, k, mix.shape[-1])
     paths = []  # in the loop order of e3nn.tensor_product
     for (mul_in, ir_in), chunk in zip(node_features.irreps, node_features.chunks):
-        gathered = None if chunk is None else chunk[neighbour_index]  # [N, K, C, 2 l1 + 1]
+        gathered = None if chunk is None else jnp.swapaxes(chunk, -1, -2)[neighbour_index]  # [N, K, 2 l1 + 1, C]
         for (_, ir_sh), harmonic in zip(edge_sh.irreps, harmonics):
             for ir_out in ir_in * ir_sh:
                 if ir_out in filter_ir_out:
@@ -90,8 +90,8 @@ def dense_convolution(node_features: e3nn.IrrepsArray, edge_sh: e3nn.IrrepsArray
             continue
         cg = e3nn.clebsch_gordan(ir_in.l, ir_sh.l, ir_out.l) * scale(ir_in, ir_sh, ir_out)
         coupling = jnp.einsum("nkb,abo->nkao", harmonic, cg.astype(harmonic.dtype))
-        weighted = gathered * mix[:, :, offset - mul:offset, None]
-        chunks.append(jnp.einsum("nkca,nkao->nco", weighted, coupling))
+        weighted = gathered * mix[:, :, None, offset - mul:offset]
+        chunks.append(jnp.einsum("nkac,nkao->nco", weighted, coupling))
     return e3nn.from_chunks(irreps_out, chunks, (n,), node_features.dtype).regroup()
 
 
