@@ -7,10 +7,13 @@ second layer on the 500-atom fcc cell: 500 atoms, 56 neighbours each (cutoff plu
 skin), 64 channels. Three forms of the same sum:
 
     edge list    gather h[senders], per-edge product [E, 7, C], segment_sum to receivers
-                 (what mlip's MACE does through e3nn-jax today)
+                 (mlip's MACE on an edge-list graph, through e3nn-jax)
     dense sum    the same product in [N, K, 7, C], summed over K
     dense einsum einsum("nkic,nkio,nkc->noc"): a batched matrix product per atom that
-                 never writes the [E, 7, C] message array
+                 never writes the [E, 7, C] message array (mlip's MACE on a dense-layout
+                 graph: `mlip.models.mace.dense_convolution`)
+
+The whole model in both layouts: scripts/benchmark_edge_layout.py.
 
 mlip is imported first, so XLA's scratch buffers stay mapped as in every mlip process
 (mlip/host_memory.py); without that, page faults triple the edge list's time and

@@ -159,3 +159,46 @@ def test_calculator_neighbour_skin_gives_same_results_with_fewer_rebuilds(traine
         assert atoms.get_potential_energy() == pytest.approx(reference.get_potential_energy(), abs=1e-4)
         np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), atol=1e-4)
     assert skinned.neighbour_list_builds < plain.neighbour_list_builds
+
+
+def test_calculator_sees_the_same_system_changes_as_ase(trained_run, emt_file):
+    """MLIPCalculator.check_state (exact comparison first) answers as ASE's compare_atoms."""
+    from ase.calculators.calculator import compare_atoms
+
+    from mlip import MLIPCalculator
+
+    calculator = MLIPCalculator.from_run(trained_run)
+    atoms = ase.io.read(emt_file, 0)
+    atoms.positions[0] = 0.0
+    atoms.calc = calculator
+    atoms.get_potential_energy()
+
+    def moved(atoms):
+        atoms.positions[1, 2] += 1e-9
+
+    def strained(atoms):
+        atoms.set_cell(atoms.cell.array * 1.001)
+
+    def swapped(atoms):
+        atoms.numbers[0] = 79 if atoms.numbers[0] == 29 else 29
+
+    def charged(atoms):
+        atoms.set_initial_charges(np.ones(len(atoms)))
+
+    def tiny(atoms):
+        atoms.positions[0, 0] = 1e-17  # not identical, but within ASE's tolerance: no change
+
+    def open_boundaries(atoms):
+        atoms.pbc = [True, True, False]
+
+    def unchanged(atoms):
+        pass
+
+    found = {}
+    for change in (unchanged, moved, strained, swapped, charged, tiny, open_boundaries):
+        changed = atoms.copy()
+        change(changed)
+        found[change.__name__] = sorted(calculator.check_state(changed))
+        assert found[change.__name__] == sorted(compare_atoms(calculator.atoms, changed))
+    assert found == {"unchanged": [], "moved": ["positions"], "strained": ["cell"],
+                     "swapped": ["numbers"], "charged": ["initial_charges"], "tiny": [], "open_boundaries": ["pbc"]}
