@@ -12,8 +12,8 @@ Conventions (see DESIGN.md):
     "ijS" with i = receiver, j = sender).
   * padding nodes have ``species == 0``; padding edges are self-loops with zero shift
     (``senders == receivers``, ``shifts == 0``), which no real edge can be; padding
-    graphs (at the end) hold only padding nodes. Masks, not branches, remove padding
-    from every sum.
+    graphs (at the end) hold only padding nodes, possibly none. Masks, not branches,
+    remove padding from every sum.
   * two edge layouts. ``neighbours_per_node == 0``: an edge list, real edges first,
     padding edges on the last padding node. ``neighbours_per_node == K > 0``: a dense
     receiver-major layout, ``E == N * K`` and edge ``n * K + k`` has receiver ``n``;

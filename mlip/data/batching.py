@@ -85,6 +85,13 @@ def build_samples(frames: Sequence[Frame], cutoff: float) -> list[GraphSample]:
     return [build_sample(frame, cutoff) for frame in frames]
 
 
+def padded_node_count(n_atoms: int, dense: bool) -> int:
+    """Nodes of a padded batch: the ladder value for the atoms, plus one padding node for an
+    edge list (its padding edges sit on it). Padding nodes of the dense layout would each
+    carry K empty edge slots, so it has none beyond the ladder's."""
+    return round_up_to_bucket(n_atoms if dense else n_atoms + 1)
+
+
 def round_up_neighbours(count: int) -> int:
     """K of a dense layout: the bucket ladder from 4 (4, 5, 6, 7, 8, 10, 12, ...)."""
     return round_up_to_bucket(count, minimum=4)
@@ -99,7 +106,7 @@ EDGE_LAYOUTS = ("auto", "dense", "list")
 
 
 def sizes_for(samples: Sequence[GraphSample], n_graph: int, layout: str = "auto") -> PaddedSizes:
-    """Bucketed sizes that fit ``samples`` plus one padding node and one padding graph.
+    """Bucketed sizes that fit ``samples`` and one padding graph (see `padded_node_count`).
 
     Args:
         samples: the structures of the batch.
@@ -110,10 +117,11 @@ def sizes_for(samples: Sequence[GraphSample], n_graph: int, layout: str = "auto"
     """
     if layout not in EDGE_LAYOUTS:
         raise ValueError(f"edge layout {layout!r}: expected one of {EDGE_LAYOUTS}")
-    n_node = round_up_to_bucket(sum(s.n_atoms for s in samples) + 1)
-    as_list = PaddedSizes(n_node, round_up_to_bucket(sum(s.n_edges for s in samples)), n_graph)
+    n_atoms = sum(s.n_atoms for s in samples)
+    as_list = PaddedSizes(padded_node_count(n_atoms, dense=False), round_up_to_bucket(sum(s.n_edges for s in samples)),
+                          n_graph)
     k = round_up_neighbours(max((s.max_neighbours for s in samples), default=0))
-    dense = PaddedSizes.dense(n_node, k, n_graph)
+    dense = PaddedSizes.dense(padded_node_count(n_atoms, dense=True), k, n_graph)
     if layout == "dense" or (layout == "auto"
                              and dense.n_edge <= DENSE_LAYOUT_MAX_SLOTS_PER_EDGE * as_list.n_edge):
         return dense
@@ -143,7 +151,7 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
     n_real_edges = sum(s.n_edges for s in samples)
     N, E, G, K = sizes.n_node, sizes.n_edge, sizes.n_graph, sizes.neighbours_per_node
     too_many_neighbours = K and max((s.max_neighbours for s in samples), default=0) > K
-    if (len(samples) > G - 1 or n_real_nodes > N - 1 or n_real_edges > E or too_many_neighbours
+    if (len(samples) > G - 1 or n_real_nodes > N - (0 if K else 1) or n_real_edges > E or too_many_neighbours
             or (K and E != N * K)):
         raise ValueError(f"batch of {len(samples)} graphs, {n_real_nodes} nodes, {n_real_edges} edges "
                          f"does not fit padded sizes {sizes}")

@@ -43,7 +43,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols, covalent_radii
 
-from mlip.data.batching import PaddedSizes, build_sample, pack_samples, round_up_neighbours, round_up_to_bucket
+from mlip.data.batching import PaddedSizes, build_sample, pack_samples, padded_node_count, round_up_neighbours
 from mlip.data.reader import Frame
 from mlip.errors import DataError, MLIPError
 from mlip.md import integrators
@@ -157,7 +157,7 @@ class MolecularDynamics:
         momenta = atoms.get_momenta()
         if not np.any(momenta) and temperature_K:
             momenta = maxwell_boltzmann_momenta(atoms.get_masses(), temperature_K, seed)
-        n_padded = round_up_to_bucket(self.n_atoms + 1)
+        n_padded = padded_node_count(self.n_atoms, dense=True)
         positions = np.zeros((n_padded, 3))
         positions[:self.n_atoms] = atoms.positions
         padded_momenta = np.zeros((n_padded, 3))
@@ -180,7 +180,7 @@ class MolecularDynamics:
         sample = build_sample(frame, self.potential.cutoff + self.skin)
         # Dense edge layout (mlip.graph): K slots per atom, a capacity that only grows.
         self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
-        sizes = PaddedSizes.dense(round_up_to_bucket(self.n_atoms + 1), self._neighbour_capacity, 2)
+        sizes = PaddedSizes.dense(padded_node_count(self.n_atoms, dense=True), self._neighbour_capacity, 2)
         graph = pack_samples([sample], sizes, None, self.dtype)
         self._template = jax.device_put(graph.replace(targets={}))
         self._reference_positions = jnp.asarray(graph.positions, self.dtype)
