@@ -10,7 +10,7 @@ from ase.build import bulk, molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.neighborlist import neighbor_list
 
-from mlip.data.batching import build_samples, pack_samples, round_up_to_bucket, sizes_for
+from mlip.data.batching import PaddedSizes, build_samples, pack_samples, round_up_to_bucket, sizes_for
 from mlip.data.neighbours import neighbour_list
 from mlip.data.reader import LabelKeys, read_frames, split_data_spec
 from mlip.data.statistics import compute_statistics, fit_e0_least_squares, load_e0_file
@@ -161,6 +161,8 @@ def test_dense_and_list_layouts_hold_the_same_edges():
     assert sizes_for(samples, 3).neighbours_per_node == 20
     waters = build_samples(read_frames_from_atoms([molecule("H2O")]), 4.0) * 20
     assert sizes_for(waters + samples[:1], 22).neighbours_per_node == 0
+    with pytest.raises(ValueError, match="does not fit"):  # fewer slots than an atom's neighbours
+        pack_samples(samples, PaddedSizes.dense(32, 16, 3))
 
 
 def read_frames_from_atoms(images):

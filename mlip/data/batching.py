@@ -14,6 +14,7 @@ models aggregate with a matrix product per node instead of a scatter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterator, Optional, Sequence
 
@@ -70,7 +71,7 @@ class GraphSample:
     def n_edges(self) -> int:
         return len(self.senders)
 
-    @property
+    @functools.cached_property
     def max_neighbours(self) -> int:
         """Largest number of edges into one atom (the K a dense layout needs)."""
         return int(np.bincount(self.receivers).max()) if len(self.receivers) else 0
@@ -98,8 +99,9 @@ def round_up_neighbours(count: int) -> int:
 
 
 # The dense layout costs about 0.4x the edge list per edge slot on a CPU (a force call
-# of the default model at 500 atoms: 0.6-0.75 s against 1.4-1.8 s), so it pays while
-# its slots (nodes x largest in-degree) are fewer than about 2.5x the edge-list edges.
+# of the default model at 500 atoms: 0.50 s against 1.22 s, scripts/benchmark_edge_layout.py),
+# so it pays while its slots (nodes x largest in-degree) are fewer than about 2.5x the
+# edge-list edges.
 # Batches mixing dense solids with small molecules can exceed that.
 DENSE_LAYOUT_MAX_SLOTS_PER_EDGE = 2.0
 EDGE_LAYOUTS = ("auto", "dense", "list")

@@ -54,7 +54,7 @@ def dense_convolution(node_features: e3nn.IrrepsArray, edge_sh: e3nn.IrrepsArray
     the time of the aggregation (scripts/benchmark_dense_aggregation.py).
 
     Args:
-        node_features: [N, irreps] neighbour features h (all chunks nonzero).
+        node_features: [N, irreps] neighbour features h (a zero chunk gives a zero path).
         edge_sh: [E, irreps] edge harmonics Y, one copy of each degree.
         mix: [E, num_irreps] radial weights, one per channel of each output path.
         senders: [E] neighbour index of each edge, receiver-major (E = N K).
