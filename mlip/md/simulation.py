@@ -123,6 +123,7 @@ class MolecularDynamics:
         self.pbc = pbc
         _check_elements(self.numbers, potential.statistics.atomic_numbers)
         self.n_atoms = len(atoms)
+        self._n_padded = padded_node_count(self.n_atoms, dense=True)  # state arrays and graph alike
         self.skin = float(skin)
         self.block_steps = int(block_steps)
         self.timestep_fs = float(timestep_fs)
@@ -157,7 +158,7 @@ class MolecularDynamics:
         momenta = atoms.get_momenta()
         if not np.any(momenta) and temperature_K:
             momenta = maxwell_boltzmann_momenta(atoms.get_masses(), temperature_K, seed)
-        n_padded = padded_node_count(self.n_atoms, dense=True)
+        n_padded = self._n_padded
         positions = np.zeros((n_padded, 3))
         positions[:self.n_atoms] = atoms.positions
         padded_momenta = np.zeros((n_padded, 3))
@@ -180,7 +181,7 @@ class MolecularDynamics:
         sample = build_sample(frame, self.potential.cutoff + self.skin)
         # Dense edge layout (mlip.graph): K slots per atom, a capacity that only grows.
         self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
-        sizes = PaddedSizes.dense(padded_node_count(self.n_atoms, dense=True), self._neighbour_capacity, 2)
+        sizes = PaddedSizes.dense(self._n_padded, self._neighbour_capacity, 2)
         graph = pack_samples([sample], sizes, None, self.dtype)
         self._template = jax.device_put(graph.replace(targets={}))
         self._reference_positions = jnp.asarray(graph.positions, self.dtype)

@@ -77,9 +77,11 @@ def dense_convolution(node_features: e3nn.IrrepsArray, edge_sh: e3nn.IrrepsArray
                     paths.append((ir_out, mul_in, ir_in, ir_sh, gathered, harmonic))
     # e3nn sorts the output irreps (stably) before regrouping; mix follows that order.
     order = sorted(range(len(paths)), key=lambda index: (paths[index][0], index))
-    scale = {"component": lambda ir_in, ir_sh, ir_out: ir_out.dim ** 0.5,
-             "norm": lambda ir_in, ir_sh, ir_out: (ir_in.dim * ir_sh.dim) ** 0.5,
-             "none": lambda ir_in, ir_sh, ir_out: 1.0}[e3nn.config("irrep_normalization")]
+    normalization = e3nn.config("irrep_normalization")
+
+    def scale(ir_in, ir_sh, ir_out) -> float:  # e3nn.tensor_product's factor on CG
+        return {"component": ir_out.dim ** 0.5, "norm": (ir_in.dim * ir_sh.dim) ** 0.5,
+                "none": 1.0}[normalization]
     irreps_out, chunks, offset = [], [], 0
     for index in order:
         ir_out, mul, ir_in, ir_sh, gathered, harmonic = paths[index]
