@@ -38,16 +38,37 @@ def species_index_table(atomic_numbers: Sequence[int]) -> np.ndarray:
     return table
 
 
-def dense_convolution(node_features: e3nn.IrrepsArray, edge_sh: e3nn.IrrepsArray, mix: jnp.ndarray,
-                      senders: jnp.ndarray, neighbours_per_node: int,
-                      filter_ir_out: e3nn.Irreps) -> e3nn.IrrepsArray:
-    """Σ_k mix ⊙ (h[senders] ⊗ Y) per receiver, for edges in the dense [N, K] layout.
+def tensor_product_paths(irreps_in: e3nn.Irreps, irreps_sh: e3nn.Irreps,
+                         filter_ir_out: e3nn.Irreps) -> list[tuple[int, int, int, e3nn.Irrep]]:
+    """Paths (input chunk, harmonic chunk, multiplicity, l3) of e3nn.tensor_product, in its output order.
 
-    Equal to ``scatter_sum(tensor_product(h[senders], Y, filter_ir_out) * mix)`` (same
+    e3nn loops over the (regrouped) input chunks, then the harmonic chunks, then l1 ⊗ l2,
+    and sorts the outputs stably by irrep; the radial weights follow that order.
+    """
+    paths = []
+    for index_in, (mul, ir_in) in enumerate(irreps_in.regroup()):
+        for index_sh, (_, ir_sh) in enumerate(irreps_sh.regroup()):
+            paths.extend((index_in, index_sh, mul, ir_out) for ir_out in ir_in * ir_sh
+                         if ir_out in filter_ir_out)
+    return sorted(paths, key=lambda path: path[3])  # sorted() is stable
+
+
+def coupling_scale(ir_in: e3nn.Irrep, ir_sh: e3nn.Irrep, ir_out: e3nn.Irrep) -> float:
+    """e3nn.tensor_product's factor on the Clebsch-Gordan coefficients."""
+    return {"component": ir_out.dim ** 0.5, "norm": (ir_in.dim * ir_sh.dim) ** 0.5,
+            "none": 1.0}[e3nn.config("irrep_normalization")]
+
+
+def dense_convolution(node_features: e3nn.IrrepsArray, edge_sh: e3nn.IrrepsArray,
+                      radial_weights: Sequence[jnp.ndarray], senders: jnp.ndarray,
+                      neighbours_per_node: int, filter_ir_out: e3nn.Irreps) -> e3nn.IrrepsArray:
+    """Σ_k R ⊙ (h[senders] ⊗ Y) per receiver, for edges in the dense [N, K] layout.
+
+    Equal to ``scatter_sum(tensor_product(h[senders], Y, filter_ir_out) * R)`` (same
     irreps, same order, e3nn's normalisation), computed per path l1 ⊗ l2 → l3 as
 
         T[n, k, a, o] = Σ_b CG[a, b, o] Y[n, k, b]                    (no channel axis)
-        A[n, c, o]    = Σ_{k, a} (mix[n, k, c] h[j(n, k), c, a]) T[n, k, a, o]
+        A[n, c, o]    = Σ_{k, a} (R[n, k, c] h[j(n, k), c, a]) T[n, k, a, o]
 
     a batched matrix product per node that never writes the [E, C, 2 l3 + 1] message
     array. On a CPU, where the edge-list form is bound by memory traffic, this halves
@@ -56,7 +77,7 @@ def dense_convolution(node_features: e3nn.IrrepsArray, edge_sh: e3nn.IrrepsArray
     Args:
         node_features: [N, irreps] neighbour features h (a zero chunk gives a zero path).
         edge_sh: [E, irreps] edge harmonics Y, one copy of each degree.
-        mix: [E, num_irreps] radial weights, one per channel of each output path.
+        radial_weights: per path of ``tensor_product_paths``, [E, multiplicity] weights R.
         senders: [E] neighbour index of each edge, receiver-major (E = N K).
         neighbours_per_node: K.
         filter_ir_out: output irreps kept.
@@ -66,35 +87,61 @@ def dense_convolution(node_features: e3nn.IrrepsArray, edge_sh: e3nn.IrrepsArray
     node_features = node_features.regroup()
     edge_sh = edge_sh.regroup()
     neighbour_index = senders.reshape(n, k)
+    gathered = [None if chunk is None else jnp.swapaxes(chunk, -1, -2)[neighbour_index]  # [N, K, 2 l1 + 1, C]
+                for chunk in node_features.chunks]
     harmonics = [chunk.reshape(n, k, chunk.shape[-1]) for chunk in edge_sh.chunks]  # mul 1 each
-    mix = mix.reshape(n, k, mix.shape[-1])
-    paths = []  # in the loop order of e3nn.tensor_product
-    for (mul_in, ir_in), chunk in zip(node_features.irreps, node_features.chunks):
-        gathered = None if chunk is None else jnp.swapaxes(chunk, -1, -2)[neighbour_index]  # [N, K, 2 l1 + 1, C]
-        for (_, ir_sh), harmonic in zip(edge_sh.irreps, harmonics):
-            for ir_out in ir_in * ir_sh:
-                if ir_out in filter_ir_out:
-                    paths.append((ir_out, mul_in, ir_in, ir_sh, gathered, harmonic))
-    # e3nn sorts the output irreps (stably) before regrouping; mix follows that order.
-    order = sorted(range(len(paths)), key=lambda index: (paths[index][0], index))
-    normalization = e3nn.config("irrep_normalization")
-
-    def scale(ir_in, ir_sh, ir_out) -> float:  # e3nn.tensor_product's factor on CG
-        return {"component": ir_out.dim ** 0.5, "norm": (ir_in.dim * ir_sh.dim) ** 0.5,
-                "none": 1.0}[normalization]
-    irreps_out, chunks, offset = [], [], 0
-    for index in order:
-        ir_out, mul, ir_in, ir_sh, gathered, harmonic = paths[index]
+    paths = tensor_product_paths(node_features.irreps, edge_sh.irreps, filter_ir_out)
+    if len(radial_weights) != len(paths):
+        raise ValueError(f"{len(radial_weights)} radial weight blocks for {len(paths)} paths")
+    irreps_out, chunks = [], []
+    for (index_in, index_sh, mul, ir_out), weights in zip(paths, radial_weights):
         irreps_out.append((mul, ir_out))
-        offset += mul
-        if gathered is None:  # a zero chunk (e3nn's None) stays zero
+        if gathered[index_in] is None:  # a zero chunk (e3nn's None) stays zero
             chunks.append(None)
             continue
-        cg = e3nn.clebsch_gordan(ir_in.l, ir_sh.l, ir_out.l) * scale(ir_in, ir_sh, ir_out)
-        coupling = jnp.einsum("nkb,abo->nkao", harmonic, cg.astype(harmonic.dtype))
-        weighted = gathered * mix[:, :, None, offset - mul:offset]
+        ir_in, ir_sh = node_features.irreps[index_in].ir, edge_sh.irreps[index_sh].ir
+        cg = e3nn.clebsch_gordan(ir_in.l, ir_sh.l, ir_out.l) * coupling_scale(ir_in, ir_sh, ir_out)
+        coupling = jnp.einsum("nkb,abo->nkao", harmonics[index_sh], cg.astype(edge_sh.dtype))
+        weighted = gathered[index_in] * weights.reshape(n, k, 1, mul)
         chunks.append(jnp.einsum("nkac,nkao->nco", weighted, coupling))
     return e3nn.from_chunks(irreps_out, chunks, (n,), node_features.dtype).regroup()
+
+
+class _BlockDense(nn.Module):
+    """A bias-free Dense layer whose output is returned as column blocks (flax's kernel)."""
+
+    block_sizes: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
+        kernel = self.param("kernel", nn.initializers.normal(stddev=1.0),
+                            (x.shape[-1], sum(self.block_sizes)), x.dtype)
+        scale = x.shape[-1] ** -0.5
+        bounds = np.cumsum((0,) + self.block_sizes)
+        return [(x @ kernel[:, start:stop]) * scale for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+class RadialMLP(nn.Module):
+    """e3nn.flax.MultiLayerPerceptron (SiLU, no biases, "path" normalisation) with its
+    last layer's output in column blocks: the same parameters and the same values.
+
+    Why blocks: the dense convolution takes one block per path. From one [E, H]·[H, Σ]
+    product read in slices, XLA on CPU fuses the concatenation of the slices' cotangents
+    into the backward product and runs it as a loop, 3.6× the forward product's time
+    (the largest single op of a force call); per-block products stay GEMMs.
+    """
+
+    hidden: tuple[int, ...]
+    block_sizes: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
+        act = e3nn.normalize_function(jax.nn.silu)
+        for features in self.hidden:
+            dense = nn.Dense(features, use_bias=False, kernel_init=nn.initializers.normal(stddev=1.0),
+                             param_dtype=x.dtype)
+            x = act(x.shape[-1] ** -0.5 * dense(x))
+        return _BlockDense(self.block_sizes, name=f"Dense_{len(self.hidden)}")(x)
 
 
 def edge_vectors(positions: jnp.ndarray, cell: jnp.ndarray, graph: AtomsGraph) -> jnp.ndarray:
@@ -128,17 +175,18 @@ class MACEInteraction(nn.Module):
         node_features = e3nn.flax.Linear(node_features.irreps, name="linear_up")(node_features)
         # Channel-wise tensor product of neighbour features with the edge harmonics.
         filter_ir_out = irreps_up_to(self.max_ell)
-        message_irreps = e3nn.tensor_product(node_features.irreps, edge_sh.irreps, filter_ir_out=filter_ir_out)
         # One radial weight per irrep channel; the MLP has no biases, so the weight is
         # zero wherever the (enveloped) radial features are zero: at and beyond r_c.
-        mix = e3nn.flax.MultiLayerPerceptron(self.radial_mlp + (message_irreps.num_irreps,),
-                                             act=jax.nn.silu, output_activation=False,
-                                             name="radial_mlp")(edge_radial)
         if self.neighbours_per_node:
-            atomic_basis = dense_convolution(node_features, edge_sh, mix, senders,
+            paths = tensor_product_paths(node_features.irreps, edge_sh.irreps, filter_ir_out)
+            radial_weights = RadialMLP(tuple(self.radial_mlp), tuple(mul for _, _, mul, _ in paths),
+                                       name="radial_mlp")(edge_radial)
+            atomic_basis = dense_convolution(node_features, edge_sh, radial_weights, senders,
                                              self.neighbours_per_node, filter_ir_out)
         else:
             messages = e3nn.tensor_product(node_features[senders], edge_sh, filter_ir_out=filter_ir_out)
+            [mix] = RadialMLP(tuple(self.radial_mlp), (messages.irreps.num_irreps,),
+                              name="radial_mlp")(edge_radial)
             atomic_basis = e3nn.scatter_sum(messages * mix, dst=receivers, output_size=num_nodes)
         atomic_basis = atomic_basis / self.avg_num_neighbors
         target_irreps = irreps_up_to(self.max_ell, self.num_channels)
