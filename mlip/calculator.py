@@ -16,10 +16,12 @@ With ``skin > 0`` the neighbour list is built at ``cutoff + skin`` and reused wh
 no atom has moved more than ``skin / 2`` since it was built (and the cell, pbc and
 atoms are unchanged): pairs beyond the cutoff contribute exactly zero (the radial
 envelope vanishes there), so results are unchanged and the list is rebuilt rarely.
+Between rebuilds the padded graph stays on the device and only positions are copied.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
@@ -29,6 +31,7 @@ from ase.calculators.calculator import Calculator, all_changes, equal
 from mlip.data.batching import GraphSample, build_sample, pack_samples, sizes_for
 from mlip.data.reader import Frame
 from mlip.errors import DataError
+from mlip.graph import AtomsGraph
 
 
 class MLIPCalculator(Calculator):
@@ -42,7 +45,8 @@ class MLIPCalculator(Calculator):
             raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.skin = float(skin)
         self.neighbour_list_builds = 0
-        self._neighbours: Optional[GraphSample] = None
+        self._neighbours: Optional[GraphSample] = None  # the last neighbour-list build
+        self._graph: Optional[AtomsGraph] = None  # its padded graph, on the device
         self.potential = potential
         self.params = jax.device_put(params)
         self._known = set(potential.statistics.atomic_numbers)
@@ -56,17 +60,25 @@ class MLIPCalculator(Calculator):
                               static_argnums=2)
         self._dtype = np.float64 if potential.config.dtype == "float64" else np.float32
 
-    def _sample_with_neighbours(self, frame: Frame) -> GraphSample:
-        """The frame with a neighbour list, reused from the last call when still valid."""
+    def _graph_for(self, frame: Frame) -> tuple[AtomsGraph, int]:
+        """The padded graph of ``frame`` on the device, and its atom count.
+
+        While the atoms have moved less than half the skin since the neighbour list was
+        built, the list is still complete: the graph of that build is reused on the
+        device and only the new positions go to it, with the call.
+        """
         previous = self._neighbours
         if previous is not None and self.skin > 0 and _same_system(previous.frame, frame):
             displacement = np.linalg.norm(frame.positions - previous.frame.positions, axis=1).max()
             if displacement < 0.5 * self.skin:
-                return GraphSample(frame, previous.senders, previous.receivers, previous.shifts)
+                positions = np.zeros(self._graph.positions.shape, self._dtype)
+                positions[:len(frame.numbers)] = frame.positions
+                return dataclasses.replace(self._graph, positions=positions), len(frame.numbers)
         sample = build_sample(frame, self.potential.cutoff + self.skin)
         self.neighbour_list_builds += 1
         self._neighbours = sample
-        return sample
+        self._graph = jax.device_put(pack_samples([sample], sizes_for([sample], 2), None, self._dtype))
+        return self._graph, sample.n_atoms
 
     @classmethod
     def from_run(cls, run_dir: str, which: str = "best", **kwargs) -> "MLIPCalculator":
@@ -114,11 +126,9 @@ class MLIPCalculator(Calculator):
         pbc = np.asarray(atoms.pbc, bool)
         frame = Frame(positions=np.asarray(atoms.positions, np.float64), numbers=numbers,
                       cell=np.asarray(atoms.cell.array, np.float64), pbc=pbc)
-        sample = self._sample_with_neighbours(frame)
-        graph = pack_samples([sample], sizes_for([sample], 2), None, self._dtype)
+        graph, n = self._graph_for(frame)
         want_stress = bool(pbc.all())
         outputs = jax.device_get(self._apply(self.params, graph, want_stress))
-        n = sample.n_atoms
         energy = self.potential.reference_energy(numbers) + float(outputs["energy"][0])
         e0 = self.potential.statistics.e0_per_species()[numbers]
         self.results = {

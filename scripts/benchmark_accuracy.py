@@ -4,7 +4,11 @@ Each framework trains on the same GFN2-xTB ethanol frames (default: train 0:500,
 500:600, test 600:1000 of data/ethanol_gfn2_500K.extxyz), one after the other in one
 run, each with the same wall-clock budget measured from the start of its training
 process (startup and compilation included). A framework still training at the budget
-is stopped (SIGINT, then SIGKILL) and its last saved model is used. All three are then
+is stopped (SIGTERM, then SIGKILL) and its last saved model is used. mlip places its
+schedule by elapsed time; the peers' schedules (mace's stage two, apax's learning-rate
+decay) are planned in epochs, so each peer is first run for ``--probe-s`` seconds with
+the same command, its epoch end times are read from its own logs, and its budgeted run
+is planned from the epoch time and start-up measured there. All three are then
 evaluated by the same metric function on predictions written by each framework's own
 ASE calculator. Results go to docs/benchmark_accuracy.json and to the section between
 ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` of docs/benchmarks.md.
@@ -12,7 +16,7 @@ ASE calculator. Results go to docs/benchmark_accuracy.json and to the section be
 Peers run in their own virtual environments (mace-torch needs torch, apax its own jax):
 
     python scripts/benchmark_accuracy.py --setup            # creates /work/peers/{mace,apax}-venv
-    python scripts/benchmark_accuracy.py --budget-s 720     # about 40 minutes on 2 cores
+    python scripts/benchmark_accuracy.py --budget-s 720     # about 45 minutes on 2 cores
 
 This is a benchmark script, never part of the test suite.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -29,6 +34,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -155,15 +161,35 @@ def _mlip_parameter_count(run_dir: str) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
+# ---------------------------------------------------------------- epoch planning
+def plan_epochs(epoch_end_s: list[float], budget_s: float) -> dict:
+    """Epochs that fit ``budget_s``, from the epoch end times of a probe run of the same command.
+
+    A steady epoch is the median interval between epoch ends; start-up (reading data,
+    compilation: everything before the first epoch's own share) is the first end minus
+    one steady epoch. Both are measured in this run, on this machine's current speed.
+    """
+    if len(epoch_end_s) < 3:
+        raise RuntimeError(f"the probe finished {len(epoch_end_s)} epochs, too few to time; raise --probe-s")
+    epoch_s = float(np.median(np.diff(epoch_end_s)))
+    startup_s = max(0.0, epoch_end_s[0] - epoch_s)
+    # 3 % to spare: a peer cut off by the budget never finishes its schedule (the last
+    # of its decay or stage two), which costs it more than the epoch or two given up.
+    return {"planned_epochs": max(4, int(0.97 * (budget_s - startup_s) / epoch_s)),
+            "probe_epoch_s": round(epoch_s, 2), "probe_startup_s": round(startup_s, 1)}
+
+
+def fixed_plan(epoch_s: float, budget_s: float) -> dict:
+    """The plan from an epoch time given on the command line (no probe)."""
+    return {"planned_epochs": max(4, int(budget_s / epoch_s)), "given_epoch_s": epoch_s}
+
+
 # ---------------------------------------------------------------- mace
-def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, epoch_s: float) -> dict:
-    mace_dir = os.path.join(work_dir, "mace_run")
-    shutil.rmtree(mace_dir, ignore_errors=True)
-    os.makedirs(mace_dir)
+def mace_arguments(split: dict, mace_dir: str) -> list:
     e0s = json.load(open(E0_FILE))
     e0_text = "{" + ",".join(f"{z}:{v}" for z, v in e0s.items()) + "}"
     a = MACE_ARCHITECTURE
-    arguments = [
+    return [
         "--name=ethanol", f"--train_file={split['train']}", f"--valid_file={split['valid']}",
         f"--E0s={e0_text}", "--energy_key=REF_energy", "--forces_key=REF_forces",
         "--model=MACE", f"--num_channels={a['num_channels']}", f"--max_L={a['max_L']}",
@@ -175,13 +201,41 @@ def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, epoch_s: 
         f"--checkpoints_dir={mace_dir}/checkpoints", f"--model_dir={mace_dir}",
         f"--log_dir={mace_dir}/logs", f"--results_dir={mace_dir}/results",
     ]
-    # mace's second stage (--swa: energy weight 1000, lower lr) starts at a fixed epoch;
-    # put it at 75 % of the epochs that fit the budget (epoch_s measured on this machine).
-    planned_epochs = max(4, int(budget_s / epoch_s))
-    arguments += ["--swa", f"--start_swa={int(0.75 * planned_epochs)}"]
+
+
+def mace_epoch_counter(mace_dir: str) -> Callable[[], int]:
+    """Epochs mace has finished: its "Epoch N:" evaluation lines (--eval_interval=1)."""
+    def count() -> int:
+        logs = glob.glob(os.path.join(mace_dir, "logs", "*_run-*.log"))
+        logs = [path for path in logs if not path.endswith("_debug.log")]
+        return sum(open(path).read().count(" INFO: Epoch ") for path in logs)
+    return count
+
+
+def fresh_directory(path: str) -> str:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, probe_s: float,
+               epoch_s: float | None) -> dict:
     trainer = os.path.join(venv, "bin", "mace_run_train")
+    if epoch_s is None:  # time mace's epochs in this run: a probe of the same command
+        probe_dir = fresh_directory(os.path.join(work_dir, "mace_probe"))
+        probe = run_with_budget([trainer, *mace_arguments(split, probe_dir), "--max_num_epochs=10000"],
+                                probe_s, os.path.join(work_dir, "mace_probe.log"),
+                                count_epochs=mace_epoch_counter(probe_dir))
+        plan = plan_epochs(probe["epoch_end_s"], budget_s)
+    else:
+        plan = fixed_plan(epoch_s, budget_s)
+    mace_dir = fresh_directory(os.path.join(work_dir, "mace_run"))
+    # mace's second stage (--swa: energy weight 1000, lower lr) starts at a fixed epoch:
+    # put it at 75 % of the epochs that fit the budget.
+    planned_epochs = plan["planned_epochs"]
+    arguments = mace_arguments(split, mace_dir) + ["--swa", f"--start_swa={int(0.75 * planned_epochs)}"]
     result = run_with_budget([trainer, *arguments, f"--max_num_epochs={planned_epochs}"], budget_s,
-                             os.path.join(work_dir, "mace_train.log"))
+                             os.path.join(work_dir, "mace_train.log"), count_epochs=mace_epoch_counter(mace_dir))
     epochs = _last_mace_epoch(os.path.join(mace_dir, "checkpoints"))
     # The .model file is written only at a normal end: restart from the last checkpoint
     # with max_num_epochs equal to the epochs done, which trains nothing and saves it.
@@ -192,7 +246,7 @@ def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, epoch_s: 
     model = os.path.join(mace_dir, "ethanol_stagetwo.model")
     if not os.path.exists(model):
         model = os.path.join(mace_dir, "ethanol.model")
-    result.update(epochs=epochs + 1, model=model, python=os.path.join(venv, "bin", "python"))
+    result.update(plan, epochs=epochs + 1, model=model, python=os.path.join(venv, "bin", "python"))
     return result
 
 
@@ -207,19 +261,15 @@ def _last_mace_epoch(checkpoint_dir: str) -> int:
 
 
 # ---------------------------------------------------------------- apax
-def train_apax(split: dict, work_dir: str, budget_s: float, venv: str, epoch_s: float) -> dict:
+def apax_config(split: dict, apax_dir: str, n_epochs: int) -> str:
+    """apax's default GMNN on the split (labels converted to calculator results); the config's path."""
     import yaml
 
-    apax_dir = os.path.join(work_dir, "apax_run")
-    shutil.rmtree(apax_dir, ignore_errors=True)
-    os.makedirs(apax_dir)
-    # apax reads labels from the calculator results: convert REF_* keys.
     converted = {}
     for name in ("train", "valid"):
         converted[name] = _as_calculator_labels(split[name], os.path.join(apax_dir, f"{name}.extxyz"))
-    # apax's learning rate decays linearly over n_epochs: plan the epochs that fit the budget.
     config = {
-        "n_epochs": max(4, int(budget_s / epoch_s)),
+        "n_epochs": n_epochs,
         "seed": 0,
         "data": {"directory": apax_dir, "experiment": "ethanol", "train_data_path": converted["train"],
                  "val_data_path": converted["valid"], "batch_size": MACE_ARCHITECTURE["batch_size"],
@@ -234,9 +284,29 @@ def train_apax(split: dict, work_dir: str, budget_s: float, venv: str, epoch_s: 
     config_path = os.path.join(apax_dir, "config.yaml")
     with open(config_path, "w") as stream:
         yaml.safe_dump(config, stream)
-    result = run_with_budget([os.path.join(venv, "bin", "apax"), "train", config_path], budget_s,
-                             os.path.join(work_dir, "apax_train.log"))
-    result.update(model=os.path.join(apax_dir, "ethanol"), python=os.path.join(venv, "bin", "python"),
+    return config_path
+
+
+def apax_epoch_counter(apax_dir: str) -> Callable[[], int]:
+    return lambda: _apax_epochs(os.path.join(apax_dir, "ethanol")) or 0
+
+
+def train_apax(split: dict, work_dir: str, budget_s: float, venv: str, probe_s: float,
+               epoch_s: float | None) -> dict:
+    apax = os.path.join(venv, "bin", "apax")
+    if epoch_s is None:  # time apax's epochs in this run: a probe of the same command
+        probe_dir = fresh_directory(os.path.join(work_dir, "apax_probe"))
+        probe = run_with_budget([apax, "train", apax_config(split, probe_dir, 10000)], probe_s,
+                                os.path.join(work_dir, "apax_probe.log"), count_epochs=apax_epoch_counter(probe_dir))
+        plan = plan_epochs(probe["epoch_end_s"], budget_s)
+    else:
+        plan = fixed_plan(epoch_s, budget_s)
+    apax_dir = fresh_directory(os.path.join(work_dir, "apax_run"))
+    # apax's learning rate decays linearly over n_epochs: plan the epochs that fit the budget.
+    config_path = apax_config(split, apax_dir, plan["planned_epochs"])
+    result = run_with_budget([apax, "train", config_path], budget_s, os.path.join(work_dir, "apax_train.log"),
+                             count_epochs=apax_epoch_counter(apax_dir))
+    result.update(plan, model=os.path.join(apax_dir, "ethanol"), python=os.path.join(venv, "bin", "python"),
                   epochs=_apax_epochs(os.path.join(apax_dir, "ethanol")))
     return result
 
@@ -320,10 +390,12 @@ def main(argv=None) -> None:
     parser.add_argument("--train", default="0:500")
     parser.add_argument("--valid", default="500:600")
     parser.add_argument("--test", default="600:1000")
-    parser.add_argument("--mace-epoch-s", type=float, default=14.5,
-                        help="seconds per mace epoch on this machine (plans its stage two)")
-    parser.add_argument("--apax-epoch-s", type=float, default=3.0,
-                        help="seconds per apax epoch on this machine (plans its lr decay)")
+    parser.add_argument("--probe-s", type=float, default=90.0,
+                        help="length of the probe run that times a peer's epochs before its budgeted run")
+    parser.add_argument("--mace-epoch-s", type=float, default=None,
+                        help="seconds per mace epoch (plans its stage two); default: timed by a probe")
+    parser.add_argument("--apax-epoch-s", type=float, default=None,
+                        help="seconds per apax epoch (plans its lr decay); default: timed by a probe")
     args = parser.parse_args(argv)
     if args.setup:
         setup(args.peer_dir)
@@ -338,10 +410,10 @@ def main(argv=None) -> None:
                 run = train_mlip(split, args.work_dir, args.budget_s, small=name == "mlip-small")
             elif name == "mace":
                 run = train_mace(split, args.work_dir, args.budget_s, os.path.join(args.peer_dir, "mace-venv"),
-                                 args.mace_epoch_s)
+                                 args.probe_s, args.mace_epoch_s)
             elif name == "apax":
                 run = train_apax(split, args.work_dir, args.budget_s, os.path.join(args.peer_dir, "apax-venv"),
-                                 args.apax_epoch_s)
+                                 args.probe_s, args.apax_epoch_s)
             else:
                 raise ValueError(f"unknown framework {name}")
             predictions = predict(name, run["python"], run["model"], split["test"], args.work_dir)

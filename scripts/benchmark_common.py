@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 PEER_VERSIONS = {"torch": "2.13.0", "mace-torch": "0.3.16", "apax": "0.14.0"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,15 +77,24 @@ def versions(peer_dir: str | None = None) -> dict:
 
 
 def run_with_budget(command: list, budget_s: float, log_path: str, env=None, grace_s: float = 0.0,
-                    cwd: str | None = None) -> dict:
-    """Run ``command``; interrupt it when ``budget_s + grace_s`` seconds have passed."""
+                    cwd: str | None = None, count_epochs: Callable[[], int] | None = None) -> dict:
+    """Run ``command``; interrupt it when ``budget_s + grace_s`` seconds have passed.
+
+    ``count_epochs``, where given, reads from the process's own logs how many epochs it
+    has finished; it is polled every 0.25 s and the result's ``epoch_end_s`` holds the
+    seconds from start at which each epoch was first seen finished.
+    """
     start = time.monotonic()
+    epoch_end_s: list[float] = []
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                    start_new_session=True)
         stopped = False
         while process.poll() is None:
-            if time.monotonic() - start > budget_s + grace_s:
+            elapsed = time.monotonic() - start
+            if count_epochs is not None:
+                epoch_end_s.extend([round(elapsed, 2)] * max(0, count_epochs() - len(epoch_end_s)))
+            if elapsed > budget_s + grace_s:
                 stopped = True
                 # SIGTERM, not SIGINT: a process started from a background job may ignore SIGINT.
                 os.killpg(process.pid, signal.SIGTERM)
@@ -94,9 +104,12 @@ def run_with_budget(command: list, budget_s: float, log_path: str, env=None, gra
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
                 break
-            time.sleep(0.5)
-    return {"wall_s": round(time.monotonic() - start, 1), "stopped_at_budget": stopped,
-            "returncode": process.returncode}
+            time.sleep(0.25 if count_epochs is not None else 0.5)
+    result = {"wall_s": round(time.monotonic() - start, 1), "stopped_at_budget": stopped,
+              "returncode": process.returncode}
+    if count_epochs is not None:
+        result["epoch_end_s"] = epoch_end_s
+    return result
 
 
 def replace_marked_section(path: str, begin: str, end: str, section: str, heading: str) -> None:
