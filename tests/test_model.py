@@ -209,3 +209,19 @@ def test_far_apart_fragments_are_additive(molecule_model, apply_fn):
     total = apply_fn(potential, params, a + b)[0]
     assert total == pytest.approx(apply_fn(potential, params, a)[0] + apply_fn(potential, params, b)[0],
                                   rel=1e-10)
+
+
+def test_radial_mlp_blocks_match_e3nn_mlp():
+    """RadialMLP: e3nn's MultiLayerPerceptron's parameters and values, its output in column blocks."""
+    import e3nn_jax as e3nn
+
+    from mlip.models.mace import RadialMLP
+
+    radial = jax.random.normal(jax.random.PRNGKey(1), (7, 8))
+    reference = e3nn.flax.MultiLayerPerceptron((16, 16, 10), act=jax.nn.silu, output_activation=False)
+    blocked = RadialMLP((16, 16), (3, 5, 2))
+    params = reference.init(jax.random.PRNGKey(0), radial)
+    assert jax.tree.structure(blocked.init(jax.random.PRNGKey(0), radial)) == jax.tree.structure(params)
+    blocks = blocked.apply(params, radial)
+    assert [block.shape for block in blocks] == [(7, 3), (7, 5), (7, 2)]
+    np.testing.assert_allclose(np.concatenate(blocks, axis=1), reference.apply(params, radial), rtol=1e-6, atol=1e-7)
