@@ -179,9 +179,19 @@ def plan_epochs(epoch_end_s: list[float], budget_s: float) -> dict:
             "probe_epoch_s": round(epoch_s, 2), "probe_startup_s": round(startup_s, 1)}
 
 
-def fixed_plan(epoch_s: float, budget_s: float) -> dict:
-    """The plan from an epoch time given on the command line (no probe)."""
-    return {"planned_epochs": max(4, int(budget_s / epoch_s)), "given_epoch_s": epoch_s}
+def peer_plan(name: str, work_dir: str, budget_s: float, probe_s: float, epoch_s: float | None,
+              command_in: Callable[[str], list], epoch_counter: Callable[[str], Callable[[], int]]) -> dict:
+    """A peer's epoch plan: from ``epoch_s`` where given, else from a probe in this run.
+
+    The probe runs ``command_in(directory)`` (the peer's real command, with an epoch
+    count it will not reach) for ``probe_s`` seconds in a fresh directory of its own.
+    """
+    if epoch_s is not None:
+        return {"planned_epochs": max(4, int(budget_s / epoch_s)), "given_epoch_s": epoch_s}
+    probe_dir = fresh_directory(os.path.join(work_dir, f"{name}_probe"))
+    probe = run_with_budget(command_in(probe_dir), probe_s, os.path.join(work_dir, f"{name}_probe.log"),
+                            count_epochs=epoch_counter(probe_dir))
+    return plan_epochs(probe["epoch_end_s"], budget_s)
 
 
 # ---------------------------------------------------------------- mace
@@ -221,14 +231,9 @@ def fresh_directory(path: str) -> str:
 def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, probe_s: float,
                epoch_s: float | None) -> dict:
     trainer = os.path.join(venv, "bin", "mace_run_train")
-    if epoch_s is None:  # time mace's epochs in this run: a probe of the same command
-        probe_dir = fresh_directory(os.path.join(work_dir, "mace_probe"))
-        probe = run_with_budget([trainer, *mace_arguments(split, probe_dir), "--max_num_epochs=10000"],
-                                probe_s, os.path.join(work_dir, "mace_probe.log"),
-                                count_epochs=mace_epoch_counter(probe_dir))
-        plan = plan_epochs(probe["epoch_end_s"], budget_s)
-    else:
-        plan = fixed_plan(epoch_s, budget_s)
+    plan = peer_plan("mace", work_dir, budget_s, probe_s, epoch_s,
+                     lambda directory: [trainer, *mace_arguments(split, directory), "--max_num_epochs=10000"],
+                     mace_epoch_counter)
     mace_dir = fresh_directory(os.path.join(work_dir, "mace_run"))
     # mace's second stage (--swa: energy weight 1000, lower lr) starts at a fixed epoch:
     # put it at 75 % of the epochs that fit the budget.
@@ -294,13 +299,9 @@ def apax_epoch_counter(apax_dir: str) -> Callable[[], int]:
 def train_apax(split: dict, work_dir: str, budget_s: float, venv: str, probe_s: float,
                epoch_s: float | None) -> dict:
     apax = os.path.join(venv, "bin", "apax")
-    if epoch_s is None:  # time apax's epochs in this run: a probe of the same command
-        probe_dir = fresh_directory(os.path.join(work_dir, "apax_probe"))
-        probe = run_with_budget([apax, "train", apax_config(split, probe_dir, 10000)], probe_s,
-                                os.path.join(work_dir, "apax_probe.log"), count_epochs=apax_epoch_counter(probe_dir))
-        plan = plan_epochs(probe["epoch_end_s"], budget_s)
-    else:
-        plan = fixed_plan(epoch_s, budget_s)
+    plan = peer_plan("apax", work_dir, budget_s, probe_s, epoch_s,
+                     lambda directory: [apax, "train", apax_config(split, directory, 10000)],
+                     apax_epoch_counter)
     apax_dir = fresh_directory(os.path.join(work_dir, "apax_run"))
     # apax's learning rate decays linearly over n_epochs: plan the epochs that fit the budget.
     config_path = apax_config(split, apax_dir, plan["planned_epochs"])
