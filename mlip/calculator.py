@@ -17,6 +17,11 @@ no atom has moved more than ``skin / 2`` since it was built (and the cell, pbc a
 atoms are unchanged): pairs beyond the cutoff contribute exactly zero (the radial
 envelope vanishes there), so results are unchanged and the list is rebuilt rarely.
 Between rebuilds the padded graph stays on the device and only positions are copied.
+
+The total charge and spin multiplicity of the structure are read from
+``atoms.info[charge_key]`` and ``atoms.info[spin_key]`` (``total_charge``, ``total_spin``
+as in the training data; 0 and 1 when absent). A model with a long-range term (LES) also
+returns its latent per-atom ``charges`` (e).
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ class MLIPCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, potential, params, skin: float = 0.0, **kwargs):
+    def __init__(self, potential, params, skin: float = 0.0, charge_key: str = "total_charge",
+                 spin_key: str = "total_spin", **kwargs):
         super().__init__(**kwargs)
         if skin < 0:
             raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.skin = float(skin)
+        self.charge_key, self.spin_key = charge_key, spin_key
         self.neighbour_list_builds = 0
         self._neighbours: Optional[GraphSample] = None  # the last neighbour-list build
         self._graph: Optional[AtomsGraph] = None  # its padded graph, on the device
@@ -56,6 +63,8 @@ class MLIPCalculator(Calculator):
         if self.has_uncertainty:
             self.implemented_properties = type(self).implemented_properties + [
                 "energy_std", "forces_std", "stress_std"]
+        if potential.k_cutoff is not None:
+            self.implemented_properties = self.implemented_properties + ["charges"]
         self._apply = jax.jit(lambda p, g, stress: potential.apply(p, g, True, stress),
                               static_argnums=2)
         self._dtype = np.float64 if potential.config.dtype == "float64" else np.float32
@@ -73,8 +82,10 @@ class MLIPCalculator(Calculator):
             if displacement < 0.5 * self.skin:
                 positions = np.zeros(self._graph.positions.shape, self._dtype)
                 positions[:len(frame.numbers)] = frame.positions
-                return dataclasses.replace(self._graph, positions=positions), len(frame.numbers)
-        sample = build_sample(frame, self.potential.cutoff + self.skin)
+                charge, spin = np.zeros(self._graph.charge.shape, self._dtype), np.ones(self._graph.spin.shape, self._dtype)
+                charge[0], spin[0] = frame.charge, frame.spin
+                return dataclasses.replace(self._graph, positions=positions, charge=charge, spin=spin), len(frame.numbers)
+        sample = build_sample(frame, self.potential.cutoff + self.skin, self.potential.k_cutoff)
         self.neighbour_list_builds += 1
         self._neighbours = sample
         self._graph = jax.device_put(pack_samples([sample], sizes_for([sample], 2), None, self._dtype))
@@ -109,6 +120,8 @@ class MLIPCalculator(Calculator):
         old_arrays, new_arrays = checked & set(old.arrays), checked & set(new.arrays)
         changes += sorted(old_arrays ^ new_arrays)
         changes += [name for name in sorted(old_arrays & new_arrays) if not same(old.arrays[name], new.arrays[name])]
+        # ASE does not compare atoms.info; the total charge and spin live there.
+        changes += [key for key in (self.charge_key, self.spin_key) if old.info.get(key) != new.info.get(key)]
         return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -125,7 +138,9 @@ class MLIPCalculator(Calculator):
                             f"{[chemical_symbols[z] for z in sorted(self._known)]}")
         pbc = np.asarray(atoms.pbc, bool)
         frame = Frame(positions=np.asarray(atoms.positions, np.float64), numbers=numbers,
-                      cell=np.asarray(atoms.cell.array, np.float64), pbc=pbc)
+                      cell=np.asarray(atoms.cell.array, np.float64), pbc=pbc,
+                      charge=float(atoms.info.get(self.charge_key, 0.0)),
+                      spin=float(atoms.info.get(self.spin_key, 1.0)))
         graph, n = self._graph_for(frame)
         want_stress = bool(pbc.all())
         outputs = jax.device_get(self._apply(self.params, graph, want_stress))
@@ -137,6 +152,8 @@ class MLIPCalculator(Calculator):
             "forces": np.asarray(outputs["forces"][:n], np.float64),
             "energies": e0 + np.asarray(outputs["node_energy"][:n], np.float64),
         }
+        if "charges" in outputs:
+            self.results["charges"] = np.asarray(outputs["charges"][:n], np.float64)
         if self.has_uncertainty:
             self.results["energy_std"] = float(outputs["energy_std"][0])
             self.results["forces_std"] = np.asarray(outputs["forces_std"][:n], np.float64)

@@ -92,7 +92,7 @@ def command_evaluate(args) -> int:
     config = load_config(os.path.join(args.run_dir, "config.yaml"))
     frames = read_frames(args.data, label_keys(config))
     check_elements(frames, potential.statistics.atomic_numbers, "evaluated")
-    samples = build_samples(frames, potential.cutoff)
+    samples = build_samples(frames, potential.cutoff, potential.k_cutoff)
     predictor = Predictor(potential, compute_stress=any(s.frame.is_periodic for s in samples))
     predictions = predictor.predict(params, samples, args.batch_size)
     metrics = compute_metrics(samples, predictions)

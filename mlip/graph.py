@@ -52,6 +52,10 @@ class AtomsGraph:
         charge: [G] total charge, e.
         spin: [G] spin multiplicity (1 = singlet).
         fidelity: [G] index of the level of theory that labelled the graph.
+        k_indices: [G, M, 3] integer reciprocal-lattice indices n (k = n·2π cell⁻ᵀ) of a
+            half space of each periodic graph, for Ewald sums (`mlip.physics.ewald`);
+            zero rows pad (k = 0 is excluded from every sum). M = 0 when the model has
+            no reciprocal-space term.
         targets: dict of labels: ``energy`` [G] (eV, above the reference energies),
             ``forces`` [N, 3] (eV/Å), ``stress`` [G, 3, 3] (eV/Å³), each with a
             matching ``<name>_mask`` ([G] or [N]) that is 1 where the label exists.
@@ -71,6 +75,7 @@ class AtomsGraph:
     charge: Array  # [G]
     spin: Array  # [G]
     fidelity: Array  # [G]
+    k_indices: Array  # [G, M, 3]
     targets: dict = dataclasses.field(default_factory=dict)
     neighbours_per_node: int = dataclasses.field(default=0, metadata=dict(static=True))
 

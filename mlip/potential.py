@@ -1,6 +1,7 @@
 """`Potential`: backbone + head + normalisation -> energy, and the one place derivatives are taken.
 
-    E_g = Σ_{i in g} [ s · ε_i + μ ]          (ε_i from backbone and head)
+    E_g = Σ_{i in g} [ s · ε_i + μ + e_i^LR ]   (ε_i from backbone and head; e^LR from a
+                                                long-range term such as LES, in eV)
     F_i = −∂E/∂r_i,     σ_g = (1/V_g) ∂E_g/∂ε |_{ε=0}   (ASE convention, eV/Å³)
 
 Heads that predict uncertainty add outputs without changing the energy path: a
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -34,24 +35,34 @@ import numpy as np
 
 import mlip.heads  # noqa: F401  (importing registers the heads)
 import mlip.models  # noqa: F401  (importing registers the backbones)
+import mlip.physics  # noqa: F401  (importing registers the long-range terms)
 from mlip.data.statistics import DatasetStatistics
 from mlip.graph import AtomsGraph
-from mlip.registry import BACKBONES, HEADS, lookup
+from mlip.registry import BACKBONES, HEADS, LONG_RANGE, lookup
 from mlip.training.config import ModelConfig
 
 
 class EnergyModel(nn.Module):
-    """Backbone then head: per-node normalised energies ε_i [N], or a dict of per-node outputs.
+    """Backbone then head (and a long-range term): a dict of per-node outputs.
 
-    A head returns either ε [N] or a dict with ``energy`` [N] or ``energy_members``
-    [K, N], and optionally ``energy_variance`` [N] and ``forces_variance`` [N].
+    The head gives ``energy`` [N] (normalised ε) or ``energy_members`` [K, N], and
+    optionally ``energy_variance`` [N] and ``forces_variance`` [N]; a long-range term
+    adds ``long_range_energy`` [N] (eV, not normalised) and ``charges`` [N] (e).
     """
 
     backbone: nn.Module
     head: nn.Module
+    long_range: Optional[nn.Module] = None
 
-    def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray):
-        return self.head(self.backbone(graph, positions, cell))
+    def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> dict:
+        features = self.backbone(graph, positions, cell)
+        outputs = self.head(features)
+        if not isinstance(outputs, dict):
+            outputs = {"energy": outputs}
+        if self.long_range is not None:
+            long_range = self.long_range(features, graph, positions, cell)
+            outputs = {**outputs, "long_range_energy": long_range["energy"], "charges": long_range["charges"]}
+        return outputs
 
 
 def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyModel:
@@ -62,7 +73,13 @@ def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyMo
                             avg_num_neighbors=statistics.avg_num_neighbors, **backbone_config)
     head_config = config.head.model_dump()
     head = lookup(HEADS, head_config.pop("name"), "model.head.name")(**head_config)
-    return EnergyModel(backbone=backbone, head=head)
+    long_range = None
+    if config.long_range is not None:
+        long_range_config = config.long_range.model_dump()
+        long_range_cls = lookup(LONG_RANGE, long_range_config.pop("name"), "model.long_range.name")
+        long_range_config["charge_mlp"] = tuple(long_range_config.get("charge_mlp", ()))
+        long_range = long_range_cls(**long_range_config)
+    return EnergyModel(backbone=backbone, head=head, long_range=long_range)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -83,6 +100,13 @@ class Potential:
     @property
     def cutoff(self) -> float:
         return float(self.config.backbone.r_max)
+
+    @property
+    def k_cutoff(self) -> Optional[float]:
+        """|k| limit of the reciprocal-space sums (Å⁻¹), None for a model without one.
+
+        Graphs for this potential carry the k indices within it (`build_sample`)."""
+        return self.config.k_cutoff
 
     def init(self, key: jax.Array, graph: AtomsGraph) -> Any:
         """Trainable parameters for a model that will see graphs like ``graph``."""
@@ -109,11 +133,16 @@ class Potential:
         ((eV/Å)²), each scale² times the head's normalised variance plus the floor.
         """
         head_outputs = self.module.apply({"params": params}, graph, positions, cell)
-        if not isinstance(head_outputs, dict):
-            head_outputs = {"energy": head_outputs}
         scale, shift = self.statistics.scale, self.statistics.shift
         normalised = head_outputs["energy_members"] if "energy_members" in head_outputs else head_outputs["energy"]
-        outputs = {"node_energy": jnp.where(graph.node_mask, scale * normalised + shift, 0.0)}
+        node_energy = jnp.where(graph.node_mask, scale * normalised + shift, 0.0)
+        if "long_range_energy" in head_outputs:
+            # In eV already: the Coulomb energy of the charges is not rescaled (and is
+            # shared by all readout members).
+            node_energy = node_energy + head_outputs["long_range_energy"]
+            outputs = {"node_energy": node_energy, "charges": head_outputs["charges"]}
+        else:
+            outputs = {"node_energy": node_energy}
         floor = getattr(self.config.head, "variance_floor", 0.0)
         for name in ("energy_variance", "forces_variance"):
             if name in head_outputs:
@@ -137,7 +166,7 @@ class Potential:
 
         Returns:
             dict with ``energy`` [G] (eV above the references), ``node_energy`` [N],
-            and if requested ``forces`` [N, 3] (eV/Å) and ``stress`` [G, 3, 3] (eV/Å³,
+            for a model with a long-range term ``charges`` [N] (e), and if requested ``forces`` [N, 3] (eV/Å) and ``stress`` [G, 3, 3] (eV/Å³,
             zero for non-periodic graphs). A mean-variance head adds ``energy_variance``
             [G] (eV²) and ``forces_variance`` [N, 3] ((eV/Å)²); a shallow-ensemble head
             adds ``energy_members`` [K, G] and, with ``member_derivatives``,
@@ -198,6 +227,8 @@ class Potential:
                        "energy_members": graph_energy}
         else:
             outputs = {"energy": graph_energy, "node_energy": node_energy}
+        if "charges" in nodes:
+            outputs["charges"] = nodes["charges"]
         if "energy_variance" in nodes:
             outputs["energy_variance"] = jax.ops.segment_sum(nodes["energy_variance"], graph.node_graph,
                                                              graph.n_node.shape[0])

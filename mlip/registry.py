@@ -1,4 +1,4 @@
-"""Registries that pick backbones and heads by the name given in the config.
+"""Registries that pick backbones, heads and long-range terms by the name given in the config.
 
 A config variant carries ``name: Literal["mace"]``; the registry maps that name to
 the class that builds it, so adding a model never adds an ``if name == ...`` chain.
@@ -12,6 +12,7 @@ from mlip.errors import ConfigError
 
 BACKBONES: Dict[str, type] = {}
 HEADS: Dict[str, type] = {}
+LONG_RANGE: Dict[str, type] = {}
 
 
 def _register(table: Dict[str, type], kind: str, name: str) -> Callable[[type], type]:
@@ -29,6 +30,10 @@ def register_backbone(name: str):
 
 def register_head(name: str):
     return _register(HEADS, "head", name)
+
+
+def register_long_range(name: str):
+    return _register(LONG_RANGE, "long-range term", name)
 
 
 def lookup(table: Dict[str, type], name: str, key_path: str) -> type:

@@ -169,7 +169,7 @@ def inference_worker(run_dir: str, data: str, out_path: str) -> None:
 
     potential, params = load_potential(run_dir)
     config = load_config(os.path.join(run_dir, "config.yaml"))
-    samples = build_samples(read_frames(data, label_keys(config)), potential.cutoff)
+    samples = build_samples(read_frames(data, label_keys(config)), potential.cutoff, potential.k_cutoff)
     predictor = Predictor(potential, compute_stress=False)
     batch_size = config.training.eval_batch_size
     predictor.predict(params, samples, batch_size)  # compiles every padded batch shape

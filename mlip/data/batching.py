@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from mlip.data.neighbours import neighbour_list
+from mlip.data.neighbours import neighbour_list, reciprocal_indices
 from mlip.data.reader import Frame
 from mlip.graph import AtomsGraph
 
@@ -48,20 +48,22 @@ class PaddedSizes:
     n_edge: int
     n_graph: int
     neighbours_per_node: int = 0
+    n_k: int = 0  # k indices per graph (Ewald sums); 0 without a reciprocal-space term
 
     @classmethod
-    def dense(cls, n_node: int, neighbours_per_node: int, n_graph: int) -> "PaddedSizes":
-        return cls(n_node, n_node * neighbours_per_node, n_graph, neighbours_per_node)
+    def dense(cls, n_node: int, neighbours_per_node: int, n_graph: int, n_k: int = 0) -> "PaddedSizes":
+        return cls(n_node, n_node * neighbours_per_node, n_graph, neighbours_per_node, n_k)
 
 
 @dataclasses.dataclass
 class GraphSample:
-    """One structure with its neighbour list (host, unpadded)."""
+    """One structure with its neighbour list (host, unpadded) and, for Ewald sums, its k indices."""
 
     frame: Frame
     senders: np.ndarray  # [e]
     receivers: np.ndarray  # [e]
     shifts: np.ndarray  # [e, 3]
+    k_indices: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))  # [m, 3]
 
     @property
     def n_atoms(self) -> int:
@@ -77,13 +79,18 @@ class GraphSample:
         return int(np.bincount(self.receivers).max()) if len(self.receivers) else 0
 
 
-def build_sample(frame: Frame, cutoff: float) -> GraphSample:
+def build_sample(frame: Frame, cutoff: float, k_cutoff: Optional[float] = None) -> GraphSample:
+    """Neighbour list within ``cutoff`` (Å) and, for a periodic frame and a model with a
+    reciprocal-space term, the half-space k indices within ``k_cutoff`` (Å⁻¹)."""
     senders, receivers, shifts = neighbour_list(frame.positions, frame.cell, frame.pbc, cutoff)
-    return GraphSample(frame, senders, receivers, shifts)
+    sample = GraphSample(frame, senders, receivers, shifts)
+    if k_cutoff and frame.is_periodic:
+        sample.k_indices = reciprocal_indices(frame.cell, k_cutoff)
+    return sample
 
 
-def build_samples(frames: Sequence[Frame], cutoff: float) -> list[GraphSample]:
-    return [build_sample(frame, cutoff) for frame in frames]
+def build_samples(frames: Sequence[Frame], cutoff: float, k_cutoff: Optional[float] = None) -> list[GraphSample]:
+    return [build_sample(frame, cutoff, k_cutoff) for frame in frames]
 
 
 def padded_node_count(n_atoms: int, dense: bool) -> int:
@@ -91,6 +98,11 @@ def padded_node_count(n_atoms: int, dense: bool) -> int:
     edge list (its padding edges sit on it). Padding nodes of the dense layout would each
     carry K empty edge slots, so it has none beyond the ladder's."""
     return round_up_to_bucket(n_atoms if dense else n_atoms + 1)
+
+
+def round_up_k_count(count: int) -> int:
+    """M of a batch's k indices: 0 when no graph has any, else the bucket ladder from 8."""
+    return round_up_to_bucket(count) if count else 0
 
 
 def round_up_neighbours(count: int) -> int:
@@ -120,10 +132,11 @@ def sizes_for(samples: Sequence[GraphSample], n_graph: int, layout: str = "auto"
     if layout not in EDGE_LAYOUTS:
         raise ValueError(f"edge layout {layout!r}: expected one of {EDGE_LAYOUTS}")
     n_atoms = sum(s.n_atoms for s in samples)
+    n_k = round_up_k_count(max((len(s.k_indices) for s in samples), default=0))
     as_list = PaddedSizes(padded_node_count(n_atoms, dense=False), round_up_to_bucket(sum(s.n_edges for s in samples)),
-                          n_graph)
+                          n_graph, 0, n_k)
     k = round_up_neighbours(max((s.max_neighbours for s in samples), default=0))
-    dense = PaddedSizes.dense(padded_node_count(n_atoms, dense=True), k, n_graph)
+    dense = PaddedSizes.dense(padded_node_count(n_atoms, dense=True), k, n_graph, n_k)
     if layout == "dense" or (layout == "auto"
                              and dense.n_edge <= DENSE_LAYOUT_MAX_SLOTS_PER_EDGE * as_list.n_edge):
         return dense
@@ -153,8 +166,9 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
     n_real_edges = sum(s.n_edges for s in samples)
     N, E, G, K = sizes.n_node, sizes.n_edge, sizes.n_graph, sizes.neighbours_per_node
     too_many_neighbours = K and max((s.max_neighbours for s in samples), default=0) > K
+    too_many_k = max((len(s.k_indices) for s in samples), default=0) > sizes.n_k
     if (len(samples) > G - 1 or n_real_nodes > N - (0 if K else 1) or n_real_edges > E or too_many_neighbours
-            or (K and E != N * K)):
+            or too_many_k or (K and E != N * K)):
         raise ValueError(f"batch of {len(samples)} graphs, {n_real_nodes} nodes, {n_real_edges} edges "
                          f"does not fit padded sizes {sizes}")
     positions = np.zeros((N, 3), np.float64)
@@ -175,6 +189,7 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
     charge = np.zeros((G,), np.float64)
     spin = np.ones((G,), np.float64)
     fidelity = np.zeros((G,), np.int32)
+    k_indices = np.zeros((G, sizes.n_k, 3), np.int32)
     energy = np.zeros((G,), np.float64)
     energy_mask = np.zeros((G,), np.float64)
     forces = np.zeros((N, 3), np.float64)
@@ -203,6 +218,7 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
             shifts[edges] = sample.shifts
         n_node[g], n_edge[g] = n, n * K if K else e
         charge[g], spin[g], fidelity[g] = frame.charge, frame.spin, frame.fidelity
+        k_indices[g, :len(sample.k_indices)] = sample.k_indices
         if frame.energy is not None:
             reference = 0.0 if e0_per_species is None else float(np.sum(e0_per_species[frame.numbers]))
             energy[g] = frame.energy - reference
@@ -227,7 +243,7 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
         positions=positions.astype(dtype), species=species, cell=cell.astype(dtype),
         senders=senders, receivers=receivers, shifts=shifts, n_node=n_node, n_edge=n_edge,
         node_graph=node_graph, charge=charge.astype(dtype), spin=spin.astype(dtype),
-        fidelity=fidelity, targets=targets, neighbours_per_node=K)
+        fidelity=fidelity, k_indices=k_indices, targets=targets, neighbours_per_node=K)
 
 
 def dense_slots(receivers: np.ndarray, n_atoms: int, neighbours_per_node: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Neighbour lists on the host, from vesin (a fast, well-tested C++ cell list).
+"""Neighbour lists on the host, from vesin (a fast, well-tested C++ cell list), and their
+reciprocal-space counterpart, the k indices of Ewald sums.
 
 Returns edges in mlip's convention (see `mlip.graph`): receiver i, sender j, and the
 integer lattice shift S of the sender image, so that
@@ -38,3 +39,21 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
                                       quantities="ijS")
     return j.astype(np.int32), i.astype(np.int32), shifts.astype(np.int32)
 
+
+def reciprocal_indices(cell: np.ndarray, k_cutoff: float) -> np.ndarray:
+    """[m, 3] integer n of the half space (first non-zero component > 0) with 0 < |n·B| ≤ k_cutoff.
+
+    Args:
+        cell: [3, 3] lattice vectors as rows, Å.
+        k_cutoff: Å⁻¹.
+    """
+    cell = np.asarray(cell, np.float64)
+    basis = 2.0 * np.pi * np.linalg.inv(cell).T  # rows b_a with a_i·b_j = 2π δ_ij
+    # |n_a| = |k·a_a|/2π ≤ k_c |a_a|/2π bounds the box that holds the sphere.
+    bounds = np.ceil(k_cutoff * np.linalg.norm(cell, axis=1) / (2.0 * np.pi)).astype(int)
+    axes = [np.arange(-b, b + 1) for b in bounds]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    first = np.where(grid[:, 0] != 0, grid[:, 0], np.where(grid[:, 1] != 0, grid[:, 1], grid[:, 2]))
+    k_norm = np.linalg.norm(grid @ basis, axis=1)
+    keep = (first > 0) & (k_norm <= k_cutoff)
+    return grid[keep].astype(np.int32)

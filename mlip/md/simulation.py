@@ -43,7 +43,8 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols, covalent_radii
 
-from mlip.data.batching import PaddedSizes, build_sample, pack_samples, padded_node_count, round_up_neighbours
+from mlip.data.batching import (PaddedSizes, build_sample, pack_samples, padded_node_count, round_up_k_count,
+                                round_up_neighbours)
 from mlip.data.reader import Frame
 from mlip.errors import DataError, MLIPError
 from mlip.md import integrators
@@ -121,6 +122,9 @@ class MolecularDynamics:
         self.params = jax.device_put(params)
         self.numbers = np.asarray(atoms.numbers)
         self.pbc = pbc
+        # Total charge and spin multiplicity, as the calculator and the training data have them.
+        self.total_charge = float(atoms.info.get("total_charge", 0.0))
+        self.total_spin = float(atoms.info.get("total_spin", 1.0))
         _check_elements(self.numbers, potential.statistics.atomic_numbers)
         self.n_atoms = len(atoms)
         self._n_padded = padded_node_count(self.n_atoms, dense=True)  # state arrays and graph alike
@@ -145,6 +149,7 @@ class MolecularDynamics:
         self._drift_sums = np.zeros(5)
         self._energy_origin: Optional[float] = None
         self._neighbour_capacity = 0
+        self._k_capacity = 0
         self._template = None
         self._program = _Program(potential, self.block_steps)
         self._limits = np.array([self.skin, self.min_distance_fraction, self.max_temperature_K])
@@ -177,11 +182,14 @@ class MolecularDynamics:
     def _rebuild_neighbours(self, positions: np.ndarray, cell: np.ndarray) -> None:
         """Host neighbour list at cutoff + skin, padded to a capacity that only grows."""
         frame = Frame(positions=np.asarray(positions, np.float64), numbers=self.numbers,
-                      cell=np.asarray(cell, np.float64), pbc=self.pbc)
-        sample = build_sample(frame, self.potential.cutoff + self.skin)
-        # Dense edge layout (mlip.graph): K slots per atom, a capacity that only grows.
+                      cell=np.asarray(cell, np.float64), pbc=self.pbc, charge=self.total_charge,
+                      spin=self.total_spin)
+        sample = build_sample(frame, self.potential.cutoff + self.skin, self.potential.k_cutoff)
+        # Dense edge layout (mlip.graph): K slots per atom, a capacity that only grows; so
+        # does the k-index capacity of a long-range term (a barostat changes the cell).
         self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
-        sizes = PaddedSizes.dense(self._n_padded, self._neighbour_capacity, 2)
+        self._k_capacity = max(self._k_capacity, round_up_k_count(len(sample.k_indices)))
+        sizes = PaddedSizes.dense(self._n_padded, self._neighbour_capacity, 2, self._k_capacity)
         graph = pack_samples([sample], sizes, None, self.dtype)
         self._template = jax.device_put(graph.replace(targets={}))
         self._reference_positions = jnp.asarray(graph.positions, self.dtype)

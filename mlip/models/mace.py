@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlip.graph import AtomsGraph
+from mlip.models.embedding import ChargeSpinEmbedding
 from mlip.models.radial import radial_embedding
 from mlip.models.symmetric_contraction import SymmetricContraction, irreps_up_to
 from mlip.registry import register_backbone
@@ -216,6 +217,8 @@ class MACE(nn.Module):
         correlation: body order of the symmetric contraction (ν; ν+1-body per layer).
         num_interactions: number of layers.
         radial_mlp: hidden sizes of the radial MLP.
+        charge_spin_embedding: add `ChargeSpinEmbedding` of the graph's total charge and
+            spin to the atoms' initial features.
     """
 
     atomic_numbers: tuple[int, ...]
@@ -229,6 +232,7 @@ class MACE(nn.Module):
     correlation: int = 3
     num_interactions: int = 2
     radial_mlp: tuple[int, ...] = (64, 64, 64)
+    charge_spin_embedding: bool = False
 
     @property
     def feature_irreps(self) -> e3nn.Irreps:
@@ -258,6 +262,9 @@ class MACE(nn.Module):
         one_hot = jax.nn.one_hot(species_index, num_species, dtype=positions.dtype)
         node_features = e3nn.flax.Linear(f"{self.num_channels}x0e", name="embedding")(
             e3nn.IrrepsArray(f"{num_species}x0e", one_hot))
+        if self.charge_spin_embedding:
+            state = ChargeSpinEmbedding(self.num_channels, name="charge_spin")(graph, positions.dtype)
+            node_features = node_features + e3nn.IrrepsArray(node_features.irreps, state)
         scalars_per_layer = []
         for layer in range(self.num_interactions):
             last = layer == self.num_interactions - 1

@@ -8,6 +8,7 @@ is saved next to every checkpoint. ``load_config`` reads a YAML file and applies
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal, Optional, Union
 
@@ -35,6 +36,9 @@ class MACEConfig(StrictModel):
     correlation: int = Field(3, ge=1, le=4)
     num_interactions: int = Field(2, ge=1, le=6)
     radial_mlp: tuple[PositiveInt, ...] = (64, 64, 64)
+    charge_spin_embedding: bool = Field(
+        False, description="add an embedding of the graph's total charge and spin multiplicity to every "
+                           "atom's features (zero for a neutral singlet)")
 
 
 class EnergyHeadConfig(StrictModel):
@@ -62,14 +66,34 @@ class ShallowEnsembleHeadConfig(StrictModel):
     mlp_hidden: PositiveInt = 16
 
 
+class LatentEwaldConfig(StrictModel):
+    """Latent-charge Ewald electrostatics, LES (METHODS.md §3.3): learned per-atom charges whose
+    Gaussian-charge Coulomb energy is added to the local energy; charges sum to the total charge."""
+
+    name: Literal["les"] = "les"
+    sigma: PositiveFloat = Field(1.0, description="pair width σ of the Gaussian charges, Å")
+    k_resolution: PositiveFloat = Field(2.0, description="dl, Å: the reciprocal sum keeps |k| <= 2π/dl")
+    charge_mlp: tuple[PositiveInt, ...] = Field((16,), description="hidden sizes of the charge MLP")
+
+
 BackboneConfig = Union[MACEConfig]
 HeadConfig = Union[EnergyHeadConfig, MeanVarianceHeadConfig, ShallowEnsembleHeadConfig]
+LongRangeConfig = Union[LatentEwaldConfig]
 
 
 class ModelConfig(StrictModel):
     backbone: BackboneConfig = Field(default_factory=MACEConfig, discriminator="name")
     head: HeadConfig = Field(default_factory=EnergyHeadConfig, discriminator="name")
+    long_range: Optional[LongRangeConfig] = Field(
+        None, discriminator="name", description="a long-range energy term (les), or null for a local model")
     dtype: Literal["float32", "float64"] = "float32"
+
+    @property
+    def k_cutoff(self) -> Optional[float]:
+        """|k| limit of the reciprocal-space sums, Å⁻¹ (2π/dl); None without a long-range term."""
+        if self.long_range is None:
+            return None
+        return 2.0 * math.pi / float(self.long_range.k_resolution)
 
     @model_validator(mode="before")
     @classmethod
@@ -78,7 +102,7 @@ class ModelConfig(StrictModel):
         # variant needs `name:`.
         if isinstance(data, dict):
             data = dict(data)
-            for key, default in (("backbone", "mace"), ("head", "energy")):
+            for key, default in (("backbone", "mace"), ("head", "energy"), ("long_range", "les")):
                 if isinstance(data.get(key), dict) and "name" not in data[key]:
                     data[key] = {"name": default, **data[key]}
         return data

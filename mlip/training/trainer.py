@@ -157,9 +157,9 @@ class Trainer:
         self.run_dir = config.run_dir
         self.dtype = np.float64 if config.model.dtype == "float64" else np.float32
         train_frames, valid_frames = load_split(config)
-        cutoff = config.model.backbone.r_max
-        self.train_samples = build_samples(train_frames, cutoff)
-        self.valid_samples = build_samples(valid_frames, cutoff)
+        cutoff, k_cutoff = config.model.backbone.r_max, config.model.k_cutoff
+        self.train_samples = build_samples(train_frames, cutoff, k_cutoff)
+        self.valid_samples = build_samples(valid_frames, cutoff, k_cutoff)
         self.statistics: DatasetStatistics = compute_statistics(
             self.train_samples, resolve_e0s(config), config.data.scaling)
         check_elements(valid_frames, self.statistics.atomic_numbers, "validation")
@@ -473,7 +473,7 @@ class Trainer:
         if self.config.data.test:
             test_frames = read_frames(self.config.data.test, label_keys(self.config))
             check_elements(test_frames, self.statistics.atomic_numbers, "test")
-            test_samples = build_samples(test_frames, self.potential.cutoff)
+            test_samples = build_samples(test_frames, self.potential.cutoff, self.potential.k_cutoff)
             if not predictor.compute_stress and any(s.frame.is_periodic for s in test_samples):
                 predictor = Predictor(predictor.potential, compute_stress=True, layout=predictor.layout)
             test_predictions = predictor.predict(best_params, test_samples,

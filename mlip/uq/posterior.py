@@ -30,8 +30,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-# Outputs that get a mean and a standard deviation; node energies get only a mean.
+# Outputs that get a mean and a standard deviation; node energies and charges get only a mean.
 UNCERTAIN_OUTPUTS = ("energy", "forces", "stress")
+MEAN_ONLY_OUTPUTS = ("node_energy", "charges")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +117,9 @@ def flatten_members(sample_outputs: dict) -> dict:
         variance_key = f"{name}_variance"
         if variance_key in flat:
             flat[variance_key] = jnp.repeat(flat[variance_key], n_members, axis=0)
-    if "node_energy" in flat:
-        flat["node_energy"] = jnp.repeat(flat["node_energy"], n_members, axis=0)
+    for name in MEAN_ONLY_OUTPUTS:
+        if name in flat:
+            flat[name] = jnp.repeat(flat[name], n_members, axis=0)
     return flat
 
 
@@ -135,9 +137,7 @@ def predictive_moments(sample_outputs: dict, ddof: int = 1) -> dict:
         per output ``<name>`` (mean), ``<name>_var_epistemic`` and ``<name>_var_aleatoric``
         with the shape of one sample's output; ``node_energy`` as a mean.
     """
-    moments = {}
-    if "node_energy" in sample_outputs:
-        moments["node_energy"] = jnp.mean(sample_outputs["node_energy"], axis=0)
+    moments = {name: jnp.mean(sample_outputs[name], axis=0) for name in MEAN_ONLY_OUTPUTS if name in sample_outputs}
     for name in UNCERTAIN_OUTPUTS:
         if name not in sample_outputs:
             continue
@@ -213,6 +213,10 @@ class PosteriorPotential:
     def cutoff(self) -> float:
         return self.potential.cutoff
 
+    @property
+    def k_cutoff(self):
+        return self.potential.k_cutoff
+
     def reference_energy(self, numbers) -> float:
         return self.potential.reference_energy(numbers)
 
@@ -246,7 +250,7 @@ class PosteriorPotential:
                                                                   member_derivatives=False),
                               posterior_params, self.parallel_samples)
         return {name: jnp.mean(outputs[name], axis=0)
-                for name in ("energy", "node_energy", "forces", "stress") if name in outputs}
+                for name in ("energy", "node_energy", "forces", "stress", "charges") if name in outputs}
 
     def apply(self, posterior_params: Any, graph, compute_forces: bool = True,
               compute_stress: bool = False) -> dict:
@@ -254,7 +258,7 @@ class PosteriorPotential:
 
         Returns:
             dict with ``energy`` [G], ``node_energy`` [N], ``forces`` [N, 3], ``stress``
-            [G, 3, 3] (means, as requested) and for each of energy/forces/stress
+            [G, 3, 3] (means, as requested; ``charges`` [N] for a long-range model) and for each of energy/forces/stress
             ``<name>_std``, ``<name>_std_epistemic``, ``<name>_std_aleatoric`` of the same
             shape (eV, eV/Å, eV/Å³), recalibrated.
         """

@@ -1,0 +1,195 @@
+"""Long-range physics: Ewald sums against Madelung constants and invariants, LES inside the potential."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from conftest import make_potential
+from mlip.data.batching import build_samples, pack_samples
+from mlip.data.neighbours import reciprocal_indices
+from mlip.data.reader import Frame
+from mlip.physics.ewald import COULOMB_CONSTANT, direct_energy, ewald_energy, gaussian_charge_energy
+from mlip.physics.latent_ewald import conserve_total_charge
+
+
+def ionic_charges(atoms, cation):
+    return np.where(atoms.numbers == cation, 1.0, -1.0)
+
+
+@pytest.mark.parametrize("structure, cation, distance, madelung", [
+    (bulk("NaCl", "rocksalt", a=5.64, cubic=True), 11, 2.82, 1.747565),
+    (bulk("NaCl", "rocksalt", a=5.64), 11, 2.82, 1.747565),  # 2-atom triclinic primitive cell
+    (bulk("CsCl", "cesiumchloride", a=4.0), 55, 4.0 * math.sqrt(3) / 2, 1.762675),
+])
+def test_madelung_constants(structure, cation, distance, madelung):
+    energy = ewald_energy(structure.positions, ionic_charges(structure, cation), structure.cell.array,
+                          accuracy=1e-10)
+    pairs = len(structure) / 2
+    assert -energy / pairs * distance / COULOMB_CONSTANT == pytest.approx(madelung, rel=1e-6)
+
+
+def test_energy_is_independent_of_the_splitting_parameter_for_a_charged_triclinic_cell():
+    rng = np.random.default_rng(0)
+    cell = np.array([[4.0, 0.3, 0.1], [0.5, 5.0, 0.2], [0.7, -0.4, 4.5]])
+    positions = rng.uniform(0, 1, (6, 3)) @ cell
+    charges = rng.normal(size=6)  # net charge: the background term is needed
+    energies = [ewald_energy(positions, charges, cell, alpha=alpha, accuracy=1e-12) for alpha in (0.5, 0.8, 1.2)]
+    np.testing.assert_allclose(energies, energies[0], rtol=1e-9)
+
+
+def test_supercell_has_eight_times_the_energy_and_perfect_lattice_no_forces():
+    nacl = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    charges = ionic_charges(nacl, 11)
+    supercell = nacl.repeat(2)
+    single = ewald_energy(nacl.positions, charges, nacl.cell.array, accuracy=1e-10)
+    eight = ewald_energy(supercell.positions, np.tile(charges, 8), supercell.cell.array, accuracy=1e-10)
+    assert eight == pytest.approx(8 * single, rel=1e-9)
+    forces = -jax.grad(lambda r: _point_energy(r, charges, nacl.cell.array))(jnp.asarray(nacl.positions))
+    assert np.abs(forces).max() < 1e-8
+
+
+def _point_energy(positions, charges, cell, alpha=0.9, accuracy=1e-12):
+    """Differentiable total of `point_charge_energy` for one periodic structure (fixed pair list)."""
+    from mlip.data.neighbours import neighbour_list
+    from mlip.physics.ewald import point_charge_energy
+
+    s = math.sqrt(-math.log(accuracy))
+    r_cutoff = s / alpha
+    pairs = neighbour_list(np.asarray(jax.lax.stop_gradient(positions)), np.asarray(cell), np.ones(3, bool),
+                           r_cutoff + 1.0)
+    k_indices = reciprocal_indices(np.asarray(cell), 2 * alpha * s)[None]
+    n = len(charges)
+    return jnp.sum(point_charge_energy(jnp.asarray(charges), positions, jnp.asarray(cell)[None],
+                                       jnp.zeros(n, jnp.int32), jnp.asarray(k_indices),
+                                       *map(jnp.asarray, pairs), alpha, r_cutoff))
+
+
+def test_gaussian_charges_in_a_growing_box_approach_the_isolated_sum():
+    water = molecule("H2O")
+    charges = jnp.asarray([-0.8, 0.4, 0.4])
+    positions = jnp.asarray(water.positions)
+    isolated = float(jnp.sum(direct_energy(charges, positions, jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)))
+    errors = []
+    for length in (10.0, 20.0, 30.0):
+        cell = np.eye(3) * length
+        k_indices = reciprocal_indices(cell, 2 * math.pi / 1.0)[None]
+        periodic = gaussian_charge_energy(charges, positions + length / 2, jnp.asarray(cell)[None],
+                                          jnp.zeros(3, jnp.int32), jnp.asarray(k_indices), 1.0)
+        errors.append(abs(float(jnp.sum(periodic)) - isolated))
+    # Dipole-dipole interaction with the images falls as 1/L³.
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 2e-3 * abs(isolated)
+
+
+def test_total_charge_is_conserved_in_padded_batches(keys):
+    node_graph = jnp.asarray([0, 0, 0, 1, 1, 2, 2, 2])
+    node_mask = jnp.asarray([1, 1, 1, 1, 1, 0, 0, 0], bool)  # graph 2 is padding
+    total = jnp.asarray([1.0, -2.0, 0.0])
+    charges = conserve_total_charge(jax.random.normal(next(keys), (8,)), total, node_graph, node_mask)
+    np.testing.assert_allclose(jax.ops.segment_sum(charges, node_graph, 3), [1.0, -2.0, 0.0], atol=1e-12)
+    assert np.all(np.asarray(charges)[5:] == 0.0)
+
+
+# ----------------------------------------------------------------------------- LES in the potential
+
+@pytest.fixture(scope="module")
+def les_model():
+    return make_potential([1, 8, 11, 17], long_range={"name": "les", "sigma": 1.0, "k_resolution": 1.5},
+                          charge_spin_embedding=True)
+
+
+def _frame(atoms, charge=0.0, spin=1.0):
+    return Frame(positions=atoms.positions.copy(), numbers=atoms.numbers, cell=atoms.cell.array.copy(),
+                 pbc=np.asarray(atoms.pbc), charge=charge, spin=spin)
+
+
+def _apply(potential, params, frames):
+    samples = build_samples(frames, potential.cutoff, potential.k_cutoff)
+    graph = pack_samples(samples, None, None, np.float64)
+    return jax.device_get(jax.jit(lambda p, g: potential.apply(p, g, True, True))(params, graph)), graph
+
+
+def _ion_cell():
+    atoms = bulk("NaCl", "rocksalt", a=5.2)  # 2-atom triclinic cell: Ewald images matter
+    atoms = atoms.repeat((2, 1, 1))
+    atoms.rattle(0.1, seed=3)
+    return atoms
+
+
+def _ion_water():
+    atoms = molecule("H2O") + Atoms("Na", positions=[[0.0, 0.0, 7.5]])  # Na beyond the 3 Å cutoff
+    atoms.rattle(0.05, seed=4)
+    return atoms
+
+
+def test_les_forces_and_stress_are_derivatives_of_the_energy(les_model):
+    potential, params = les_model
+    cell_atoms = _ion_cell()
+    frame = _frame(cell_atoms, charge=1.0)  # a charged cell: background term included
+    outputs, _ = _apply(potential, params, [frame])
+
+    def energy(positions=None, cell=None):
+        changed = _frame(cell_atoms, charge=1.0)
+        if positions is not None:
+            changed.positions = positions
+        if cell is not None:
+            changed.positions = cell_atoms.positions @ np.linalg.solve(cell_atoms.cell.array, cell)
+            changed.cell = cell
+        return float(_apply(potential, params, [changed])[0]["energy"][0])
+
+    h = 1e-4
+    for atom, axis in [(0, 0), (2, 1), (3, 2)]:
+        step = np.zeros_like(cell_atoms.positions)
+        step[atom, axis] = h
+        numeric = -(energy(cell_atoms.positions + step) - energy(cell_atoms.positions - step)) / (2 * h)
+        assert outputs["forces"][atom, axis] == pytest.approx(numeric, abs=1e-6)
+    volume = cell_atoms.get_volume()
+    for a, b in [(0, 0), (1, 2)]:
+        strain = np.zeros((3, 3))
+        strain[a, b] = strain[b, a] = h
+        numeric = (energy(cell=cell_atoms.cell.array @ (np.eye(3) + strain))
+                   - energy(cell=cell_atoms.cell.array @ (np.eye(3) - strain))) / (2 * h) / volume
+        if a != b:
+            numeric /= 2  # the symmetric strain moved two components
+        assert outputs["stress"][0, a, b] == pytest.approx(numeric, abs=1e-7)
+
+
+def test_les_is_rotation_translation_invariant_and_conserves_charge(les_model):
+    potential, params = les_model
+    atoms = _ion_water()
+    reference, graph = _apply(potential, params, [_frame(atoms, charge=1.0)])
+    rotation = np.linalg.qr(np.random.default_rng(5).normal(size=(3, 3)))[0]
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rotation.T + np.array([3.0, -2.0, 1.0])
+    rotated, _ = _apply(potential, params, [_frame(moved, charge=1.0)])
+    assert rotated["energy"][0] == pytest.approx(reference["energy"][0], abs=1e-9)
+    np.testing.assert_allclose(rotated["forces"][:4], reference["forces"][:4] @ rotation.T, atol=1e-9)
+    charges = reference["charges"][:len(atoms)]
+    assert charges.sum() == pytest.approx(1.0, abs=1e-9)
+    # The sodium ion is beyond the cutoff: only the Ewald term couples it to the water.
+    assert np.abs(reference["forces"][3]).max() > 1e-6
+
+
+def test_same_geometry_at_two_total_charges_gives_two_energies(les_model):
+    potential, params = les_model
+    atoms = _ion_water()
+    outputs, _ = _apply(potential, params, [_frame(atoms, charge=0.0, spin=2.0), _frame(atoms, charge=1.0)])
+    assert abs(outputs["energy"][0] - outputs["energy"][1]) > 1e-3
+    # Batched with other graphs, each keeps its own total charge.
+    sums = [outputs["charges"][:4].sum(), outputs["charges"][4:8].sum()]
+    np.testing.assert_allclose(sums, [0.0, 1.0], atol=1e-9)
+
+
+def test_neutral_singlet_embedding_adds_nothing():
+    with_embedding = make_potential([1, 8], charge_spin_embedding=True)
+    without = make_potential([1, 8])
+    atoms = molecule("H2O")
+    # Flax derives each module's initial parameters from its path: both models share all but the embedding.
+    a, _ = _apply(without[0], without[1], [_frame(atoms)])
+    b, _ = _apply(with_embedding[0], with_embedding[1], [_frame(atoms)])
+    assert a["energy"][0] == pytest.approx(b["energy"][0], abs=1e-12)
