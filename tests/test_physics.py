@@ -108,10 +108,15 @@ def _frame(atoms, charge=0.0, spin=1.0):
                  pbc=np.asarray(atoms.pbc), charge=charge, spin=spin)
 
 
+_COMPILED = {}
+
+
 def _apply(potential, params, frames):
     samples = build_samples(frames, potential.cutoff, potential.k_cutoff)
     graph = pack_samples(samples, None, None, np.float64)
-    return jax.device_get(jax.jit(lambda p, g: potential.apply(p, g, True, True))(params, graph)), graph
+    if potential not in _COMPILED:  # one jit per potential: repeated calls reuse its compilations
+        _COMPILED[potential] = jax.jit(lambda p, g: potential.apply(p, g, True, True))
+    return jax.device_get(_COMPILED[potential](params, graph)), graph
 
 
 def _ion_cell():
@@ -193,3 +198,65 @@ def test_neutral_singlet_embedding_adds_nothing():
     a, _ = _apply(without[0], without[1], [_frame(atoms)])
     b, _ = _apply(with_embedding[0], with_embedding[1], [_frame(atoms)])
     assert a["energy"][0] == pytest.approx(b["energy"][0], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- with the rest of mlip
+
+def test_les_md_matches_ase_with_the_calculator_in_a_charged_cell():
+    from ase import units
+
+    from mlip.calculator import MLIPCalculator
+    from mlip.md import MolecularDynamics
+    from mlip.md.simulation import maxwell_boltzmann_momenta
+
+    potential, params = make_potential([11, 17], long_range={"name": "les"}, charge_spin_embedding=True,
+                                       scale=0.05)
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    del atoms[0]  # a sodium vacancy: total charge −1
+    atoms.info["total_charge"] = -1
+    atoms.rattle(0.05, seed=2)
+    atoms.set_momenta(maxwell_boltzmann_momenta(atoms.get_masses(), 300.0, 2))
+    md = MolecularDynamics(potential, params, atoms, ensemble="npt", timestep_fs=1.0, temperature_K=300.0,
+                           pressure_GPa=1.0, skin=0.1, max_temperature_K=1e6)
+    md.run(8)
+    from ase.md.nose_hoover_chain import IsotropicMTKNPT
+
+    reference = atoms.copy()
+    reference.calc = MLIPCalculator(potential, params)
+    dt = 1.0 * units.fs
+    IsotropicMTKNPT(reference, timestep=dt, temperature_K=300.0, pressure_au=1.0 * units.GPa,
+                    tdamp=100 * dt, pdamp=1000 * dt).run(8)
+    assert md.neighbour_list_builds > 1
+    np.testing.assert_allclose(md.atoms.positions, reference.positions, atol=1e-9)
+    np.testing.assert_allclose(md.atoms.cell.array, reference.cell.array, atol=1e-9)
+    charges = reference.calc.results["charges"]
+    assert charges.shape == (7,) and charges.sum() == pytest.approx(-1.0, abs=1e-9)
+    # The calculator notices a change of total charge in atoms.info.
+    energy = reference.get_potential_energy()
+    reference.info["total_charge"] = 0
+    assert reference.get_potential_energy() != pytest.approx(energy, abs=1e-6)
+    assert reference.calc.results["charges"].sum() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_les_model_trains_from_yaml_with_an_ensemble_and_serves_the_calculator(tmp_path, emt_file):
+    import yaml
+
+    from mlip.calculator import MLIPCalculator
+    from mlip.cli import main
+
+    config = {"run_dir": str(tmp_path / "les"), "seed": 1,
+              "data": {"train": f"{emt_file}@0:6", "valid": f"{emt_file}@6:8"},
+              "model": {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8],
+                                     "r_max": 3.0, "num_interactions": 1, "charge_spin_embedding": True},
+                        "long_range": {"name": "les", "charge_mlp": [4]}},
+              "uncertainty": {"method": "deep_ensemble", "members": 2},
+              "training": {"max_epochs": 1, "batch_size": 3, "progress_bar": False, "plots": False}}
+    path = tmp_path / "les.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 0
+    calc = MLIPCalculator.from_run(config["run_dir"])
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    assert {"charges", "energy_std", "stress"} <= set(calc.results)
+    assert calc.results["charges"].sum() == pytest.approx(0.0, abs=1e-5)

@@ -30,7 +30,8 @@ class Predictor:
             params, graph, compute_forces=True, compute_stress=compute_stress))
 
     def predict(self, params: Any, samples: Sequence[GraphSample], batch_size: int = 32) -> list[dict]:
-        """Per structure: ``energy`` (eV, absolute), ``forces`` [n, 3], ``stress`` [3, 3] or None.
+        """Per structure: ``energy`` (eV, absolute), ``forces`` [n, 3], ``stress`` [3, 3] or None
+        (and ``charges`` [n] for a model with a long-range term).
 
         With uncertainty also ``energy_std`` (eV), ``forces_std`` [n, 3] (eV/Å) and
         ``stress_std`` [3, 3] (eV/Å³) or None.
@@ -50,6 +51,8 @@ class Predictor:
                           "stress": None}
                 if self.compute_stress and sample.frame.is_periodic:
                     result["stress"] = np.asarray(outputs["stress"][g], np.float64)
+                if "charges" in outputs:  # latent charges of a long-range model, e
+                    result["charges"] = np.asarray(outputs["charges"][offset:offset + n], np.float64)
                 if "energy_std" in outputs:
                     result["energy_std"] = float(outputs["energy_std"][g])
                     result["forces_std"] = np.asarray(outputs["forces_std"][offset:offset + n], np.float64)
