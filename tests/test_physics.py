@@ -260,3 +260,18 @@ def test_les_model_trains_from_yaml_with_an_ensemble_and_serves_the_calculator(t
     atoms.get_potential_energy()
     assert {"charges", "energy_std", "stress"} <= set(calc.results)
     assert calc.results["charges"].sum() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_batched_and_blocked_reciprocal_sums_equal_single_structure_ones(les_model, monkeypatch):
+    import mlip.physics.ewald as ewald
+
+    potential, params = les_model
+    frames = [_frame(_ion_cell(), charge=1.0), _frame(bulk("NaCl", "rocksalt", a=5.5, cubic=True))]
+    alone = [_apply(potential, params, [frame])[0] for frame in frames]
+    monkeypatch.setattr(ewald, "K_BLOCK", 16)  # several blocks, and the gather path of a batch
+    _COMPILED.clear()
+    together, _ = _apply(potential, params, frames)
+    _COMPILED.clear()
+    np.testing.assert_allclose(together["energy"][:2], [a["energy"][0] for a in alone], rtol=1e-10)
+    np.testing.assert_allclose(together["forces"][:4], alone[0]["forces"][:4], atol=1e-10)
+    np.testing.assert_allclose(together["stress"][1], alone[1]["stress"][0], atol=1e-10)

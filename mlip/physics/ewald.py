@@ -87,16 +87,49 @@ def reciprocal_energy(charges: jnp.ndarray, positions: jnp.ndarray, cell: jnp.nd
     # Mask k = 0 (padding rows) before dividing: 1/k² there would be inf, and its gradient NaN.
     safe_k_squared = jnp.where(real_k, k_squared, 1.0)
     filter_k = jnp.where(real_k, 2.0 * jnp.exp(-safe_k_squared / (4.0 * alpha**2)) / safe_k_squared, 0.0)
-    phase = jnp.einsum("nb,nmb->nm", positions, k_vectors[node_graph])  # [N, M]
-    cos_phase, sin_phase = jnp.cos(phase), jnp.sin(phase)
-    n_graph = cell.shape[0]
-    structure_cos = jax.ops.segment_sum(charges[:, None] * cos_phase, node_graph, n_graph)  # [G, M]
-    structure_sin = jax.ops.segment_sum(charges[:, None] * sin_phase, node_graph, n_graph)
-    weighted_cos = (filter_k * structure_cos)[node_graph]
-    weighted_sin = (filter_k * structure_sin)[node_graph]
-    potential = jnp.sum(cos_phase * weighted_cos + sin_phase * weighted_sin, axis=-1)  # Re[e^{-ik·r_i} S(k)] summed
+    potential = _blocked_structure_factor_sum(charges, positions, node_graph, k_vectors, filter_k)
     prefactor = 2.0 * jnp.pi * COULOMB_CONSTANT / volume
     return prefactor[node_graph] * charges * potential
+
+
+# k vectors per block of the reciprocal sum: bounds the [N, block] phase arrays (and, by
+# rematerialisation, what the backward pass keeps) for large cells.
+K_BLOCK = 1024
+
+
+def _blocked_structure_factor_sum(charges, positions, node_graph, k_vectors, filter_k):
+    """[N] Σ_k f_k Re[e^{−ik·r_i} S(k)], S(k) = Σ_{j in i's graph} q_j e^{ik·r_j}, in blocks of K_BLOCK k's."""
+    n_graph, n_k = filter_k.shape
+    blocks = -(-n_k // K_BLOCK)
+    if blocks > 1:
+        padding = blocks * K_BLOCK - n_k  # zero k vectors with zero filter add nothing
+        k_vectors = jnp.pad(k_vectors, ((0, 0), (0, padding), (0, 0)))
+        filter_k = jnp.pad(filter_k, ((0, 0), (0, padding)))
+
+    def block_sum(k_block, filter_block):  # [G, B, 3], [G, B]
+        if n_graph == 2:
+            # One structure and the padding graph (MD, the calculator): every atom can use
+            # graph 0's k vectors, since padding atoms carry no charge; no gather, no scatter.
+            phase = positions @ k_block[0].T  # [N, B]
+            cos_phase, sin_phase = jnp.cos(phase), jnp.sin(phase)
+            weighted_cos = filter_block[0] * (charges @ cos_phase)
+            weighted_sin = filter_block[0] * (charges @ sin_phase)
+            return cos_phase @ weighted_cos + sin_phase @ weighted_sin
+        phase = jnp.einsum("nb,nmb->nm", positions, k_block[node_graph])  # [N, B]
+        cos_phase, sin_phase = jnp.cos(phase), jnp.sin(phase)
+        structure_cos = jax.ops.segment_sum(charges[:, None] * cos_phase, node_graph, n_graph)  # [G, B]
+        structure_sin = jax.ops.segment_sum(charges[:, None] * sin_phase, node_graph, n_graph)
+        weighted_cos = (filter_block * structure_cos)[node_graph]
+        weighted_sin = (filter_block * structure_sin)[node_graph]
+        return jnp.sum(cos_phase * weighted_cos + sin_phase * weighted_sin, axis=-1)
+
+    if blocks == 1:
+        return block_sum(k_vectors, filter_k)
+    k_blocks = jnp.moveaxis(k_vectors.reshape(n_graph, blocks, K_BLOCK, 3), 1, 0)
+    filter_blocks = jnp.moveaxis(filter_k.reshape(n_graph, blocks, K_BLOCK), 1, 0)
+    body = jax.checkpoint(lambda carry, block: (carry + block_sum(*block), None))
+    potential, _ = jax.lax.scan(body, jnp.zeros_like(charges), (k_blocks, filter_blocks))
+    return potential
 
 
 def self_energy(charges: jnp.ndarray, alpha) -> jnp.ndarray:
