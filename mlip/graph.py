@@ -55,7 +55,9 @@ class AtomsGraph:
         k_indices: [G, M, 3] integer reciprocal-lattice indices n (k = n·2π cell⁻ᵀ) of a
             half space of each periodic graph, for Ewald sums (`mlip.physics.ewald`);
             zero rows pad (k = 0 is excluded from every sum). M = 0 when the model has
-            no reciprocal-space term.
+            no reciprocal-space term or when ``mesh_shape`` is set.
+        mesh_shape: (K1, K2, K3) of a particle-mesh Ewald sum that replaces the sum over
+            ``k_indices`` for large cells, () for none. Static (a pytree metadata field).
         targets: dict of labels: ``energy`` [G] (eV, above the reference energies),
             ``forces`` [N, 3] (eV/Å), ``stress`` [G, 3, 3] (eV/Å³), each with a
             matching ``<name>_mask`` ([G] or [N]) that is 1 where the label exists.
@@ -78,6 +80,7 @@ class AtomsGraph:
     k_indices: Array  # [G, M, 3]
     targets: dict = dataclasses.field(default_factory=dict)
     neighbours_per_node: int = dataclasses.field(default=0, metadata=dict(static=True))
+    mesh_shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))
 
     @property
     def n_graph(self) -> int:

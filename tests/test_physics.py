@@ -69,6 +69,16 @@ def _point_energy(positions, charges, cell, alpha=0.9, accuracy=1e-12):
                                        *map(jnp.asarray, pairs), alpha, r_cutoff))
 
 
+def test_particle_mesh_ewald_matches_the_direct_sum_in_a_charged_triclinic_cell():
+    rng = np.random.default_rng(1)
+    cell = np.array([[6.0, 0.5, 0.0], [0.8, 7.0, 0.3], [0.2, -0.6, 6.5]])
+    positions = rng.uniform(0, 1, (20, 3)) @ cell + 3.0  # some atoms outside the cell
+    charges = rng.normal(size=20)
+    direct = ewald_energy(positions, charges, cell, accuracy=1e-8)
+    mesh = ewald_energy(positions, charges, cell, accuracy=1e-8, mesh=True)
+    assert mesh == pytest.approx(direct, rel=1e-5)
+
+
 def test_gaussian_charges_in_a_growing_box_approach_the_isolated_sum():
     water = molecule("H2O")
     charges = jnp.asarray([-0.8, 0.4, 0.4])
@@ -202,8 +212,13 @@ def test_neutral_singlet_embedding_adds_nothing():
 
 # ----------------------------------------------------------------------------- with the rest of mlip
 
-def test_les_md_matches_ase_with_the_calculator_in_a_charged_cell():
+def test_les_md_matches_ase_with_the_calculator_in_a_charged_cell(monkeypatch):
     from ase import units
+
+    import mlip.data.batching
+
+    # The particle mesh for this small cell, so that MD and the calculator run that path too.
+    monkeypatch.setattr(mlip.data.batching, "MESH_MIN_WORK", 0)
 
     from mlip.calculator import MLIPCalculator
     from mlip.md import MolecularDynamics
@@ -226,7 +241,7 @@ def test_les_md_matches_ase_with_the_calculator_in_a_charged_cell():
     dt = 1.0 * units.fs
     IsotropicMTKNPT(reference, timestep=dt, temperature_K=300.0, pressure_au=1.0 * units.GPa,
                     tdamp=100 * dt, pdamp=1000 * dt).run(8)
-    assert md.neighbour_list_builds > 1
+    assert md.neighbour_list_builds > 1 and md._template.mesh_shape
     np.testing.assert_allclose(md.atoms.positions, reference.positions, atol=1e-9)
     np.testing.assert_allclose(md.atoms.cell.array, reference.cell.array, atol=1e-9)
     charges = reference.calc.results["charges"]
@@ -275,3 +290,17 @@ def test_batched_and_blocked_reciprocal_sums_equal_single_structure_ones(les_mod
     np.testing.assert_allclose(together["energy"][:2], [a["energy"][0] for a in alone], rtol=1e-10)
     np.testing.assert_allclose(together["forces"][:4], alone[0]["forces"][:4], atol=1e-10)
     np.testing.assert_allclose(together["stress"][1], alone[1]["stress"][0], atol=1e-10)
+
+
+def test_les_on_a_particle_mesh_matches_the_direct_reciprocal_sum(les_model, monkeypatch):
+    import mlip.data.batching
+
+    potential, params = les_model
+    frames = [_frame(_ion_cell(), charge=1.0)]
+    direct, graph = _apply(potential, params, frames)
+    monkeypatch.setattr(mlip.data.batching, "MESH_MIN_WORK", 0)
+    mesh, mesh_graph = _apply(potential, params, frames)
+    assert mesh_graph.mesh_shape and not graph.mesh_shape
+    assert mesh["energy"][0] == pytest.approx(direct["energy"][0], rel=1e-6)
+    np.testing.assert_allclose(mesh["forces"], direct["forces"], atol=1e-4 * np.abs(direct["forces"]).max())
+    np.testing.assert_allclose(mesh["stress"], direct["stress"], atol=1e-4 * np.abs(direct["stress"]).max())

@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from mlip.data.neighbours import neighbour_list, reciprocal_indices
+from mlip.data.neighbours import mesh_shape_for, neighbour_list, reciprocal_indices
 from mlip.data.reader import Frame
 from mlip.graph import AtomsGraph
 
@@ -48,11 +48,13 @@ class PaddedSizes:
     n_edge: int
     n_graph: int
     neighbours_per_node: int = 0
-    n_k: int = 0  # k indices per graph (Ewald sums); 0 without a reciprocal-space term
+    n_k: int = 0  # k indices per graph (Ewald sums); 0 without a reciprocal-space term or with a mesh
+    mesh_shape: tuple = ()  # particle-mesh Ewald mesh instead of k indices (large cells)
 
     @classmethod
-    def dense(cls, n_node: int, neighbours_per_node: int, n_graph: int, n_k: int = 0) -> "PaddedSizes":
-        return cls(n_node, n_node * neighbours_per_node, n_graph, neighbours_per_node, n_k)
+    def dense(cls, n_node: int, neighbours_per_node: int, n_graph: int, n_k: int = 0,
+              mesh_shape: tuple = ()) -> "PaddedSizes":
+        return cls(n_node, n_node * neighbours_per_node, n_graph, neighbours_per_node, n_k, mesh_shape)
 
 
 @dataclasses.dataclass
@@ -105,6 +107,26 @@ def round_up_k_count(count: int) -> int:
     return round_up_to_bucket(count) if count else 0
 
 
+# Above this many (atoms × k vectors) per batch the reciprocal sum goes through a particle
+# mesh: for LES (σ = 1 Å, |k| <= π) in rock salt, energy and forces took 5.6 ms directly
+# against 4.8 ms on the mesh at 216 atoms (1258 k), 1.7 s against 0.11 s at 4096 atoms.
+MESH_MIN_WORK = 200_000
+
+
+def reciprocal_sizes(samples: Sequence[GraphSample]) -> tuple[int, tuple]:
+    """(M, mesh shape) for the batch: padded k indices for the direct sum, or 0 and a mesh."""
+    largest = max((len(s.k_indices) for s in samples), default=0)
+    if sum(s.n_atoms for s in samples) * largest < MESH_MIN_WORK:
+        return round_up_k_count(largest), ()
+    return 0, mesh_shape_for(largest_k_index(samples))
+
+
+def largest_k_index(samples: Sequence[GraphSample]) -> np.ndarray:
+    """[3] largest |n_a| over the samples' k indices (what a mesh must resolve)."""
+    extents = [np.abs(s.k_indices).max(axis=0) for s in samples if len(s.k_indices)]
+    return np.max(extents, axis=0) if extents else np.zeros(3, np.int64)
+
+
 def round_up_neighbours(count: int) -> int:
     """K of a dense layout: the bucket ladder from 4 (4, 5, 6, 7, 8, 10, 12, ...)."""
     return round_up_to_bucket(count, minimum=4)
@@ -132,11 +154,11 @@ def sizes_for(samples: Sequence[GraphSample], n_graph: int, layout: str = "auto"
     if layout not in EDGE_LAYOUTS:
         raise ValueError(f"edge layout {layout!r}: expected one of {EDGE_LAYOUTS}")
     n_atoms = sum(s.n_atoms for s in samples)
-    n_k = round_up_k_count(max((len(s.k_indices) for s in samples), default=0))
+    n_k, mesh_shape = reciprocal_sizes(samples)
     as_list = PaddedSizes(padded_node_count(n_atoms, dense=False), round_up_to_bucket(sum(s.n_edges for s in samples)),
-                          n_graph, 0, n_k)
+                          n_graph, 0, n_k, mesh_shape)
     k = round_up_neighbours(max((s.max_neighbours for s in samples), default=0))
-    dense = PaddedSizes.dense(padded_node_count(n_atoms, dense=True), k, n_graph, n_k)
+    dense = PaddedSizes.dense(padded_node_count(n_atoms, dense=True), k, n_graph, n_k, mesh_shape)
     if layout == "dense" or (layout == "auto"
                              and dense.n_edge <= DENSE_LAYOUT_MAX_SLOTS_PER_EDGE * as_list.n_edge):
         return dense
@@ -166,7 +188,10 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
     n_real_edges = sum(s.n_edges for s in samples)
     N, E, G, K = sizes.n_node, sizes.n_edge, sizes.n_graph, sizes.neighbours_per_node
     too_many_neighbours = K and max((s.max_neighbours for s in samples), default=0) > K
-    too_many_k = max((len(s.k_indices) for s in samples), default=0) > sizes.n_k
+    if sizes.mesh_shape:  # the mesh replaces the k indices; it must resolve every one of them
+        too_many_k = any(size < 2 * extent + 1 for size, extent in zip(sizes.mesh_shape, largest_k_index(samples)))
+    else:
+        too_many_k = max((len(s.k_indices) for s in samples), default=0) > sizes.n_k
     if (len(samples) > G - 1 or n_real_nodes > N - (0 if K else 1) or n_real_edges > E or too_many_neighbours
             or too_many_k or (K and E != N * K)):
         raise ValueError(f"batch of {len(samples)} graphs, {n_real_nodes} nodes, {n_real_edges} edges "
@@ -218,7 +243,8 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
             shifts[edges] = sample.shifts
         n_node[g], n_edge[g] = n, n * K if K else e
         charge[g], spin[g], fidelity[g] = frame.charge, frame.spin, frame.fidelity
-        k_indices[g, :len(sample.k_indices)] = sample.k_indices
+        if not sizes.mesh_shape:
+            k_indices[g, :len(sample.k_indices)] = sample.k_indices
         if frame.energy is not None:
             reference = 0.0 if e0_per_species is None else float(np.sum(e0_per_species[frame.numbers]))
             energy[g] = frame.energy - reference
@@ -243,7 +269,8 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
         positions=positions.astype(dtype), species=species, cell=cell.astype(dtype),
         senders=senders, receivers=receivers, shifts=shifts, n_node=n_node, n_edge=n_edge,
         node_graph=node_graph, charge=charge.astype(dtype), spin=spin.astype(dtype),
-        fidelity=fidelity, k_indices=k_indices, targets=targets, neighbours_per_node=K)
+        fidelity=fidelity, k_indices=k_indices, targets=targets, neighbours_per_node=K,
+        mesh_shape=tuple(sizes.mesh_shape))
 
 
 def dense_slots(receivers: np.ndarray, n_atoms: int, neighbours_per_node: int) -> np.ndarray:

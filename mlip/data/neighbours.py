@@ -10,6 +10,8 @@ small cells.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -57,3 +59,30 @@ def reciprocal_indices(cell: np.ndarray, k_cutoff: float) -> np.ndarray:
     k_norm = np.linalg.norm(grid @ basis, axis=1)
     keep = (first > 0) & (k_norm <= k_cutoff)
     return grid[keep].astype(np.int32)
+
+
+# Particle-mesh Ewald (mlip.physics.mesh_ewald). Order 6 splines on a mesh of K >= 2·2·n_max + 1
+# points per direction (2× Nyquist's) gave the direct k sum's energy to 6e-6 and its forces to
+# 4e-5 relative (order 4: 2e-4, 2e-3). An even order keeps the spline moduli B(m) finite.
+SPLINE_ORDER = 6
+OVERSAMPLING = 2.0
+
+
+def good_fft_size(minimum: int) -> int:
+    """Smallest n >= minimum whose prime factors are 2, 3 and 5 (fast FFT lengths)."""
+    n = max(int(minimum), 1)
+    while True:
+        m = n
+        for prime in (2, 3, 5):
+            while m % prime == 0:
+                m //= prime
+        if m == 1:
+            return n
+        n += 1
+
+
+def mesh_shape_for(largest_index: np.ndarray, order: int = SPLINE_ORDER,
+                   oversampling: float = OVERSAMPLING) -> tuple[int, int, int]:
+    """Mesh (K1, K2, K3) that resolves integer k indices up to ``largest_index`` [3] per direction."""
+    return tuple(good_fft_size(max(math.ceil(2 * oversampling * n) + 1, 2 * order))
+                 for n in np.asarray(largest_index).tolist())

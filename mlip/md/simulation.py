@@ -43,7 +43,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols, covalent_radii
 
-from mlip.data.batching import (PaddedSizes, build_sample, pack_samples, padded_node_count, round_up_k_count,
+from mlip.data.batching import (PaddedSizes, build_sample, pack_samples, padded_node_count, reciprocal_sizes,
                                 round_up_neighbours)
 from mlip.data.reader import Frame
 from mlip.errors import DataError, MLIPError
@@ -150,6 +150,7 @@ class MolecularDynamics:
         self._energy_origin: Optional[float] = None
         self._neighbour_capacity = 0
         self._k_capacity = 0
+        self._mesh_shape: tuple = ()
         self._template = None
         self._program = _Program(potential, self.block_steps)
         self._limits = np.array([self.skin, self.min_distance_fraction, self.max_temperature_K])
@@ -188,8 +189,12 @@ class MolecularDynamics:
         # Dense edge layout (mlip.graph): K slots per atom, a capacity that only grows; so
         # does the k-index capacity of a long-range term (a barostat changes the cell).
         self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
-        self._k_capacity = max(self._k_capacity, round_up_k_count(len(sample.k_indices)))
-        sizes = PaddedSizes.dense(self._n_padded, self._neighbour_capacity, 2, self._k_capacity)
+        n_k, mesh_shape = reciprocal_sizes([sample])
+        self._k_capacity = max(self._k_capacity, n_k)
+        if mesh_shape:  # a mesh, once chosen, stays; it only grows
+            self._mesh_shape = tuple(np.maximum(self._mesh_shape or (0, 0, 0), mesh_shape).tolist())
+        sizes = PaddedSizes.dense(self._n_padded, self._neighbour_capacity, 2,
+                                  0 if self._mesh_shape else self._k_capacity, self._mesh_shape)
         graph = pack_samples([sample], sizes, None, self.dtype)
         self._template = jax.device_put(graph.replace(targets={}))
         self._reference_positions = jnp.asarray(graph.positions, self.dtype)

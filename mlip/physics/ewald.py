@@ -65,7 +65,8 @@ def _graph_volume(cell: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def reciprocal_energy(charges: jnp.ndarray, positions: jnp.ndarray, cell: jnp.ndarray,
-                      node_graph: jnp.ndarray, k_indices: jnp.ndarray, alpha) -> jnp.ndarray:
+                      node_graph: jnp.ndarray, k_indices: jnp.ndarray, alpha,
+                      mesh_shape: tuple = (), k_cutoff: Optional[float] = None) -> jnp.ndarray:
     """[N] per-atom reciprocal-space energy, eV (zero for non-periodic graphs).
 
     Args:
@@ -75,20 +76,42 @@ def reciprocal_energy(charges: jnp.ndarray, positions: jnp.ndarray, cell: jnp.nd
         node_graph: [N] graph of each atom.
         k_indices: [G, M, 3] integer half-space indices, zero rows for padding.
         alpha: Ewald splitting parameter, Å⁻¹ (scalar).
+        mesh_shape: (K1, K2, K3) to sum by particle-mesh Ewald (`mlip.physics.mesh_ewald`)
+            over every mesh frequency with |k| ≤ ``k_cutoff`` instead of over ``k_indices``;
+            () for the direct sum.
     """
-    if k_indices.shape[1] == 0:
+    if k_indices.shape[1] == 0 and not mesh_shape:
         return jnp.zeros_like(charges)
     volume, periodic = _graph_volume(cell)
     safe_cell = jnp.where(periodic[:, None, None], cell, jnp.eye(3, dtype=cell.dtype))  # inv() needs it too
-    basis = 2.0 * jnp.pi * jnp.swapaxes(jnp.linalg.inv(safe_cell), -1, -2)  # [G, 3, 3]
-    k_vectors = jnp.einsum("gma,gab->gmb", k_indices.astype(positions.dtype), basis)  # [G, M, 3]
-    k_squared = jnp.sum(k_vectors**2, axis=-1)
-    real_k = jnp.any(k_indices != 0, axis=-1) & periodic[:, None]
-    # Mask k = 0 (padding rows) before dividing: 1/k² there would be inf, and its gradient NaN.
-    safe_k_squared = jnp.where(real_k, k_squared, 1.0)
-    filter_k = jnp.where(real_k, 2.0 * jnp.exp(-safe_k_squared / (4.0 * alpha**2)) / safe_k_squared, 0.0)
+    inverse_cell = jnp.linalg.inv(safe_cell)
+    basis = 2.0 * jnp.pi * jnp.swapaxes(inverse_cell, -1, -2)  # [G, 3, 3]
+    prefactor = 2.0 * jnp.pi * COULOMB_CONSTANT / volume  # [G]
+
+    def k_filter(indices, weight):
+        """w e^{−k²/4α²}/k² per index n (float or int) [G, ..., 3]; 0 at k = 0, beyond k_cutoff, in non-periodic graphs."""
+        k_vectors = jnp.einsum("g...a,gab->g...b", indices.astype(positions.dtype), basis)
+        k_squared = jnp.sum(k_vectors**2, axis=-1)
+        extra_axes = (1,) * (k_squared.ndim - 1)
+        real_k = jnp.any(indices != 0, axis=-1) & periodic.reshape((-1,) + extra_axes)
+        if k_cutoff is not None:
+            real_k = real_k & (k_squared <= k_cutoff**2)
+        # Mask k = 0 (padding rows) before dividing: 1/k² there would be inf, and its gradient NaN.
+        safe_k_squared = jnp.where(real_k, k_squared, 1.0)
+        return jnp.where(real_k, weight * jnp.exp(-safe_k_squared / (4.0 * alpha**2)) / safe_k_squared, 0.0), k_vectors
+
+    if mesh_shape:
+        from mlip.physics.mesh_ewald import mesh_reciprocal_potential
+
+        def mesh_filter(frequencies):  # all m: weight 1 (the mesh holds both k and −k)
+            theta, _ = k_filter(frequencies, 1.0)
+            return theta * prefactor.reshape(-1, 1, 1, 1)
+
+        potential = mesh_reciprocal_potential(charges, positions, inverse_cell, node_graph, tuple(mesh_shape),
+                                              mesh_filter)
+        return charges * potential
+    filter_k, k_vectors = k_filter(k_indices, 2.0)  # half space: weight 2
     potential = _blocked_structure_factor_sum(charges, positions, node_graph, k_vectors, filter_k)
-    prefactor = 2.0 * jnp.pi * COULOMB_CONSTANT / volume
     return prefactor[node_graph] * charges * potential
 
 
@@ -187,20 +210,21 @@ def direct_energy(charges: jnp.ndarray, positions: jnp.ndarray, node_graph: jnp.
 
 
 def gaussian_charge_energy(charges: jnp.ndarray, positions: jnp.ndarray, cell: jnp.ndarray,
-                           node_graph: jnp.ndarray, k_indices: jnp.ndarray, sigma: float) -> jnp.ndarray:
+                           node_graph: jnp.ndarray, k_indices: jnp.ndarray, sigma: float,
+                           mesh_shape: tuple = (), k_cutoff: Optional[float] = None) -> jnp.ndarray:
     """[N] Coulomb energy of Gaussian charges (pair width σ) less their self-energy, per atom, eV.
 
     Periodic graphs: reciprocal + self + background terms with α = 1/(√2 σ) (the real-space
     erfc remainder is short-ranged and left to the local model, as in LES); non-periodic
     graphs: the erf direct sum. Both equal Σ_{i<j} q_i q_j erf(r_ij/(√2 σ))/r_ij for an
-    isolated system.
+    isolated system. ``mesh_shape`` and ``k_cutoff``: see `reciprocal_energy`.
     """
     alpha = 1.0 / (math.sqrt(2.0) * sigma)
     _, periodic = _graph_volume(cell)
     atom_periodic = periodic[node_graph]
-    periodic_part = (reciprocal_energy(charges, positions, cell, node_graph, k_indices, alpha)
+    periodic_part = (reciprocal_energy(charges, positions, cell, node_graph, k_indices, alpha, mesh_shape, k_cutoff)
                      + self_energy(charges, alpha) + background_energy(charges, cell, node_graph, alpha))
-    if k_indices.shape[0] == 2 and k_indices.shape[1] > 0:
+    if k_indices.shape[0] == 2 and (k_indices.shape[1] > 0 or mesh_shape):
         # One structure (and the padding graph) with k indices: it is periodic, so the
         # O(N²) direct sum would be all masked; skip it (MD and the calculator of a solid).
         return jnp.where(atom_periodic, periodic_part, 0.0)
@@ -210,33 +234,36 @@ def gaussian_charge_energy(charges: jnp.ndarray, positions: jnp.ndarray, cell: j
 
 def point_charge_energy(charges: jnp.ndarray, positions: jnp.ndarray, cell: jnp.ndarray,
                         node_graph: jnp.ndarray, k_indices: jnp.ndarray, senders: jnp.ndarray,
-                        receivers: jnp.ndarray, shifts: jnp.ndarray, alpha, r_cutoff: float) -> jnp.ndarray:
+                        receivers: jnp.ndarray, shifts: jnp.ndarray, alpha, r_cutoff: float,
+                        mesh_shape: tuple = (), k_cutoff: Optional[float] = None) -> jnp.ndarray:
     """[N] classical Ewald energy of point charges per atom, eV (direct 1/r sum for non-periodic graphs).
 
     The pair list (senders, receivers, shifts; both directions) must hold every pair
     within ``r_cutoff`` and ``k_indices`` every k within the matching k_cutoff (see
-    `ewald_parameters`, `reciprocal_indices`).
+    `ewald_parameters`, `reciprocal_indices`), or ``mesh_shape`` a mesh for |k| ≤ ``k_cutoff``.
     """
     _, periodic = _graph_volume(cell)
     atom_periodic = periodic[node_graph]
     edge_graph = node_graph[receivers]
     periodic_part = (real_space_energy(charges, positions, cell, senders, receivers, shifts, edge_graph,
                                        alpha, r_cutoff)
-                     + reciprocal_energy(charges, positions, cell, node_graph, k_indices, alpha)
+                     + reciprocal_energy(charges, positions, cell, node_graph, k_indices, alpha, mesh_shape,
+                                         k_cutoff)
                      + self_energy(charges, alpha) + background_energy(charges, cell, node_graph, alpha))
     direct = direct_energy(charges, positions, node_graph, ~atom_periodic)
     return jnp.where(atom_periodic, periodic_part, direct)
 
 
 def ewald_energy(positions: np.ndarray, charges: np.ndarray, cell: Optional[np.ndarray] = None,
-                 accuracy: float = 1e-8, alpha: Optional[float] = None) -> float:
+                 accuracy: float = 1e-8, alpha: Optional[float] = None, mesh: bool = False) -> float:
     """Total Coulomb energy of point charges in one structure, eV (a convenience for scripts and tests).
 
     Periodic in all three directions when ``cell`` is given (neutralising background for
     a net charge), a direct sum otherwise. Parameters from `ewald_parameters` unless
-    ``alpha`` is given (then r_c and k_c follow from it and ``accuracy``).
+    ``alpha`` is given (then r_c and k_c follow from it and ``accuracy``). With ``mesh`` the
+    reciprocal sum runs by particle-mesh Ewald.
     """
-    from mlip.data.neighbours import neighbour_list
+    from mlip.data.neighbours import mesh_shape_for, neighbour_list
 
     positions = np.asarray(positions, np.float64)
     charges = np.asarray(charges, np.float64)
@@ -246,7 +273,7 @@ def ewald_energy(positions: np.ndarray, charges: np.ndarray, cell: Optional[np.n
         cell_batch = np.zeros((1, 3, 3))
         k_indices = np.zeros((1, 0, 3), np.int32)
         pairs = (np.zeros(0, np.int32),) * 2 + (np.zeros((0, 3), np.int32),)
-        alpha, r_cutoff = 1.0, 0.0
+        alpha, r_cutoff, k_cutoff = 1.0, 0.0, None
     else:
         cell = np.asarray(cell, np.float64)
         default_alpha, _, _ = ewald_parameters(n, abs(np.linalg.det(cell)), accuracy)
@@ -256,7 +283,11 @@ def ewald_energy(positions: np.ndarray, charges: np.ndarray, cell: Optional[np.n
         k_indices = reciprocal_indices(cell, k_cutoff)[None]
         pairs = neighbour_list(positions, cell, np.ones(3, bool), r_cutoff)
         cell_batch = cell[None]
+    mesh_shape = ()
+    if mesh and cell is not None:
+        mesh_shape = mesh_shape_for(np.abs(k_indices[0]).max(axis=0))
+        k_indices = k_indices[:, :0]
     per_atom = point_charge_energy(jnp.asarray(charges), jnp.asarray(positions), jnp.asarray(cell_batch),
                                    jnp.asarray(node_graph), jnp.asarray(k_indices), *map(jnp.asarray, pairs),
-                                   alpha, r_cutoff)
+                                   alpha, r_cutoff, mesh_shape, k_cutoff)
     return float(jnp.sum(per_atom))

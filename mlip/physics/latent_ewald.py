@@ -60,5 +60,6 @@ class LatentEwald(nn.Module):
             hidden = jax.nn.silu(nn.Dense(features, name=f"hidden_{index}")(hidden))
         raw = nn.Dense(1, name="charge")(hidden)[:, 0]
         charges = conserve_total_charge(raw, graph.charge, graph.node_graph, graph.node_mask)
-        energy = gaussian_charge_energy(charges, positions, cell, graph.node_graph, graph.k_indices, self.sigma)
+        energy = gaussian_charge_energy(charges, positions, cell, graph.node_graph, graph.k_indices, self.sigma,
+                                        graph.mesh_shape, self.k_cutoff)
         return {"charges": charges, "energy": jnp.where(graph.node_mask, energy, 0.0)}

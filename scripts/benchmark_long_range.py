@@ -1,0 +1,272 @@
+"""Long-range terms: accuracy of local against long-range models, and the cost of each term by size.
+
+    python scripts/benchmark_long_range.py cost [--sizes 64 512 1728 4096 8000 10648]
+    python scripts/benchmark_long_range.py accuracy [--budget-s 300]
+
+``cost``: per call (energy and forces, float32, compiled, fastest of ``--repeats``) of
+  * ``les``: the LES term (Gaussian charges σ = 1 Å, |k| ≤ π Å⁻¹, reciprocal sum) in
+    periodic rock-salt cells of N atoms, with the host's k-index enumeration;
+  * ``ewald``: the classical point-charge Ewald sum at relative accuracy 1e-5, α chosen
+    by `ewald_parameters` (N^1.5), with the host's vesin pair list at r_c timed apart;
+  * ``direct``: the non-periodic erf direct sum (LES in a molecule), O(N²).
+``accuracy``: `mlip train` of configs/long_range_les.yaml as given, with the long-range
+  term removed (local, with the charge/spin embedding), and with neither (plain local),
+  each for the same wall-clock budget on data/ion_pairs_gfn2.extxyz; test errors binned by
+  the separation of the two fragments, a plot, the table in docs/benchmarks.md.
+
+Results go to docs/benchmark_long_range*.json and, with --docs, into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_common import ROOT, cpu_model, replace_marked_section, run_with_budget  # noqa: E402
+
+DOCS = os.path.join(ROOT, "docs")
+
+
+# ----------------------------------------------------------------------------- cost
+
+def rock_salt(n_atoms_target: int, seed: int = 0):
+    from ase.build import bulk
+
+    repeat = max(1, round((n_atoms_target / 8) ** (1 / 3)))
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat(repeat)
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def best_time(function, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(function())  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(function())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def cost(sizes: list[int], repeats: int, max_direct: int) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from mlip.data.neighbours import neighbour_list, reciprocal_indices
+    from mlip.physics.ewald import (direct_energy, ewald_parameters, gaussian_charge_energy,
+                                    point_charge_energy)
+
+    rows = []
+    for target in sizes:
+        atoms = rock_salt(target)
+        n = len(atoms)
+        charges = np.where(atoms.numbers == 11, 1.0, -1.0).astype(np.float32)
+        positions = jnp.asarray(atoms.positions, jnp.float32)
+        cell = np.asarray(atoms.cell.array)
+        # One structure plus the (empty) padding graph, as MD and the calculator pack it.
+        node_graph = jnp.zeros(n, jnp.int32)
+        cells = jnp.asarray(np.stack([cell, np.zeros((3, 3))]), jnp.float32)
+        row = {"n_atoms": n, "volume_A3": float(atoms.get_volume())}
+
+        start = time.perf_counter()
+        k_les = reciprocal_indices(cell, math.pi)
+        row["les_host_k_s"] = time.perf_counter() - start
+        row["les_k_vectors"] = len(k_les)
+        k_les = jnp.asarray(np.stack([k_les, np.zeros_like(k_les)]))
+        les = jax.jit(jax.value_and_grad(lambda r: jnp.sum(gaussian_charge_energy(
+            jnp.asarray(charges), r, cells, node_graph, k_les, 1.0))))
+        row["les_s"] = best_time(lambda: les(positions), repeats)
+
+        alpha, r_cutoff, k_cutoff = ewald_parameters(n, atoms.get_volume(), 1e-5)
+        start = time.perf_counter()
+        senders, receivers, shifts = neighbour_list(atoms.positions, cell, np.ones(3, bool), r_cutoff)
+        k_points = reciprocal_indices(cell, k_cutoff)
+        row["ewald_host_s"] = time.perf_counter() - start
+        row.update(ewald_alpha=alpha, ewald_r_cutoff=r_cutoff, ewald_pairs=len(senders),
+                   ewald_k_vectors=len(k_points))
+        k_points = jnp.asarray(np.stack([k_points, np.zeros_like(k_points)]))
+        pairs = tuple(map(jnp.asarray, (senders, receivers, shifts)))
+        ewald = jax.jit(jax.value_and_grad(lambda r: jnp.sum(point_charge_energy(
+            jnp.asarray(charges), r, cells, node_graph, k_points, *pairs, alpha, r_cutoff))))
+        row["ewald_s"] = best_time(lambda: ewald(positions), repeats)
+
+        if n <= max_direct:
+            include = jnp.ones(n, bool)
+            direct = jax.jit(jax.value_and_grad(lambda r: jnp.sum(direct_energy(
+                jnp.asarray(charges), r, node_graph, include, 1.0))))
+            row["direct_s"] = best_time(lambda: direct(positions), repeats)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def cost_table(rows: list[dict]) -> str:
+    lines = ["| atoms | LES term (k vectors) | LES µs/atom | Ewald, N^1.5 α (pairs, k) | Ewald µs/atom | "
+             "Ewald host pair list | direct sum (molecule) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        n = row["n_atoms"]
+        direct = f"{row['direct_s'] * 1e3:.1f} ms" if "direct_s" in row else "—"
+        lines.append(f"| {n} | {row['les_s'] * 1e3:.2f} ms ({row['les_k_vectors']}) | "
+                     f"{row['les_s'] / n * 1e6:.1f} | {row['ewald_s'] * 1e3:.1f} ms "
+                     f"({row['ewald_pairs']:,}, {row['ewald_k_vectors']}) | {row['ewald_s'] / n * 1e6:.1f} | "
+                     f"{row['ewald_host_s'] * 1e3:.0f} ms | {direct} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+DATA = os.path.join(ROOT, "data", "ion_pairs_gfn2.extxyz")
+VARIANTS = {
+    "local": {"model.long_range": None, "model.backbone.charge_spin_embedding": False},
+    "local+charge": {"model.long_range": None},
+    "les": {},
+}
+
+
+def train_variant(name: str, overrides: dict, budget_s: float, work_dir: str) -> str:
+    run_dir = os.path.join(work_dir, name)
+    settings = [f"run_dir={run_dir}", f"training.max_time={budget_s}", "training.progress_bar=false"]
+    settings += [f"{key}={'null' if value is None else str(value).lower()}" for key, value in overrides.items()]
+    command = [sys.executable, "-m", "mlip.cli", "train", os.path.join(ROOT, "configs", "long_range_les.yaml")]
+    for setting in settings:
+        command += ["--set", setting]
+    # The budget covers training; start-up, the final evaluation and plots get a grace period.
+    run_with_budget(command, budget_s + 240, os.path.join(work_dir, f"{name}.log"))
+    return run_dir
+
+
+def binned_errors(run_dir: str, test_spec: str, bins: list[float]) -> dict:
+    import ase.io
+
+    from mlip.calculator import MLIPCalculator
+
+    calc = MLIPCalculator.from_run(run_dir)
+    path, index = test_spec.rsplit("@", 1)
+    frames = ase.io.read(path, index=index)
+    records = []
+    for atoms in frames:
+        reference_energy = atoms.info["REF_energy"]
+        reference_forces = atoms.arrays["REF_forces"]
+        labelled = atoms.copy()
+        labelled.calc = calc
+        energy = labelled.get_potential_energy()
+        forces = labelled.get_forces()
+        records.append((atoms.info["separation"], abs(energy - reference_energy),
+                        np.abs(forces - reference_forces).mean()))
+    records = np.asarray(records)
+    result = {"n_frames": len(records), "bins": []}
+    for low, high in zip(bins[:-1], bins[1:]):
+        inside = (records[:, 0] >= low) & (records[:, 0] < high)
+        if inside.any():
+            result["bins"].append({"low": low, "high": high, "n": int(inside.sum()),
+                                   "energy_mae_meV": float(records[inside, 1].mean() * 1e3),
+                                   "forces_mae_meV_A": float(records[inside, 2].mean() * 1e3)})
+    result["energy_mae_meV"] = float(records[:, 1].mean() * 1e3)
+    result["forces_mae_meV_A"] = float(records[:, 2].mean() * 1e3)
+    return result
+
+
+def accuracy(budget_s: float, work_dir: str, test_spec: str, cutoff: float) -> dict:
+    os.makedirs(work_dir, exist_ok=True)
+    bins = [0.0, 4.0, cutoff, 7.0, 9.0, 100.0]
+    results = {}
+    for name, overrides in VARIANTS.items():
+        run_dir = train_variant(name, overrides, budget_s, work_dir)
+        results[name] = binned_errors(run_dir, test_spec, bins)
+        results[name]["epochs"] = len(open(os.path.join(run_dir, "metrics.csv")).read().strip().splitlines()) - 1
+        print(name, json.dumps(results[name]), flush=True)
+    return results
+
+
+def accuracy_table(results: dict) -> str:
+    names = list(results)
+    header = "| separation (Å) | frames | " + " | ".join(f"{name} E MAE (meV)" for name in names) + " | " + \
+        " | ".join(f"{name} F MAE (meV/Å)" for name in names) + " |"
+    lines = [header, "|" + "---|" * (2 + 2 * len(names))]
+    for index, bin_ in enumerate(results[names[0]]["bins"]):
+        cells = [f"{results[name]['bins'][index]['energy_mae_meV']:.1f}" for name in names]
+        cells += [f"{results[name]['bins'][index]['forces_mae_meV_A']:.1f}" for name in names]
+        high = "∞" if bin_["high"] >= 100 else f"{bin_['high']:g}"
+        lines.append(f"| {bin_['low']:g}–{high} | {bin_['n']} | " + " | ".join(cells) + " |")
+    cells = [f"{results[name]['energy_mae_meV']:.1f}" for name in names]
+    cells += [f"{results[name]['forces_mae_meV_A']:.1f}" for name in names]
+    lines.append(f"| all | {results[names[0]]['n_frames']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Epochs in the budget: " + ", ".join(f"{name} {results[name]['epochs']}" for name in names) + ".")
+    return "\n".join(lines)
+
+
+def accuracy_plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, result in results.items():
+        centres = [0.5 * (b["low"] + min(b["high"], 13.0)) for b in result["bins"]]
+        axes[0].plot(centres, [b["energy_mae_meV"] for b in result["bins"]], "o-", label=name)
+        axes[1].plot(centres, [b["forces_mae_meV_A"] for b in result["bins"]], "o-", label=name)
+    for axis, label in zip(axes, ("energy MAE (meV)", "force MAE (meV/Å)")):
+        axis.set_xlabel("fragment separation (Å)")
+        axis.set_ylabel(label)
+        axis.set_yscale("log")
+        axis.axvline(5.0, color="grey", linestyle=":", label="cutoff")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["cost", "accuracy"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512, 1728, 4096, 8000, 10648])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-direct", type=int, default=4096, help="largest N for the O(N²) direct sum")
+    parser.add_argument("--budget-s", type=float, default=300.0)
+    parser.add_argument("--test", default=None, help="test data (default: the frames after the config's valid set)")
+    parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "benchmark_long_range"))
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count()}
+    if args.part == "cost":
+        rows = cost(args.sizes, args.repeats, args.max_direct)
+        with open(os.path.join(DOCS, "benchmark_long_range_cost.json"), "w") as stream:
+            json.dump({"machine": machine, "rows": rows}, stream, indent=1)
+        table = cost_table(rows)
+        print(table)
+        if args.docs:
+            replace_marked_section(os.path.join(DOCS, "benchmarks.md"), "<!-- long-range-cost -->",
+                                   "<!-- /long-range-cost -->", table, "Long-range terms: cost by system size")
+        return 0
+    import yaml
+
+    config = yaml.safe_load(open(os.path.join(ROOT, "configs", "long_range_les.yaml")))
+    test_spec = args.test or config["data"]["test"]
+    results = accuracy(args.budget_s, args.work_dir, test_spec, float(config["model"]["backbone"]["r_max"]))
+    with open(os.path.join(DOCS, "benchmark_long_range.json"), "w") as stream:
+        json.dump({"machine": machine, "budget_s": args.budget_s, "test": test_spec, "results": results},
+                  stream, indent=1)
+    accuracy_plot(results, os.path.join(DOCS, "benchmark_long_range.png"))
+    table = accuracy_table(results)
+    print(table)
+    if args.docs:
+        replace_marked_section(os.path.join(DOCS, "benchmarks.md"), "<!-- long-range-accuracy -->",
+                               "<!-- /long-range-accuracy -->", table,
+                               "Long range: local against LES at equal wall-clock")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
