@@ -113,6 +113,16 @@ def les_model():
                           charge_spin_embedding=True)
 
 
+@pytest.fixture(scope="module")
+def ewald_mp_model():
+    return make_potential([1, 8, 11, 17], ewald_message_passing={"k_cutoff": 1.5, "aperiodic_spacing": 0.15})
+
+
+@pytest.fixture(params=["les", "ewald_mp"])
+def long_range_model(request, les_model, ewald_mp_model):
+    return {"les": les_model, "ewald_mp": ewald_mp_model}[request.param]
+
+
 def _frame(atoms, charge=0.0, spin=1.0):
     return Frame(positions=atoms.positions.copy(), numbers=atoms.numbers, cell=atoms.cell.array.copy(),
                  pbc=np.asarray(atoms.pbc), charge=charge, spin=spin)
@@ -142,8 +152,8 @@ def _ion_water():
     return atoms
 
 
-def test_les_forces_and_stress_are_derivatives_of_the_energy(les_model):
-    potential, params = les_model
+def test_long_range_forces_and_stress_are_derivatives_of_the_energy(long_range_model):
+    potential, params = long_range_model
     cell_atoms = _ion_cell()
     frame = _frame(cell_atoms, charge=1.0)  # a charged cell: background term included
     outputs, _ = _apply(potential, params, [frame])
@@ -174,20 +184,42 @@ def test_les_forces_and_stress_are_derivatives_of_the_energy(les_model):
         assert outputs["stress"][0, a, b] == pytest.approx(numeric, abs=1e-7)
 
 
-def test_les_is_rotation_translation_invariant_and_conserves_charge(les_model):
-    potential, params = les_model
-    atoms = _ion_water()
-    reference, graph = _apply(potential, params, [_frame(atoms, charge=1.0)])
+def test_long_range_terms_are_rotation_translation_invariant(long_range_model):
+    potential, params = long_range_model
     rotation = np.linalg.qr(np.random.default_rng(5).normal(size=(3, 3)))[0]
-    moved = atoms.copy()
-    moved.positions = atoms.positions @ rotation.T + np.array([3.0, -2.0, 1.0])
-    rotated, _ = _apply(potential, params, [_frame(moved, charge=1.0)])
-    assert rotated["energy"][0] == pytest.approx(reference["energy"][0], abs=1e-9)
-    np.testing.assert_allclose(rotated["forces"][:4], reference["forces"][:4] @ rotation.T, atol=1e-9)
-    charges = reference["charges"][:len(atoms)]
-    assert charges.sum() == pytest.approx(1.0, abs=1e-9)
-    # The sodium ion is beyond the cutoff: only the Ewald term couples it to the water.
+    shift = np.array([3.0, -2.0, 1.0])
+    for atoms in (_ion_water(), _ion_cell()):  # a molecule, and a cell rotated with its atoms
+        reference, _ = _apply(potential, params, [_frame(atoms, charge=1.0)])
+        moved = atoms.copy()
+        moved.set_cell(atoms.cell.array @ rotation.T)
+        moved.positions = atoms.positions @ rotation.T + shift
+        rotated, _ = _apply(potential, params, [_frame(moved, charge=1.0)])
+        n = len(atoms)
+        assert rotated["energy"][0] == pytest.approx(reference["energy"][0], abs=1e-9)
+        np.testing.assert_allclose(rotated["forces"][:n], reference["forces"][:n] @ rotation.T, atol=1e-9)
+    # The sodium ion is beyond the 3 Å cutoff: only the long-range term couples it to the water.
+    reference, _ = _apply(potential, params, [_frame(_ion_water(), charge=1.0)])
     assert np.abs(reference["forces"][3]).max() > 1e-6
+
+
+def test_les_charges_sum_to_the_total_charge(les_model):
+    potential, params = les_model
+    outputs, _ = _apply(potential, params, [_frame(_ion_water(), charge=1.0), _frame(_ion_cell(), charge=-1.0)])
+    assert outputs["charges"][:4].sum() == pytest.approx(1.0, abs=1e-9)
+    assert outputs["charges"][4:8].sum() == pytest.approx(-1.0, abs=1e-9)
+
+
+def test_ewald_message_passing_with_a_zero_filter_is_the_backbone(ewald_mp_model):
+    potential, params = ewald_mp_model
+    local, local_params = make_potential([1, 8, 11, 17])
+    backbone = {name: value for name, value in params["backbone"].items() if not name.startswith("ewald")}
+    assert jax.tree.all(jax.tree.map(np.array_equal, backbone, local_params["backbone"]))
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.zeros_like(leaf) if "filter" in jax.tree_util.keystr(path) else leaf, params)
+    frames = [_frame(_ion_water()), _frame(_ion_cell())]
+    with_zero_filter, _ = _apply(potential, zeroed, frames)
+    plain, _ = _apply(local, local_params, frames)
+    np.testing.assert_allclose(with_zero_filter["energy"], plain["energy"], atol=1e-12)
 
 
 def test_same_geometry_at_two_total_charges_gives_two_energies(les_model):

@@ -16,7 +16,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import e3nn_jax as e3nn
 import flax.linen as nn
@@ -28,6 +28,7 @@ from mlip.graph import AtomsGraph
 from mlip.models.embedding import ChargeSpinEmbedding
 from mlip.models.radial import radial_embedding
 from mlip.models.symmetric_contraction import SymmetricContraction, irreps_up_to
+from mlip.physics.ewald_message_passing import EwaldBlock
 from mlip.registry import register_backbone
 
 
@@ -219,6 +220,8 @@ class MACE(nn.Module):
         radial_mlp: hidden sizes of the radial MLP.
         charge_spin_embedding: add `ChargeSpinEmbedding` of the graph's total charge and
             spin to the atoms' initial features.
+        ewald_message_passing: settings of an `EwaldBlock` that updates the invariant
+            channels after every interaction, or None.
     """
 
     atomic_numbers: tuple[int, ...]
@@ -233,6 +236,7 @@ class MACE(nn.Module):
     num_interactions: int = 2
     radial_mlp: tuple[int, ...] = (64, 64, 64)
     charge_spin_embedding: bool = False
+    ewald_message_passing: Optional[dict] = None  # EwaldBlock settings, or None
 
     @property
     def feature_irreps(self) -> e3nn.Irreps:
@@ -278,5 +282,11 @@ class MACE(nn.Module):
                 name=f"interaction_{layer}")(
                     node_features, species_index, edge_sh, edge_radial,
                     graph.senders, graph.receivers)
+            if self.ewald_message_passing is not None:
+                # The invariant channels come first in the layer's irreps (irreps_up_to).
+                delta = EwaldBlock(channels=self.num_channels, **self.ewald_message_passing, name=f"ewald_{layer}")(
+                    node_features.array[:, :self.num_channels], graph, positions, cell)
+                node_features = e3nn.IrrepsArray(node_features.irreps,
+                                                 node_features.array.at[:, :self.num_channels].add(delta))
             scalars_per_layer.append(node_features.filter(keep="0e"))
         return e3nn.concatenate(scalars_per_layer, axis=-1)

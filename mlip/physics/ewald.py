@@ -80,39 +80,55 @@ def reciprocal_energy(charges: jnp.ndarray, positions: jnp.ndarray, cell: jnp.nd
             over every mesh frequency with |k| ≤ ``k_cutoff`` instead of over ``k_indices``;
             () for the direct sum.
     """
-    if k_indices.shape[1] == 0 and not mesh_shape:
-        return jnp.zeros_like(charges)
-    volume, periodic = _graph_volume(cell)
-    safe_cell = jnp.where(periodic[:, None, None], cell, jnp.eye(3, dtype=cell.dtype))  # inv() needs it too
-    inverse_cell = jnp.linalg.inv(safe_cell)
-    basis = 2.0 * jnp.pi * jnp.swapaxes(inverse_cell, -1, -2)  # [G, 3, 3]
+    volume, _ = _graph_volume(cell)
+    potential = reciprocal_potential(charges, positions, cell, node_graph, k_indices,
+                                     lambda k_squared: jnp.exp(-k_squared / (4.0 * alpha**2)) / k_squared,
+                                     mesh_shape, k_cutoff)
     prefactor = 2.0 * jnp.pi * COULOMB_CONSTANT / volume  # [G]
+    return prefactor[node_graph] * charges * potential
+
+
+def reciprocal_potential(sources: jnp.ndarray, positions: jnp.ndarray, cell: jnp.ndarray,
+                         node_graph: jnp.ndarray, k_indices: jnp.ndarray, radial_filter,
+                         mesh_shape: tuple = (), k_cutoff: Optional[float] = None) -> jnp.ndarray:
+    """[N] or [N, C]: Σ_{k≠0} θ(k²) Re[e^{−ik·r_i} S(k)], S(k) = Σ_{j in i's graph} s_j e^{ik·r_j}, over the full k space.
+
+    The sum of Ewald's reciprocal energy (sources = charges, θ = e^{−k²/4α²}/k²) and of Ewald
+    message passing (sources = C feature channels, θ a learned radial filter per channel).
+
+    Args:
+        sources: [N] or [N, C] (zero on padding atoms).
+        k_indices: [G, M, 3] half-space indices (each stands for ±k); unused with a mesh.
+        radial_filter: k² [G, ...] (> 0) -> θ [G, ...] or [G, ..., C].
+        mesh_shape, k_cutoff: see `reciprocal_energy`; ``k_cutoff`` also masks k indices.
+    """
+    if k_indices.shape[1] == 0 and not mesh_shape:
+        return jnp.zeros_like(sources)
+    _, periodic = _graph_volume(cell)
+    safe_cell = jnp.where(periodic[:, None, None], cell, jnp.eye(3, dtype=cell.dtype))
+    inverse_cell = jnp.linalg.inv(safe_cell)
+    basis = 2.0 * jnp.pi * jnp.swapaxes(inverse_cell, -1, -2)  # [G, 3, 3] rows b_a
 
     def k_filter(indices, weight):
-        """w e^{−k²/4α²}/k² per index n (float or int) [G, ..., 3]; 0 at k = 0, beyond k_cutoff, in non-periodic graphs."""
+        """(w θ(k²) per index n [G, ..., 3], 0 at k = 0, beyond k_cutoff and in non-periodic graphs; k vectors)."""
         k_vectors = jnp.einsum("g...a,gab->g...b", indices.astype(positions.dtype), basis)
         k_squared = jnp.sum(k_vectors**2, axis=-1)
-        extra_axes = (1,) * (k_squared.ndim - 1)
-        real_k = jnp.any(indices != 0, axis=-1) & periodic.reshape((-1,) + extra_axes)
+        real_k = jnp.any(indices != 0, axis=-1) & periodic.reshape((-1,) + (1,) * (k_squared.ndim - 1))
         if k_cutoff is not None:
             real_k = real_k & (k_squared <= k_cutoff**2)
-        # Mask k = 0 (padding rows) before dividing: 1/k² there would be inf, and its gradient NaN.
-        safe_k_squared = jnp.where(real_k, k_squared, 1.0)
-        return jnp.where(real_k, weight * jnp.exp(-safe_k_squared / (4.0 * alpha**2)) / safe_k_squared, 0.0), k_vectors
+        # Mask k = 0 (padding rows) before the filter: 1/k² there would be inf, and its gradient NaN.
+        theta = radial_filter(jnp.where(real_k, k_squared, 1.0))
+        mask = real_k if theta.ndim == real_k.ndim else real_k[..., None]
+        return jnp.where(mask, weight * theta, 0.0), k_vectors
 
     if mesh_shape:
         from mlip.physics.mesh_ewald import mesh_reciprocal_potential
 
-        def mesh_filter(frequencies):  # all m: weight 1 (the mesh holds both k and −k)
-            theta, _ = k_filter(frequencies, 1.0)
-            return theta * prefactor.reshape(-1, 1, 1, 1)
-
-        potential = mesh_reciprocal_potential(charges, positions, inverse_cell, node_graph, tuple(mesh_shape),
-                                              mesh_filter)
-        return charges * potential
+        # Every mesh frequency m: weight 1 (the mesh holds both k and −k).
+        return mesh_reciprocal_potential(sources, positions, inverse_cell, node_graph, tuple(mesh_shape),
+                                         lambda frequencies: k_filter(frequencies, 1.0)[0])
     filter_k, k_vectors = k_filter(k_indices, 2.0)  # half space: weight 2
-    potential = _blocked_structure_factor_sum(charges, positions, node_graph, k_vectors, filter_k)
-    return prefactor[node_graph] * charges * potential
+    return _blocked_structure_factor_sum(sources, positions, node_graph, k_vectors, filter_k)
 
 
 # k vectors per block of the reciprocal sum: bounds the [N, block] phase arrays (and, by
@@ -120,38 +136,45 @@ def reciprocal_energy(charges: jnp.ndarray, positions: jnp.ndarray, cell: jnp.nd
 K_BLOCK = 1024
 
 
-def _blocked_structure_factor_sum(charges, positions, node_graph, k_vectors, filter_k):
-    """[N] Σ_k f_k Re[e^{−ik·r_i} S(k)], S(k) = Σ_{j in i's graph} q_j e^{ik·r_j}, in blocks of K_BLOCK k's."""
-    n_graph, n_k = filter_k.shape
+def _blocked_structure_factor_sum(sources, positions, node_graph, k_vectors, filter_k):
+    """[N(, C)] Σ_k f_k Re[e^{−ik·r_i} S(k)], S(k) = Σ_{j in i's graph} s_j e^{ik·r_j}, in blocks of K_BLOCK k's.
+
+    ``sources`` [N] or [N, C]; ``filter_k`` [G, M] or [G, M, C].
+    """
+    n_graph, n_k = filter_k.shape[:2]
+    channels = sources.shape[1:]
     blocks = -(-n_k // K_BLOCK)
     if blocks > 1:
         padding = blocks * K_BLOCK - n_k  # zero k vectors with zero filter add nothing
         k_vectors = jnp.pad(k_vectors, ((0, 0), (0, padding), (0, 0)))
-        filter_k = jnp.pad(filter_k, ((0, 0), (0, padding)))
+        filter_k = jnp.pad(filter_k, ((0, 0), (0, padding)) + ((0, 0),) * len(channels))
 
-    def block_sum(k_block, filter_block):  # [G, B, 3], [G, B]
+    def block_sum(k_block, filter_block):  # [G, B, 3], [G, B(, C)]
         if n_graph == 2:
             # One structure and the padding graph (MD, the calculator): every atom can use
-            # graph 0's k vectors, since padding atoms carry no charge; no gather, no scatter.
+            # graph 0's k vectors, since padding atoms carry no sources; no gather, no scatter.
             phase = positions @ k_block[0].T  # [N, B]
             cos_phase, sin_phase = jnp.cos(phase), jnp.sin(phase)
-            weighted_cos = filter_block[0] * (charges @ cos_phase)
-            weighted_sin = filter_block[0] * (charges @ sin_phase)
+            weighted_cos = filter_block[0] * (cos_phase.T @ sources)  # [B(, C)]
+            weighted_sin = filter_block[0] * (sin_phase.T @ sources)
             return cos_phase @ weighted_cos + sin_phase @ weighted_sin
         phase = jnp.einsum("nb,nmb->nm", positions, k_block[node_graph])  # [N, B]
         cos_phase, sin_phase = jnp.cos(phase), jnp.sin(phase)
-        structure_cos = jax.ops.segment_sum(charges[:, None] * cos_phase, node_graph, n_graph)  # [G, B]
-        structure_sin = jax.ops.segment_sum(charges[:, None] * sin_phase, node_graph, n_graph)
+        if channels:
+            cos_phase, sin_phase = cos_phase[..., None], sin_phase[..., None]
+        per_atom = sources[:, None]  # [N, 1(, C)]
+        structure_cos = jax.ops.segment_sum(per_atom * cos_phase, node_graph, n_graph)  # [G, B(, C)]
+        structure_sin = jax.ops.segment_sum(per_atom * sin_phase, node_graph, n_graph)
         weighted_cos = (filter_block * structure_cos)[node_graph]
         weighted_sin = (filter_block * structure_sin)[node_graph]
-        return jnp.sum(cos_phase * weighted_cos + sin_phase * weighted_sin, axis=-1)
+        return jnp.sum(cos_phase * weighted_cos + sin_phase * weighted_sin, axis=1)
 
     if blocks == 1:
         return block_sum(k_vectors, filter_k)
     k_blocks = jnp.moveaxis(k_vectors.reshape(n_graph, blocks, K_BLOCK, 3), 1, 0)
-    filter_blocks = jnp.moveaxis(filter_k.reshape(n_graph, blocks, K_BLOCK), 1, 0)
+    filter_blocks = jnp.moveaxis(filter_k.reshape((n_graph, blocks, K_BLOCK) + filter_k.shape[2:]), 1, 0)
     body = jax.checkpoint(lambda carry, block: (carry + block_sum(*block), None))
-    potential, _ = jax.lax.scan(body, jnp.zeros_like(charges), (k_blocks, filter_blocks))
+    potential, _ = jax.lax.scan(body, jnp.zeros_like(sources), (k_blocks, filter_blocks))
     return potential
 
 

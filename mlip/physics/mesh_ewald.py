@@ -47,22 +47,23 @@ def _spline_moduli(size: int, order: int) -> np.ndarray:
     return 1.0 / denominator
 
 
-def mesh_reciprocal_potential(charges: jnp.ndarray, positions: jnp.ndarray, inverse_cell: jnp.ndarray,
+def mesh_reciprocal_potential(sources: jnp.ndarray, positions: jnp.ndarray, inverse_cell: jnp.ndarray,
                               node_graph: jnp.ndarray, mesh_shape: tuple[int, int, int],
                               filter_fn, order: int = SPLINE_ORDER) -> jnp.ndarray:
-    """[N] Σ_x w_i(x) Φ(x) for every atom: its reciprocal-space potential Σ_m θ(m) Re[e^{−ik·r_i} S(m)].
+    """[N] or [N, C]: Σ_x w_i(x) Φ(x) for every atom, its Σ_m θ(m) Re[e^{−ik·r_i} S(m)] over all mesh m.
 
     Args:
-        charges: [N] e.
+        sources: [N] charges, or [N, C] channels each spread on its own mesh.
         positions: [N, 3] Å.
         inverse_cell: [G, 3, 3] cell⁻¹ of each graph (identity for non-periodic ones).
         node_graph: [N] graph of each atom.
         mesh_shape: (K1, K2, K3), static.
-        filter_fn: m [G, K1, K2, K3, 3] (float mesh frequencies) -> θ [G, K1, K2, K3], the
-            weight of each |S(m)|² in the energy (0 at m = 0).
+        filter_fn: m [G, K1, K2, K3, 3] (mesh frequencies as floats) -> θ [G, K1, K2, K3]
+            (or [..., C]), the weight of each |S(m)|² (0 at m = 0).
         order: B-spline order p.
     """
     n_graph = inverse_cell.shape[0]
+    channels = sources.shape[1:]
     sizes = jnp.asarray(mesh_shape, positions.dtype)
     # Mesh coordinates; wrapped into [0, K) so that atoms outside the cell spread correctly.
     scaled = jnp.einsum("nb,nba->na", positions, inverse_cell[node_graph]) * sizes
@@ -76,8 +77,9 @@ def mesh_reciprocal_potential(charges: jnp.ndarray, positions: jnp.ndarray, inve
     flat_index = (((node_graph[:, None, None, None] * k1 + indices[:, 0, :, None, None]) * k2
                    + indices[:, 1, None, :, None]) * k3 + indices[:, 2, None, None, :])  # [N, p, p, p]
     spline = weights[:, 0, :, None, None] * weights[:, 1, None, :, None] * weights[:, 2, None, None, :]
-    mesh = jnp.zeros(n_graph * k1 * k2 * k3, positions.dtype).at[flat_index.reshape(-1)].add(
-        (charges[:, None, None, None] * spline).reshape(-1)).reshape(n_graph, k1, k2, k3)
+    spread = sources.reshape((-1, 1, 1, 1) + channels) * spline.reshape(spline.shape + (1,) * len(channels))
+    mesh = jnp.zeros((n_graph * k1 * k2 * k3,) + channels, positions.dtype).at[flat_index.reshape(-1)].add(
+        spread.reshape((-1,) + channels)).reshape((n_graph, k1, k2, k3) + channels)
     frequencies = jnp.stack(jnp.meshgrid(*[jnp.fft.fftfreq(k, 1.0 / k).astype(positions.dtype)
                                            for k in mesh_shape], indexing="ij"), axis=-1)  # [K1, K2, K3, 3]
     moduli = np.ones(mesh_shape)
@@ -85,9 +87,9 @@ def mesh_reciprocal_potential(charges: jnp.ndarray, positions: jnp.ndarray, inve
         shape = [1, 1, 1]
         shape[axis] = size
         moduli = moduli * _spline_moduli(size, order).reshape(shape)
-    theta = filter_fn(jnp.broadcast_to(frequencies, (n_graph,) + frequencies.shape)) * jnp.asarray(
-        moduli, positions.dtype)
+    theta = filter_fn(jnp.broadcast_to(frequencies, (n_graph,) + frequencies.shape))
+    theta = theta * jnp.asarray(moduli, positions.dtype).reshape(mesh_shape + (1,) * (theta.ndim - 4))
     transformed = jnp.fft.fftn(mesh, axes=(1, 2, 3))
     potential_mesh = jnp.real(jnp.fft.ifftn(theta * transformed, axes=(1, 2, 3))) * (k1 * k2 * k3)
-    gathered = potential_mesh.reshape(-1)[flat_index]  # [N, p, p, p]
-    return jnp.sum(gathered * spline, axis=(1, 2, 3))
+    gathered = potential_mesh.reshape((-1,) + channels)[flat_index]  # [N, p, p, p(, C)]
+    return jnp.sum(gathered * spline.reshape(spline.shape + (1,) * len(channels)), axis=(1, 2, 3))

@@ -23,6 +23,17 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class EwaldMessagePassingConfig(StrictModel):
+    """Ewald message passing (Kosmala et al. 2023; METHODS.md §3.2) after every interaction."""
+
+    k_cutoff: PositiveFloat = Field(1.2, description="|k| limit in periodic cells, Å⁻¹ (1.2: wavelengths "
+                                                     "beyond a 5 Å cutoff)")
+    aperiodic_spacing: PositiveFloat = Field(0.2, description="Δk of the fixed k grid for molecules, Å⁻¹")
+    aperiodic_cutoff: PositiveFloat = Field(0.6, description="|k| limit for molecules, Å⁻¹")
+    num_basis: PositiveInt = Field(32, description="Gaussian basis functions of |k| in the filter")
+    bottleneck: PositiveInt = Field(8, description="the filter's down-projection size")
+
+
 class MACEConfig(StrictModel):
     """MACE backbone (METHODS.md §1). Defaults follow mace's, sized for small systems."""
 
@@ -39,6 +50,8 @@ class MACEConfig(StrictModel):
     charge_spin_embedding: bool = Field(
         False, description="add an embedding of the graph's total charge and spin multiplicity to every "
                            "atom's features (zero for a neutral singlet)")
+    ewald_message_passing: Optional[EwaldMessagePassingConfig] = Field(
+        None, description="a long-range message in reciprocal space after each interaction, or null")
 
 
 class EnergyHeadConfig(StrictModel):
@@ -90,10 +103,14 @@ class ModelConfig(StrictModel):
 
     @property
     def k_cutoff(self) -> Optional[float]:
-        """|k| limit of the reciprocal-space sums, Å⁻¹ (2π/dl); None without a long-range term."""
-        if self.long_range is None:
-            return None
-        return 2.0 * math.pi / float(self.long_range.k_resolution)
+        """|k| limit of the reciprocal-space sums, Å⁻¹ (the largest any term needs); None without one."""
+        limits = []
+        if self.long_range is not None:
+            limits.append(2.0 * math.pi / float(self.long_range.k_resolution))
+        ewald = getattr(self.backbone, "ewald_message_passing", None)
+        if ewald is not None:
+            limits.append(float(ewald.k_cutoff))
+        return max(limits) if limits else None
 
     @model_validator(mode="before")
     @classmethod
