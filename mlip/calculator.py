@@ -21,7 +21,7 @@ Between rebuilds the padded graph stays on the device and only positions are cop
 The total charge and spin multiplicity of the structure are read from
 ``atoms.info[charge_key]`` and ``atoms.info[spin_key]`` (``total_charge``, ``total_spin``
 as in the training data; 0 and 1 when absent). A model with a long-range term (LES) also
-returns its latent per-atom ``charges`` (e).
+returns its latent per-atom ``charges`` (e), one with a magnetic-moment head ``magmoms`` (μ_B).
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ class MLIPCalculator(Calculator):
         if self.has_uncertainty:
             self.implemented_properties = type(self).implemented_properties + [
                 "energy_std", "forces_std", "stress_std"]
-        if potential.k_cutoff is not None:
+        if potential.config.long_range is not None:
             self.implemented_properties = self.implemented_properties + ["charges"]
+        if potential.config.magmoms:
+            self.implemented_properties = self.implemented_properties + ["magmoms"]
         self._apply = jax.jit(lambda p, g, stress: potential.apply(p, g, True, stress),
                               static_argnums=2)
         self._dtype = np.float64 if potential.config.dtype == "float64" else np.float32
@@ -152,8 +154,9 @@ class MLIPCalculator(Calculator):
             "forces": np.asarray(outputs["forces"][:n], np.float64),
             "energies": e0 + np.asarray(outputs["node_energy"][:n], np.float64),
         }
-        if "charges" in outputs:
-            self.results["charges"] = np.asarray(outputs["charges"][:n], np.float64)
+        for name in ("charges", "magmoms"):
+            if name in outputs:
+                self.results[name] = np.asarray(outputs[name][:n], np.float64)
         if self.has_uncertainty:
             self.results["energy_std"] = float(outputs["energy_std"][0])
             self.results["forces_std"] = np.asarray(outputs["forces_std"][:n], np.float64)

@@ -38,6 +38,7 @@ import mlip.models  # noqa: F401  (importing registers the backbones)
 import mlip.physics  # noqa: F401  (importing registers the long-range terms)
 from mlip.data.statistics import DatasetStatistics
 from mlip.graph import AtomsGraph
+from mlip.heads.magmoms import MagneticMomentHead
 from mlip.registry import BACKBONES, HEADS, LONG_RANGE, lookup
 from mlip.training.config import ModelConfig
 
@@ -47,12 +48,14 @@ class EnergyModel(nn.Module):
 
     The head gives ``energy`` [N] (normalised ε) or ``energy_members`` [K, N], and
     optionally ``energy_variance`` [N] and ``forces_variance`` [N]; a long-range term
-    adds ``long_range_energy`` [N] (eV, not normalised) and ``charges`` [N] (e).
+    adds ``long_range_energy`` [N] (eV, not normalised) and ``charges`` [N] (e); a
+    magnetic-moment head ``magmoms`` [N] (μ_B).
     """
 
     backbone: nn.Module
     head: nn.Module
     long_range: Optional[nn.Module] = None
+    magmoms: Optional[nn.Module] = None
 
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> dict:
         features = self.backbone(graph, positions, cell)
@@ -62,6 +65,8 @@ class EnergyModel(nn.Module):
         if self.long_range is not None:
             long_range = self.long_range(features, graph, positions, cell)
             outputs = {**outputs, "long_range_energy": long_range["energy"], "charges": long_range["charges"]}
+        if self.magmoms is not None:
+            outputs = {**outputs, "magmoms": self.magmoms(features)}
         return outputs
 
 
@@ -79,7 +84,8 @@ def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyMo
         long_range_cls = lookup(LONG_RANGE, long_range_config.pop("name"), "model.long_range.name")
         long_range_config["charge_mlp"] = tuple(long_range_config.get("charge_mlp", ()))
         long_range = long_range_cls(**long_range_config)
-    return EnergyModel(backbone=backbone, head=head, long_range=long_range)
+    magmoms = MagneticMomentHead() if config.magmoms else None
+    return EnergyModel(backbone=backbone, head=head, long_range=long_range, magmoms=magmoms)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -140,9 +146,10 @@ class Potential:
             # In eV already: the Coulomb energy of the charges is not rescaled (and is
             # shared by all readout members).
             node_energy = node_energy + head_outputs["long_range_energy"]
-            outputs = {"node_energy": node_energy, "charges": head_outputs["charges"]}
-        else:
-            outputs = {"node_energy": node_energy}
+        outputs = {"node_energy": node_energy}
+        for name in ("charges", "magmoms"):  # per-atom outputs beside the energy, never differentiated
+            if name in head_outputs:
+                outputs[name] = jnp.where(graph.node_mask, head_outputs[name], 0.0)
         floor = getattr(self.config.head, "variance_floor", 0.0)
         for name in ("energy_variance", "forces_variance"):
             if name in head_outputs:
@@ -166,7 +173,8 @@ class Potential:
 
         Returns:
             dict with ``energy`` [G] (eV above the references), ``node_energy`` [N],
-            for a model with a long-range term ``charges`` [N] (e), and if requested ``forces`` [N, 3] (eV/Å) and ``stress`` [G, 3, 3] (eV/Å³,
+            for a model with a long-range term ``charges`` [N] (e), with a magnetic-moment
+            head ``magmoms`` [N] (μ_B), and if requested ``forces`` [N, 3] (eV/Å) and ``stress`` [G, 3, 3] (eV/Å³,
             zero for non-periodic graphs). A mean-variance head adds ``energy_variance``
             [G] (eV²) and ``forces_variance`` [N, 3] ((eV/Å)²); a shallow-ensemble head
             adds ``energy_members`` [K, G] and, with ``member_derivatives``,
@@ -227,8 +235,9 @@ class Potential:
                        "energy_members": graph_energy}
         else:
             outputs = {"energy": graph_energy, "node_energy": node_energy}
-        if "charges" in nodes:
-            outputs["charges"] = nodes["charges"]
+        for name in ("charges", "magmoms"):
+            if name in nodes:
+                outputs[name] = nodes[name]
         if "energy_variance" in nodes:
             outputs["energy_variance"] = jax.ops.segment_sum(nodes["energy_variance"], graph.node_graph,
                                                              graph.n_node.shape[0])

@@ -18,10 +18,11 @@ TINY_BACKBONE = dict(num_channels=4, max_ell=2, max_l=1, correlation=2, num_inte
 
 
 def make_potential(atomic_numbers, dtype="float64", e0=None, shift=0.0, scale=1.0,
-                   avg_num_neighbors=8.0, long_range=None, **backbone):
+                   avg_num_neighbors=8.0, long_range=None, magmoms=False, **backbone):
     """A tiny MACE potential with fixed statistics and its parameters.
 
-    ``long_range``: a `model.long_range` mapping (e.g. ``{"name": "les"}``) or None.
+    ``long_range``: a `model.long_range` mapping (e.g. ``{"name": "les"}``) or None;
+    ``magmoms``: add the magnetic-moment head.
     """
     from mlip.data.statistics import DatasetStatistics
     from mlip.potential import Potential
@@ -33,7 +34,7 @@ def make_potential(atomic_numbers, dtype="float64", e0=None, shift=0.0, scale=1.
                               e0=e0 or {z: 0.0 for z in atomic_numbers}, shift=shift, scale=scale,
                               avg_num_neighbors=avg_num_neighbors)
     config = ModelConfig.model_validate({"backbone": MACEConfig(**settings).model_dump(), "dtype": dtype,
-                                         "long_range": long_range})
+                                         "long_range": long_range, "magmoms": magmoms})
     potential = Potential(config, stats)
     params = jax.jit(potential.init)(jax.random.PRNGKey(0), dummy_graph(stats.atomic_numbers))
     # Random init leaves some paths tiny; scale up so invariance tests see real signal.

@@ -285,17 +285,25 @@ def test_les_md_matches_ase_with_the_calculator_in_a_charged_cell(monkeypatch):
     assert reference.calc.results["charges"].sum() == pytest.approx(0.0, abs=1e-9)
 
 
-def test_les_model_trains_from_yaml_with_an_ensemble_and_serves_the_calculator(tmp_path, emt_file):
+def test_long_range_model_with_magnetic_moments_trains_from_yaml_with_an_ensemble(tmp_path):
+    import ase.io
     import yaml
 
+    from conftest import emt_frames
     from mlip.calculator import MLIPCalculator
     from mlip.cli import main
 
+    frames = emt_frames(8)
+    for atoms in frames:  # a synthetic moment per element: the wiring is under test here
+        atoms.arrays["REF_magmoms"] = np.where(atoms.numbers == 79, 0.5, 0.1)
+    data = str(tmp_path / "magnetic.extxyz")
+    ase.io.write(data, frames)
     config = {"run_dir": str(tmp_path / "les"), "seed": 1,
-              "data": {"train": f"{emt_file}@0:6", "valid": f"{emt_file}@6:8"},
+              "data": {"train": f"{data}@0:6", "valid": f"{data}@6:8", "magmoms_key": "REF_magmoms"},
               "model": {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8],
-                                     "r_max": 3.0, "num_interactions": 1, "charge_spin_embedding": True},
-                        "long_range": {"name": "les", "charge_mlp": [4]}},
+                                     "r_max": 3.0, "num_interactions": 1, "charge_spin_embedding": True,
+                                     "ewald_message_passing": {"k_cutoff": 1.0}},
+                        "long_range": {"name": "les", "charge_mlp": [4]}, "magmoms": True},
               "uncertainty": {"method": "deep_ensemble", "members": 2},
               "training": {"max_epochs": 1, "batch_size": 3, "progress_bar": False, "plots": False}}
     path = tmp_path / "les.yaml"
@@ -305,8 +313,24 @@ def test_les_model_trains_from_yaml_with_an_ensemble_and_serves_the_calculator(t
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     atoms.calc = calc
     atoms.get_potential_energy()
-    assert {"charges", "energy_std", "stress"} <= set(calc.results)
+    assert {"charges", "magmoms", "energy_std", "stress"} <= set(calc.results)
     assert calc.results["charges"].sum() == pytest.approx(0.0, abs=1e-5)
+    assert calc.results["magmoms"].shape == (4,) and np.all(calc.results["magmoms"] >= 0)
+    import json
+
+    summary = json.load(open(tmp_path / "les" / "summary.json"))
+    assert "magmoms_mae" in summary["valid"]
+
+
+def test_magnetic_moments_are_per_site_and_the_energy_extensive():
+    potential, params = make_potential([29, 79], magmoms=True)
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms[1].symbol = "Au"
+    atoms.rattle(0.05, seed=1)
+    single, _ = _apply(potential, params, [_frame(atoms)])
+    supercell, _ = _apply(potential, params, [_frame(atoms.repeat(2))])
+    assert supercell["energy"][0] == pytest.approx(8 * single["energy"][0], rel=1e-9)
+    np.testing.assert_allclose(supercell["magmoms"][:32], np.tile(single["magmoms"][:4], 8), atol=1e-9)
 
 
 def test_batched_and_blocked_reciprocal_sums_equal_single_structure_ones(les_model, monkeypatch):

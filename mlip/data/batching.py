@@ -221,6 +221,8 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
     forces_mask = np.zeros((N,), np.float64)
     stress = np.zeros((G, 3, 3), np.float64)
     stress_mask = np.zeros((G,), np.float64)
+    magmoms = np.zeros((N,), np.float64)
+    magmoms_mask = np.zeros((N,), np.float64)
 
     node_offset = edge_offset = 0
     for g, sample in enumerate(samples):
@@ -255,6 +257,9 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
         if frame.stress is not None:
             stress[g] = frame.stress
             stress_mask[g] = 1.0
+        if frame.magmoms is not None:
+            magmoms[nodes] = frame.magmoms
+            magmoms_mask[nodes] = 1.0
         node_offset += n
         edge_offset += e
     n_node[G - 1] = N - node_offset
@@ -264,6 +269,7 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
         "energy": energy.astype(dtype), "energy_mask": energy_mask.astype(dtype),
         "forces": forces.astype(dtype), "forces_mask": forces_mask.astype(dtype),
         "stress": stress.astype(dtype), "stress_mask": stress_mask.astype(dtype),
+        "magmoms": magmoms.astype(dtype), "magmoms_mask": magmoms_mask.astype(dtype),
     }
     return AtomsGraph(
         positions=positions.astype(dtype), species=species, cell=cell.astype(dtype),

@@ -30,6 +30,7 @@ class LabelKeys:
     charge: Optional[str] = "total_charge"
     spin: Optional[str] = "total_spin"
     fidelity: Optional[str] = None
+    magmoms: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class Frame:
         charge: total charge, e.
         spin: spin multiplicity.
         fidelity: index of the level of theory.
+        magmoms: [n] magnitudes of per-atom magnetic moments, μ_B, or None.
         source: ``file@frame`` for error messages.
     """
 
@@ -61,6 +63,7 @@ class Frame:
     charge: float = 0.0
     spin: float = 1.0
     fidelity: int = 0
+    magmoms: Optional[np.ndarray] = None
     source: str = ""
 
     @property
@@ -196,6 +199,19 @@ def atoms_to_frame(atoms, keys: LabelKeys, source: str, require_energy: bool = T
         frame.spin = float(atoms.info[keys.spin])
     if keys.fidelity is not None and keys.fidelity in atoms.info:
         frame.fidelity = int(atoms.info[keys.fidelity])
+    if keys.magmoms is not None:
+        value = _lookup(atoms, keys.magmoms, per_atom=True)
+        if value is not None:
+            magmoms = np.asarray(value, dtype=np.float64)
+            if magmoms.shape == (len(numbers), 3):  # non-collinear: the magnitude, as CHGNet
+                magmoms = np.linalg.norm(magmoms, axis=1)
+            if magmoms.shape != (len(numbers),):
+                raise DataError(f"{source}: magnetic moments '{keys.magmoms}' have shape {magmoms.shape}, "
+                                f"expected ({len(numbers)},) or ({len(numbers)}, 3)")
+            if not np.all(np.isfinite(magmoms)):
+                atom = int(np.flatnonzero(~np.isfinite(magmoms))[0])
+                raise DataError(f"{source}: magnetic moment '{keys.magmoms}' is not finite on atom {atom}")
+            frame.magmoms = np.abs(magmoms)
     return frame
 
 

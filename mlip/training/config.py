@@ -99,6 +99,8 @@ class ModelConfig(StrictModel):
     head: HeadConfig = Field(default_factory=EnergyHeadConfig, discriminator="name")
     long_range: Optional[LongRangeConfig] = Field(
         None, discriminator="name", description="a long-range energy term (les), or null for a local model")
+    magmoms: bool = Field(False, description="predict per-atom magnetic moments |Linear(h_i)| (CHGNet's "
+                                             "charge-informed head), trained on data.magmoms_key")
     dtype: Literal["float32", "float64"] = "float32"
 
     @property
@@ -139,6 +141,9 @@ class DataConfig(StrictModel):
     charge_key: Optional[str] = "total_charge"
     spin_key: Optional[str] = "total_spin"
     fidelity_key: Optional[str] = None
+    magmoms_key: Optional[str] = Field(
+        None, description="atoms.arrays key of per-atom magnetic moments (μ_B; |m| of 3-vectors), the target "
+                          "of model.magmoms; frames without it are masked")
     e0s: Union[Literal["fit"], str, dict[str, float]] = Field(
         "fit", description="'fit' (least squares), a JSON file of isolated-atom energies, "
                            "or a mapping element -> eV")
@@ -161,6 +166,7 @@ class LossConfig(StrictModel):
     energy_weight: NonNegativeFloat = 1.0
     forces_weight: NonNegativeFloat = 100.0
     stress_weight: NonNegativeFloat = 1.0
+    magmoms_weight: NonNegativeFloat = Field(1.0, description="on magnetic-moment errors² (μ_B²), with model.magmoms")
     kind: Literal["mse", "huber"] = "mse"
     huber_delta: PositiveFloat = 0.01
     stage_two_start: Optional[float] = Field(None, gt=0.0, lt=1.0)
@@ -171,8 +177,9 @@ class LossConfig(StrictModel):
         """Loss weights at a given fraction of the run."""
         if self.stage_two_start is not None and progress >= self.stage_two_start:
             return {"energy": self.stage_two_energy_weight, "forces": self.stage_two_forces_weight,
-                    "stress": self.stress_weight}
-        return {"energy": self.energy_weight, "forces": self.forces_weight, "stress": self.stress_weight}
+                    "stress": self.stress_weight, "magmoms": self.magmoms_weight}
+        return {"energy": self.energy_weight, "forces": self.forces_weight, "stress": self.stress_weight,
+                "magmoms": self.magmoms_weight}
 
 
 class OptimizerConfig(StrictModel):

@@ -31,7 +31,8 @@ class Predictor:
 
     def predict(self, params: Any, samples: Sequence[GraphSample], batch_size: int = 32) -> list[dict]:
         """Per structure: ``energy`` (eV, absolute), ``forces`` [n, 3], ``stress`` [3, 3] or None
-        (and ``charges`` [n] for a model with a long-range term).
+        (and ``charges`` [n] for a model with a long-range term, ``magmoms`` [n] with a
+        magnetic-moment head).
 
         With uncertainty also ``energy_std`` (eV), ``forces_std`` [n, 3] (eV/Å) and
         ``stress_std`` [3, 3] (eV/Å³) or None.
@@ -51,8 +52,9 @@ class Predictor:
                           "stress": None}
                 if self.compute_stress and sample.frame.is_periodic:
                     result["stress"] = np.asarray(outputs["stress"][g], np.float64)
-                if "charges" in outputs:  # latent charges of a long-range model, e
-                    result["charges"] = np.asarray(outputs["charges"][offset:offset + n], np.float64)
+                for name in ("charges", "magmoms"):  # latent charges (e), magnetic moments (μ_B)
+                    if name in outputs:
+                        result[name] = np.asarray(outputs[name][offset:offset + n], np.float64)
                 if "energy_std" in outputs:
                     result["energy_std"] = float(outputs["energy_std"][g])
                     result["forces_std"] = np.asarray(outputs["forces_std"][offset:offset + n], np.float64)
@@ -65,7 +67,7 @@ class Predictor:
 
 def compute_metrics(samples: Sequence[GraphSample], predictions: Sequence[dict]) -> dict:
     """Errors of ``predictions`` against the labels of ``samples`` (only labelled values count)."""
-    energy_errors, per_atom_errors, force_errors, stress_errors = [], [], [], []
+    energy_errors, per_atom_errors, force_errors, stress_errors, magmom_errors = [], [], [], [], []
     for sample, prediction in zip(samples, predictions):
         frame = sample.frame
         if frame.energy is not None:
@@ -75,6 +77,8 @@ def compute_metrics(samples: Sequence[GraphSample], predictions: Sequence[dict])
             force_errors.append((prediction["forces"] - frame.forces).reshape(-1))
         if frame.stress is not None and prediction.get("stress") is not None:
             stress_errors.append((prediction["stress"] - frame.stress).reshape(-1))
+        if frame.magmoms is not None and "magmoms" in prediction:
+            magmom_errors.append(prediction["magmoms"] - frame.magmoms)
     metrics: dict = {"n_frames": len(samples)}
     if energy_errors:
         per_atom = np.asarray(per_atom_errors)
@@ -91,6 +95,10 @@ def compute_metrics(samples: Sequence[GraphSample], predictions: Sequence[dict])
         stress = np.concatenate(stress_errors)
         metrics.update(stress_mae=float(np.mean(np.abs(stress))),
                        stress_rmse=float(np.sqrt(np.mean(stress**2))))
+    if magmom_errors:
+        magmoms = np.concatenate(magmom_errors)
+        metrics.update(magmoms_mae=float(np.mean(np.abs(magmoms))),
+                       magmoms_rmse=float(np.sqrt(np.mean(magmoms**2))))
     return metrics
 
 
@@ -98,7 +106,7 @@ def loss_from_metrics(metrics: dict, weights: dict) -> float:
     """Validation loss on the same scale as the training loss (RMSE² terms, weighted)."""
     loss = 0.0
     for name, metric in (("energy", "energy_rmse_per_atom"), ("forces", "forces_rmse"),
-                         ("stress", "stress_rmse")):
+                         ("stress", "stress_rmse"), ("magmoms", "magmoms_rmse")):
         if metric in metrics:
             loss += weights[name] * metrics[metric] ** 2
     return float(loss)

@@ -1,6 +1,7 @@
 """Weighted energy / force / stress loss, masked so padding never counts.
 
     L = w_E · mean_g ((E_g − Ê_g)/N_g)² + w_F · mean_{i,α} (F_iα − F̂_iα)² + w_σ · mean_g,ab (σ − σ̂)²
+        [+ w_m · mean_i (m_i − m̂_i)² for a model with a magnetic-moment head]
 
 Energy errors are taken per atom so large cells do not dominate (MACE's "weighted"
 loss). With ``kind: huber`` each squared error is replaced by a Huber loss.
@@ -45,6 +46,9 @@ def loss_terms(outputs: dict, graph: AtomsGraph, config: LossConfig) -> dict:
     if "stress" in outputs:
         per_graph = jnp.mean(_penalty(outputs["stress"] - targets["stress"], config), axis=(-1, -2))
         terms["stress"] = _masked_mean(per_graph, targets["stress_mask"] * graph_mask)
+    if "magmoms" in outputs and "magmoms" in targets:
+        mask = targets["magmoms_mask"] * graph.node_mask
+        terms["magmoms"] = _masked_mean(_penalty(outputs["magmoms"] - targets["magmoms"], config), mask)
     return terms
 
 

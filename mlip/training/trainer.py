@@ -67,7 +67,8 @@ METRIC_COLUMNS = ["epoch", "step", "time_s", "learning_rate", "train_loss", "val
 def label_keys(config: RunConfig) -> LabelKeys:
     data = config.data
     return LabelKeys(energy=data.energy_key, forces=data.forces_key, stress=data.stress_key,
-                     charge=data.charge_key, spin=data.spin_key, fidelity=data.fidelity_key)
+                     charge=data.charge_key, spin=data.spin_key, fidelity=data.fidelity_key,
+                     magmoms=data.magmoms_key)
 
 
 def load_split(config: RunConfig):

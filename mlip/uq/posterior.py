@@ -30,9 +30,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-# Outputs that get a mean and a standard deviation; node energies and charges get only a mean.
+# Outputs that get a mean and a standard deviation; node energies, charges and magnetic moments only a mean.
 UNCERTAIN_OUTPUTS = ("energy", "forces", "stress")
-MEAN_ONLY_OUTPUTS = ("node_energy", "charges")
+MEAN_ONLY_OUTPUTS = ("node_energy", "charges", "magmoms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +250,7 @@ class PosteriorPotential:
                                                                   member_derivatives=False),
                               posterior_params, self.parallel_samples)
         return {name: jnp.mean(outputs[name], axis=0)
-                for name in ("energy", "node_energy", "forces", "stress", "charges") if name in outputs}
+                for name in ("energy", "node_energy", "forces", "stress", "charges", "magmoms") if name in outputs}
 
     def apply(self, posterior_params: Any, graph, compute_forces: bool = True,
               compute_stress: bool = False) -> dict:
