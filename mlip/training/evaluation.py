@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from mlip.data.batching import GraphSample, pack_samples, sizes_for
+from mlip.data.batching import GraphSample, SharedCapacity, pack_samples, sizes_for
 
 
 class Predictor:
@@ -39,9 +39,10 @@ class Predictor:
         """
         results = []
         dtype = np.float64 if self.potential.config.dtype == "float64" else np.float32
+        shared = SharedCapacity.of(samples)
         for start in range(0, len(samples), batch_size):
             chunk = list(samples[start:start + batch_size])
-            graph = pack_samples(chunk, sizes_for(chunk, batch_size + 1, self.layout), None, dtype)
+            graph = pack_samples(chunk, sizes_for(chunk, batch_size + 1, self.layout, shared), None, dtype)
             outputs = jax.device_get(self._apply(params, graph))
             offset = 0
             for g, sample in enumerate(chunk):
