@@ -39,8 +39,8 @@ import mlip.physics  # noqa: F401  (importing registers the long-range terms)
 from mlip.data.statistics import DatasetStatistics
 from mlip.graph import AtomsGraph
 from mlip.heads.magmoms import MagneticMomentHead
+from mlip.model_config import ModelConfig
 from mlip.registry import BACKBONES, HEADS, LONG_RANGE, lookup
-from mlip.training.config import ModelConfig
 
 
 class EnergyModel(nn.Module):

@@ -1,6 +1,6 @@
 """The run configuration: a pydantic schema that the YAML file maps onto one to one.
 
-Every default is written here. Unknown keys are errors that name their dotted path,
+Every default is written here (the model's part in `mlip.model_config`). Unknown keys are errors that name their dotted path,
 variants (backbone, head) are picked by their ``name`` field, and the resolved config
 is saved next to every checkpoint. ``load_config`` reads a YAML file and applies
 ``key.path=value`` overrides from the command line before validation.
@@ -8,123 +8,19 @@ is saved next to every checkpoint. ``load_config`` reads a YAML file and applies
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat,
-                      PositiveInt, ValidationError, field_validator, model_validator)
+from pydantic import (Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from mlip.errors import ConfigError
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EwaldMessagePassingConfig(StrictModel):
-    """Ewald message passing (Kosmala et al. 2023; METHODS.md §3.2) after every interaction."""
-
-    k_cutoff: PositiveFloat = Field(1.2, description="|k| limit in periodic cells, Å⁻¹ (1.2: wavelengths "
-                                                     "beyond a 5 Å cutoff)")
-    aperiodic_spacing: PositiveFloat = Field(0.2, description="Δk of the fixed k grid for molecules, Å⁻¹")
-    aperiodic_cutoff: PositiveFloat = Field(0.6, description="|k| limit for molecules, Å⁻¹")
-    num_basis: PositiveInt = Field(32, description="Gaussian basis functions of |k| in the filter")
-    bottleneck: PositiveInt = Field(8, description="the filter's down-projection size")
-
-
-class MACEConfig(StrictModel):
-    """MACE backbone (METHODS.md §1). Defaults follow mace's, sized for small systems."""
-
-    name: Literal["mace"] = "mace"
-    r_max: PositiveFloat = Field(5.0, description="cutoff radius, Å")
-    num_bessel: PositiveInt = 8
-    envelope_p: PositiveInt = 5
-    max_ell: int = Field(3, ge=1, le=4, description="degree of edge spherical harmonics")
-    num_channels: PositiveInt = 64
-    max_l: int = Field(1, ge=0, le=3, description="highest irrep degree of node features")
-    correlation: int = Field(3, ge=1, le=4)
-    num_interactions: int = Field(2, ge=1, le=6)
-    radial_mlp: tuple[PositiveInt, ...] = (64, 64, 64)
-    charge_spin_embedding: bool = Field(
-        False, description="add an embedding of the graph's total charge and spin multiplicity to every "
-                           "atom's features (zero for a neutral singlet)")
-    ewald_message_passing: Optional[EwaldMessagePassingConfig] = Field(
-        None, description="a long-range message in reciprocal space after each interaction, or null")
-
-
-class EnergyHeadConfig(StrictModel):
-    name: Literal["energy"] = "energy"
-    mlp_hidden: PositiveInt = 16
-
-
-class MeanVarianceHeadConfig(StrictModel):
-    """Energy plus per-atom energy and force variances (METHODS.md §4.3; uncertainty.method: mve)."""
-
-    name: Literal["mve"] = "mve"
-    mlp_hidden: PositiveInt = 16
-    variance_hidden: PositiveInt = 16
-    initial_variance: PositiveFloat = Field(
-        0.1, description="starting per-atom variance in normalised units² (scale² eV², scale² (eV/Å)²); "
-                         "reset to the validation error when the NLL starts")
-    variance_floor: PositiveFloat = Field(1e-6, description="added to every per-atom variance, eV² and (eV/Å)²")
-
-
-class ShallowEnsembleHeadConfig(StrictModel):
-    """K energy readouts on one backbone (METHODS.md §4.4; uncertainty.method: shallow_ensemble)."""
-
-    name: Literal["shallow_ensemble"] = "shallow_ensemble"
-    members: int = Field(8, ge=2, le=64, description="number of readout heads K")
-    mlp_hidden: PositiveInt = 16
-
-
-class LatentEwaldConfig(StrictModel):
-    """Latent-charge Ewald electrostatics, LES (METHODS.md §3.3): learned per-atom charges whose
-    Gaussian-charge Coulomb energy is added to the local energy; charges sum to the total charge."""
-
-    name: Literal["les"] = "les"
-    sigma: PositiveFloat = Field(1.0, description="pair width σ of the Gaussian charges, Å")
-    k_resolution: PositiveFloat = Field(2.0, description="dl, Å: the reciprocal sum keeps |k| <= 2π/dl")
-    charge_mlp: tuple[PositiveInt, ...] = Field((16,), description="hidden sizes of the charge MLP")
-
-
-BackboneConfig = Union[MACEConfig]
-HeadConfig = Union[EnergyHeadConfig, MeanVarianceHeadConfig, ShallowEnsembleHeadConfig]
-LongRangeConfig = Union[LatentEwaldConfig]
-
-
-class ModelConfig(StrictModel):
-    backbone: BackboneConfig = Field(default_factory=MACEConfig, discriminator="name")
-    head: HeadConfig = Field(default_factory=EnergyHeadConfig, discriminator="name")
-    long_range: Optional[LongRangeConfig] = Field(
-        None, discriminator="name", description="a long-range energy term (les), or null for a local model")
-    magmoms: bool = Field(False, description="predict per-atom magnetic moments |Linear(h_i)| (CHGNet's "
-                                             "charge-informed head), trained on data.magmoms_key")
-    dtype: Literal["float32", "float64"] = "float32"
-
-    @property
-    def k_cutoff(self) -> Optional[float]:
-        """|k| limit of the reciprocal-space sums, Å⁻¹ (the largest any term needs); None without one."""
-        limits = []
-        if self.long_range is not None:
-            limits.append(2.0 * math.pi / float(self.long_range.k_resolution))
-        ewald = getattr(self.backbone, "ewald_message_passing", None)
-        if ewald is not None:
-            limits.append(float(ewald.k_cutoff))
-        return max(limits) if limits else None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_variant_names(cls, data):
-        # `backbone: {num_channels: 32}` means the default backbone; only a change of
-        # variant needs `name:`.
-        if isinstance(data, dict):
-            data = dict(data)
-            for key, default in (("backbone", "mace"), ("head", "energy"), ("long_range", "les")):
-                if isinstance(data.get(key), dict) and "name" not in data[key]:
-                    data[key] = {"name": default, **data[key]}
-        return data
+# The model's schema lives below the potential (mlip.model_config); re-exported here, the
+# whole run's schema, so `from mlip.training.config import MACEConfig` keeps working.
+from mlip.model_config import (BackboneConfig, EnergyHeadConfig, EwaldMessagePassingConfig,  # noqa: F401
+                               HeadConfig, LatentEwaldConfig, LongRangeConfig, MACEConfig,
+                               MeanVarianceHeadConfig, ModelConfig, ShallowEnsembleHeadConfig, StrictModel)
 
 
 class DataConfig(StrictModel):

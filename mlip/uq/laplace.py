@@ -224,7 +224,7 @@ def readout_ensemble(params: Any, layer: LastLayer, draws: np.ndarray) -> Any:
 
 def shallow_head_config(model_config, members: int):
     """``model_config`` with its energy head turned into a ``members``-readout head."""
-    from mlip.training.config import ShallowEnsembleHeadConfig
+    from mlip.model_config import ShallowEnsembleHeadConfig
 
     head = ShallowEnsembleHeadConfig(members=members, mlp_hidden=model_config.head.mlp_hidden)
     return model_config.model_copy(update={"head": head})
