@@ -17,6 +17,8 @@ no atom has moved more than ``skin / 2`` since it was built (and the cell, pbc a
 atoms are unchanged): pairs beyond the cutoff contribute exactly zero (the radial
 envelope vanishes there), so results are unchanged and the list is rebuilt rarely.
 Between rebuilds the padded graph stays on the device and only positions are copied.
+Compiled programs go to mlip's persistent cache (`mlip.compilation_cache`), so a second
+script with the same model and system size starts without compiling.
 
 The total charge and spin multiplicity of the structure are read from
 ``atoms.info[charge_key]`` and ``atoms.info[spin_key]`` (``total_charge``, ``total_spin``
@@ -33,6 +35,7 @@ import jax
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes, equal
 
+from mlip.compilation_cache import enable_compilation_cache
 from mlip.data.batching import GraphSample, build_sample, pack_samples, sizes_for
 from mlip.data.reader import Frame
 from mlip.errors import DataError
@@ -47,6 +50,7 @@ class MLIPCalculator(Calculator):
     def __init__(self, potential, params, skin: float = 0.0, charge_key: str = "total_charge",
                  spin_key: str = "total_spin", **kwargs):
         super().__init__(**kwargs)
+        enable_compilation_cache()
         if skin < 0:
             raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.skin = float(skin)

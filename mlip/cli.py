@@ -25,12 +25,9 @@ def _enable_precision(dtype: str) -> None:
 
 def _compilation_cache() -> None:
     """Reuse compiled XLA programs across runs (first run compiles, later runs load)."""
-    import jax
+    from mlip.compilation_cache import enable_compilation_cache
 
-    directory = os.environ.get("MLIP_COMPILATION_CACHE", os.path.expanduser("~/.cache/mlip/xla"))
-    if directory and directory.lower() != "off":
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    enable_compilation_cache()
 
 
 def command_train(args) -> int:

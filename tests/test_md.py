@@ -223,3 +223,24 @@ print(min(faults[2:]))
     assert result.returncode == 0, result.stderr
     # Unmapped and mapped afresh, the buffer faults in its 24 000 pages in every call.
     assert int(result.stdout.split()[-1]) < 2000
+
+
+def test_python_api_uses_the_persistent_compilation_cache(tmp_path, monkeypatch):
+    import jax
+
+    from mlip.compilation_cache import enable_compilation_cache
+
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("MLIP_COMPILATION_CACHE", "off")
+        enable_compilation_cache()
+        assert not jax.config.jax_compilation_cache_dir
+        monkeypatch.setenv("MLIP_COMPILATION_CACHE", str(tmp_path))
+        enable_compilation_cache()  # what MLIPCalculator and MolecularDynamics call
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+        monkeypatch.setenv("MLIP_COMPILATION_CACHE", str(tmp_path / "other"))
+        enable_compilation_cache()  # a directory already set is kept
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)

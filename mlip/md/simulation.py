@@ -43,6 +43,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols, covalent_radii
 
+from mlip.compilation_cache import enable_compilation_cache
 from mlip.data.batching import (PaddedSizes, build_sample, pack_samples, padded_node_count, reciprocal_sizes,
                                 round_up_neighbours)
 from mlip.data.reader import Frame
@@ -118,6 +119,7 @@ class MolecularDynamics:
         if ensemble.startswith("npt") and not pbc.all():
             raise MLIPError(f"ensemble {ensemble} needs a periodic cell in all three directions "
                             f"(pbc is {pbc.tolist()})")
+        enable_compilation_cache()  # a second start of the same model and size loads its programs
         self.potential = potential
         self.params = jax.device_put(params)
         self.numbers = np.asarray(atoms.numbers)
