@@ -73,7 +73,7 @@ SCF_ATTEMPTS = (
 
 MIN_INTER_FRAGMENT_DISTANCE = 1.8  # Å
 # Å, Gaussian sigma per Cartesian component of a water's atoms: an RMS displacement of
-# 0.05 Å per atom, O-H bonds within about ±0.1 Å of ASE's 0.97 Å (sigma 0.05 per
+# 0.05 Å per atom, O-H bonds 0.82-1.10 Å over the 600-frame set (sigma 0.05 per
 # component gave O-H 0.73-1.19 Å and intramolecular forces up to 30 eV/Å, which would
 # swamp the long-range signal this set is for)
 WATER_RATTLE = 0.03
@@ -399,8 +399,9 @@ def nacl_frames(n_frames: int, seed: int, stats: Stats) -> list:
     only, so the energy per atom depends strongly on the supercell (perfect crystal at
     5.68 Å: -66.28 eV/atom in the 8-site cell, -66.62 in 2x1x1, -66.72 in 2x2x1, -66.74
     in 2x2x2), and a non-cubic supercell gives a perfect cubic crystal an anisotropic
-    stress (2x1x1: 0.0049 / 0.0020 eV/Å³). Mixing cell sizes would give labels no
-    model of the atoms alone can fit; one cubic cell keeps them one consistent function.
+    stress (2x1x1: 0.0049 / 0.0020 eV/Å³). Mixing cell sizes would put these Gamma-point
+    artefacts into the labels, where no interatomic potential could fit them; with one
+    cubic cell they are the same for every frame and keep the cubic symmetry.
     """
     rng = np.random.default_rng(seed)
     scale = n_frames / 100.0
