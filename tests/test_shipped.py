@@ -27,3 +27,18 @@ def test_shipped_data_has_labels_and_stress():
     assert np.allclose(metal[0].stress, metal[0].stress.T)
     e0 = load_e0_file(os.path.join(ROOT, "data", "ethanol_gfn2_e0s.json"))
     assert set(e0) == {1, 6, 8}
+
+
+def test_shipped_long_range_data_carries_charges_and_same_geometry_pairs():
+    ions = read_frames(os.path.join(ROOT, "data", "ion_pairs_gfn2.extxyz"))
+    assert len(ions) == 600 and {f.charge for f in ions} == {-1.0, 0.0, 1.0}
+    assert {f.spin for f in ions} == {1.0, 2.0}
+    import ase.io
+
+    separations = np.array([a.info["separation"] for a in ase.io.read(os.path.join(ROOT, "data",
+                                                                                   "ion_pairs_gfn2.extxyz"), ":")])
+    assert separations.min() < 4.0 and separations.max() > 10.0 and np.mean(separations > 5.0) > 0.5
+    cells = read_frames(os.path.join(ROOT, "data", "nacl_defects_gfn2.extxyz"))
+    assert all(f.is_periodic and f.stress is not None for f in cells)
+    assert {f.charge for f in cells} == {-1.0, 0.0, 1.0}
+    assert set(load_e0_file(os.path.join(ROOT, "data", "long_range_gfn2_e0s.json"))) == {1, 8, 11, 17}
