@@ -21,7 +21,10 @@ Latent Ewald (LES) uses Gaussian charges of pair width σ: reciprocal + self + b
 with α = 1/(√2 σ) for periodic graphs, the erf direct sum for the others.
 
 Cost: for point charges `ewald_parameters` picks α ∝ (N/V²)^{1/6} so that the real
-and reciprocal sums both grow as N^1.5 at fixed accuracy.
+and reciprocal sums both grow as N^1.5 at fixed accuracy. For large cells the batch
+carries a mesh instead of k indices (`AtomsGraph.mesh_shape`) and the reciprocal sum
+runs by particle-mesh Ewald (`mlip.physics.mesh_ewald`), N log N. `reciprocal_potential`
+is the one sum behind Ewald's reciprocal energy and Ewald message passing.
 """
 
 from __future__ import annotations
