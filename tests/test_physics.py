@@ -233,13 +233,14 @@ def test_same_geometry_at_two_total_charges_gives_two_energies(les_model):
 
 
 def test_neutral_singlet_embedding_adds_nothing():
-    with_embedding = make_potential([1, 8], charge_spin_embedding=True)
-    without = make_potential([1, 8])
+    potential, params = make_potential([1, 8], charge_spin_embedding=True)
+    zeroed = {**params, "backbone": {**params["backbone"], "charge_spin": jax.tree.map(
+        jnp.zeros_like, params["backbone"]["charge_spin"])}}
     atoms = molecule("H2O")
-    # Flax derives each module's initial parameters from its path: both models share all but the embedding.
-    a, _ = _apply(without[0], without[1], [_frame(atoms)])
-    b, _ = _apply(with_embedding[0], with_embedding[1], [_frame(atoms)])
-    assert a["energy"][0] == pytest.approx(b["energy"][0], abs=1e-12)
+    neutral = [_apply(potential, p, [_frame(atoms)])[0]["energy"][0] for p in (params, zeroed)]
+    assert neutral[0] == pytest.approx(neutral[1], abs=1e-12)
+    cation = [_apply(potential, p, [_frame(atoms, charge=1.0, spin=2.0)])[0]["energy"][0] for p in (params, zeroed)]
+    assert abs(cation[0] - cation[1]) > 1e-6
 
 
 # ----------------------------------------------------------------------------- with the rest of mlip
@@ -357,6 +358,7 @@ def test_les_on_a_particle_mesh_matches_the_direct_reciprocal_sum(les_model, mon
     monkeypatch.setattr(mlip.data.batching, "MESH_MIN_WORK", 0)
     mesh, mesh_graph = _apply(potential, params, frames)
     assert mesh_graph.mesh_shape and not graph.mesh_shape
-    assert mesh["energy"][0] == pytest.approx(direct["energy"][0], rel=1e-6)
-    np.testing.assert_allclose(mesh["forces"], direct["forces"], atol=1e-4 * np.abs(direct["forces"]).max())
-    np.testing.assert_allclose(mesh["stress"], direct["stress"], atol=1e-4 * np.abs(direct["stress"]).max())
+    assert mesh["energy"][0] == pytest.approx(direct["energy"][0], rel=1e-5)  # spline error ~6e-6
+    # The smallest mesh (12 points a side for this 4-atom cell): spline errors of ~1e-4.
+    np.testing.assert_allclose(mesh["forces"], direct["forces"], atol=5e-4 * np.abs(direct["forces"]).max())
+    np.testing.assert_allclose(mesh["stress"], direct["stress"], atol=5e-4 * np.abs(direct["stress"]).max())

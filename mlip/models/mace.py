@@ -240,11 +240,13 @@ class MACE(nn.Module):
 
     @property
     def feature_irreps(self) -> e3nn.Irreps:
-        return e3nn.Irreps(f"{self.num_interactions * self.num_channels}x0e")
+        blocks = self.num_interactions + (1 if self.charge_spin_embedding else 0)
+        return e3nn.Irreps(f"{blocks * self.num_channels}x0e")
 
     @nn.compact
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> e3nn.IrrepsArray:
-        """Per-node features [N, num_interactions * num_channels] (0e).
+        """Per-node features [N, num_interactions * num_channels] (0e); with the charge/spin
+        embedding the initial features come first ([N, (num_interactions + 1) * num_channels]).
 
         Args:
             graph: the batch (species, edges, shifts, ...).
@@ -269,7 +271,11 @@ class MACE(nn.Module):
         if self.charge_spin_embedding:
             state = ChargeSpinEmbedding(self.num_channels, name="charge_spin")(graph, positions.dtype)
             node_features = node_features + e3nn.IrrepsArray(node_features.irreps, state)
-        scalars_per_layer = []
+        # With the charge/spin embedding the initial features are part of the output too:
+        # the first interaction has no skip, so an atom with no neighbour within the cutoff
+        # (an ion far from the rest) would otherwise leave it with zero features, the same
+        # for every element and charge state.
+        scalars_per_layer = [node_features] if self.charge_spin_embedding else []
         for layer in range(self.num_interactions):
             last = layer == self.num_interactions - 1
             # The last layer only feeds the energy readout, so it keeps scalars only.

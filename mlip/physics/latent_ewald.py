@@ -41,11 +41,14 @@ class LatentEwald(nn.Module):
         sigma: pair width σ of the Gaussian charges, Å (α = 1/(√2 σ)).
         k_resolution: dl, Å; the reciprocal sum keeps |k| ≤ 2π/dl.
         charge_mlp: hidden sizes of the charge MLP (SiLU).
+        element_features: size of the element embedding the charge MLP reads beside the
+            backbone's features.
     """
 
     sigma: float = 1.0
     k_resolution: float = 2.0
     charge_mlp: tuple[int, ...] = (16,)
+    element_features: int = 8
 
     @property
     def k_cutoff(self) -> float:
@@ -55,7 +58,10 @@ class LatentEwald(nn.Module):
     def __call__(self, node_features: e3nn.IrrepsArray, graph: AtomsGraph, positions: jnp.ndarray,
                  cell: jnp.ndarray) -> dict:
         """``charges`` [N] (e, summing to each graph's total charge) and ``energy`` [N] (eV per atom)."""
-        hidden = node_features.filter(keep="0e").array
+        # The element enters directly as well: an atom with no neighbour within the cutoff has
+        # zero backbone features, and an isolated Na⁺ must still differ from an isolated Cl⁻.
+        element = nn.Embed(119, self.element_features, name="element")(graph.species)
+        hidden = jnp.concatenate([node_features.filter(keep="0e").array, element.astype(positions.dtype)], axis=-1)
         for index, features in enumerate(self.charge_mlp):
             hidden = jax.nn.silu(nn.Dense(features, name=f"hidden_{index}")(hidden))
         raw = nn.Dense(1, name="charge")(hidden)[:, 0]
