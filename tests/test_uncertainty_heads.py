@@ -104,12 +104,14 @@ def test_loss_switches_from_mse_to_nll_after_the_warmup():
         return Trainer.loss_weights(SimpleNamespace(config=config, gaussian_nll=True), progress)
 
     mve = {"method": "mve", "warmup_fraction": 0.4, "nll_forces_weight": 3.0}
-    assert weights(mve, 0.39) == {"energy": 1.0, "forces": 100.0, "stress": 1.0, "energy_nll": 0.0, "forces_nll": 0.0}
-    assert weights(mve, 0.4) == {"energy": 0.0, "forces": 0.0, "stress": 1.0, "energy_nll": 1.0, "forces_nll": 3.0}
+    assert weights(mve, 0.39) == {"energy": 1.0, "forces": 100.0, "stress": 1.0, "magmoms": 1.0,
+                                  "energy_nll": 0.0, "forces_nll": 0.0}
+    assert weights(mve, 0.4) == {"energy": 0.0, "forces": 0.0, "stress": 1.0, "magmoms": 1.0,
+                                 "energy_nll": 1.0, "forces_nll": 3.0}
     # A shallow ensemble without member forces keeps the MSE of its mean forces.
     shallow = {"method": "shallow_ensemble", "warmup_fraction": 0.4}
-    assert weights(shallow, 0.5) == {"energy": 0.0, "forces": 100.0, "stress": 1.0, "energy_nll": 1.0,
-                                     "forces_nll": 0.0}
+    assert weights(shallow, 0.5) == {"energy": 0.0, "forces": 100.0, "stress": 1.0, "magmoms": 1.0,
+                                     "energy_nll": 1.0, "forces_nll": 0.0}
     with_forces = weights({**shallow, "member_forces_in_training": True}, 0.5)
     assert (with_forces["forces"], with_forces["forces_nll"]) == (0.0, 1.0)
 
