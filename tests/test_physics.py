@@ -49,24 +49,24 @@ def test_supercell_has_eight_times_the_energy_and_perfect_lattice_no_forces():
     single = ewald_energy(nacl.positions, charges, nacl.cell.array, accuracy=1e-10)
     eight = ewald_energy(supercell.positions, np.tile(charges, 8), supercell.cell.array, accuracy=1e-10)
     assert eight == pytest.approx(8 * single, rel=1e-9)
-    forces = -jax.grad(lambda r: _point_energy(r, charges, nacl.cell.array))(jnp.asarray(nacl.positions))
+    forces = -jax.jit(jax.grad(_point_energy_function(nacl.positions, charges, nacl.cell.array)))(
+        jnp.asarray(nacl.positions))
     assert np.abs(forces).max() < 1e-8
 
 
-def _point_energy(positions, charges, cell, alpha=0.9, accuracy=1e-12):
-    """Differentiable total of `point_charge_energy` for one periodic structure (fixed pair list)."""
+def _point_energy_function(positions, charges, cell, alpha=0.9, accuracy=1e-12):
+    """Positions -> total `point_charge_energy` of one periodic structure (pair list fixed at ``positions``)."""
     from mlip.data.neighbours import neighbour_list
     from mlip.physics.ewald import point_charge_energy
 
     s = math.sqrt(-math.log(accuracy))
     r_cutoff = s / alpha
-    pairs = neighbour_list(np.asarray(jax.lax.stop_gradient(positions)), np.asarray(cell), np.ones(3, bool),
-                           r_cutoff + 1.0)
-    k_indices = reciprocal_indices(np.asarray(cell), 2 * alpha * s)[None]
+    pairs = tuple(map(jnp.asarray, neighbour_list(np.asarray(positions), np.asarray(cell), np.ones(3, bool),
+                                                  r_cutoff + 1.0)))
+    k_indices = jnp.asarray(reciprocal_indices(np.asarray(cell), 2 * alpha * s)[None])
     n = len(charges)
-    return jnp.sum(point_charge_energy(jnp.asarray(charges), positions, jnp.asarray(cell)[None],
-                                       jnp.zeros(n, jnp.int32), jnp.asarray(k_indices),
-                                       *map(jnp.asarray, pairs), alpha, r_cutoff))
+    return lambda r: jnp.sum(point_charge_energy(jnp.asarray(charges), r, jnp.asarray(cell)[None],
+                                                 jnp.zeros(n, jnp.int32), k_indices, *pairs, alpha, r_cutoff))
 
 
 def test_particle_mesh_ewald_matches_the_direct_sum_in_a_charged_triclinic_cell():

@@ -313,7 +313,11 @@ def ewald_energy(positions: np.ndarray, charges: np.ndarray, cell: Optional[np.n
     if mesh and cell is not None:
         mesh_shape = mesh_shape_for(np.abs(k_indices[0]).max(axis=0))
         k_indices = k_indices[:, :0]
-    per_atom = point_charge_energy(jnp.asarray(charges), jnp.asarray(positions), jnp.asarray(cell_batch),
-                                   jnp.asarray(node_graph), jnp.asarray(k_indices), *map(jnp.asarray, pairs),
-                                   alpha, r_cutoff, mesh_shape, k_cutoff)
+    per_atom = _compiled_point_charge_energy(jnp.asarray(charges), jnp.asarray(positions), jnp.asarray(cell_batch),
+                                             jnp.asarray(node_graph), jnp.asarray(k_indices),
+                                             *map(jnp.asarray, pairs), alpha, r_cutoff, mesh_shape, k_cutoff)
     return float(jnp.sum(per_atom))
+
+
+# One compilation per call's shapes instead of hundreds of op-by-op dispatches.
+_compiled_point_charge_energy = jax.jit(point_charge_energy, static_argnames=("mesh_shape", "k_cutoff"))
