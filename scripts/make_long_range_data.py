@@ -39,6 +39,7 @@ and tblite pinned to one OpenMP thread (set before anything loads it).
 from __future__ import annotations
 
 import os
+import sys
 
 # Before numpy/tblite load their OpenMP/BLAS runtimes: one thread keeps the labels
 # bitwise reproducible (and for a handful of atoms it is also the fastest).
@@ -48,13 +49,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import collections
 import json
-import tempfile
 import time
 
-import ase.io
 import numpy as np
 from ase import Atoms
 from ase.build import bulk, molecule
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_datasets import write_frames_atomically  # noqa: E402  (the shipped sets' one atomic writer)
 
 # SCF attempts for one frame, in order: tblite's defaults (SAD guess, Broyden mixer,
 # damping 0.4, memory = max iterations), the EEQ charge guess, then damped short-memory
@@ -81,15 +83,6 @@ NACL_LATTICE = 5.68  # Å: near GFN2-xTB's minimum (8-site cell; experiment: 5.6
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def write_frames_atomically(path: str, frames: list) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".extxyz", dir=directory)
-    os.close(handle)
-    ase.io.write(temporary, frames, format="extxyz")
-    os.chmod(temporary, 0o644)  # mkstemp makes owner-only files
-    os.replace(temporary, path)
-
 
 def multiplicity(numbers, charge: int) -> int:
     """Lowest multiplicity for the electron count (core shells are even, so Z's parity does)."""
