@@ -202,13 +202,6 @@ def test_long_range_terms_are_rotation_translation_invariant(long_range_model):
     assert np.abs(reference["forces"][3]).max() > 1e-6
 
 
-def test_les_charges_sum_to_the_total_charge(les_model):
-    potential, params = les_model
-    outputs, _ = _apply(potential, params, [_frame(_ion_water(), charge=1.0), _frame(_ion_cell(), charge=-1.0)])
-    assert outputs["charges"][:4].sum() == pytest.approx(1.0, abs=1e-9)
-    assert outputs["charges"][4:8].sum() == pytest.approx(-1.0, abs=1e-9)
-
-
 def test_ewald_message_passing_with_a_zero_filter_is_the_backbone(ewald_mp_model):
     # The block's update is added to the backbone's features: a zero update leaves the backbone.
     from mlip.physics.ewald_message_passing import EwaldBlock
@@ -236,11 +229,11 @@ def test_same_geometry_at_two_total_charges_gives_two_energies(les_model):
     np.testing.assert_allclose(sums, [0.0, 1.0], atol=1e-9)
 
 
-def test_neutral_singlet_embedding_adds_nothing():
-    potential, params = make_potential([1, 8], charge_spin_embedding=True)
+def test_neutral_singlet_embedding_adds_nothing(les_model):
+    potential, params = les_model
     zeroed = {**params, "backbone": {**params["backbone"], "charge_spin": jax.tree.map(
         jnp.zeros_like, params["backbone"]["charge_spin"])}}
-    atoms = molecule("H2O")
+    atoms = _ion_water()
     neutral = [_apply(potential, p, [_frame(atoms)])[0]["energy"][0] for p in (params, zeroed)]
     assert neutral[0] == pytest.approx(neutral[1], abs=1e-12)
     cation = [_apply(potential, p, [_frame(atoms, charge=1.0, spin=2.0)])[0]["energy"][0] for p in (params, zeroed)]

@@ -75,10 +75,22 @@ class EwaldBlock(nn.Module):
         periodic_filter(jnp.ones((1,), dtype))
         message = reciprocal_potential(sources, positions, cell, graph.node_graph, graph.k_indices,
                                        periodic_filter, graph.mesh_shape, self.k_cutoff)
-        message = message + self._aperiodic(sources, graph, positions, cell)
+        one_periodic_structure = graph.k_indices.shape[0] == 2 and (graph.k_indices.shape[1] > 0 or graph.mesh_shape)
+        if one_periodic_structure:
+            # A solid in MD or the calculator: the O(N²) molecular sum would be all masked.
+            self._aperiodic_filter(dtype)  # its parameters exist all the same
+        else:
+            message = message + self._aperiodic(sources, graph, positions, cell)
         # Kosmala et al. scale the message by 0.01; the MLP has no biases (φ = 0: no change).
         hidden = jax.nn.silu(nn.Dense(self.channels, use_bias=False, name="update_hidden")(0.01 * message))
         return nn.Dense(self.channels, use_bias=False, name="update_out", dtype=dtype)(hidden)
+
+    def _aperiodic_filter(self, dtype, shells=None):
+        """φ(k_b) [B, C] at the molecular shells (created on first use, under one name)."""
+        if shells is None:
+            shells = jnp.asarray(aperiodic_shells(self.aperiodic_spacing, self.aperiodic_cutoff), dtype)
+        return EwaldFilter(self.channels, self.aperiodic_cutoff, self.num_basis, self.bottleneck,
+                           name="aperiodic_filter")(shells**2)
 
     def _aperiodic(self, sources, graph, positions, cell):
         """Δh for the non-periodic graphs (zero for periodic ones): the grid sum with its angles integrated.
@@ -102,8 +114,7 @@ class EwaldBlock(nn.Module):
         off_diagonal = off_diagonal & (length_squared > 0)
         length = jnp.sqrt(jnp.where(off_diagonal, length_squared, 1.0))
         shells = jnp.asarray(aperiodic_shells(self.aperiodic_spacing, self.aperiodic_cutoff), positions.dtype)
-        filter_k = EwaldFilter(self.channels, self.aperiodic_cutoff, self.num_basis, self.bottleneck,
-                               name="aperiodic_filter")(shells**2)  # [B, C]
+        filter_k = self._aperiodic_filter(positions.dtype, shells)  # [B, C]
         bessel = jnp.sinc(length[..., None] * shells / jnp.pi)  # j0(k r) = sin(k r)/(k r), [N, N, B]
         bessel = jnp.where(off_diagonal[..., None], bessel, jnp.where(pair[..., None], 1.0, 0.0))  # j0(0) = 1
         return jnp.einsum("ijb,bc,jc->ic", bessel, filter_k, sources)
