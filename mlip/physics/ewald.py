@@ -211,6 +211,21 @@ def real_space_energy(charges: jnp.ndarray, positions: jnp.ndarray, cell: jnp.nd
     return 0.5 * COULOMB_CONSTANT * charges * jax.ops.segment_sum(pair, receivers, charges.shape[0])
 
 
+def same_graph_pairs(positions: jnp.ndarray, node_graph: jnp.ndarray,
+                     include: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """All ordered pairs i ≠ j of included atoms in one graph: ([N, N] mask, [N, N] distances, Å).
+
+    Coincident pairs (padding atoms all sit at the origin) are dropped; masked pairs get
+    length 1 before the square root, so no 0/0 reaches the gradient.
+    """
+    n = positions.shape[0]
+    pair_ok = (node_graph[:, None] == node_graph[None, :]) & ~jnp.eye(n, dtype=bool)
+    pair_ok = pair_ok & include[:, None] & include[None, :]
+    length_squared = jnp.sum((positions[None, :, :] - positions[:, None, :]) ** 2, axis=-1)
+    pair_ok = pair_ok & (length_squared > 0)
+    return pair_ok, jnp.sqrt(jnp.where(pair_ok, length_squared, 1.0))
+
+
 def direct_energy(charges: jnp.ndarray, positions: jnp.ndarray, node_graph: jnp.ndarray,
                   include: jnp.ndarray, sigma: Optional[float] = None) -> jnp.ndarray:
     """[N] (k_e/2) Σ_{j≠i, same graph} q_i q_j f(r_ij)/r_ij over all pairs, eV: the non-periodic sum.
@@ -221,15 +236,7 @@ def direct_energy(charges: jnp.ndarray, positions: jnp.ndarray, node_graph: jnp.
     Args:
         include: [N] bool, atoms whose graph is summed this way (e.g. non-periodic graphs).
     """
-    n = charges.shape[0]
-    pair_ok = (node_graph[:, None] == node_graph[None, :]) & ~jnp.eye(n, dtype=bool)
-    pair_ok = pair_ok & include[:, None] & include[None, :]
-    difference = positions[None, :, :] - positions[:, None, :]
-    length_squared = jnp.sum(difference**2, axis=-1)
-    # Padding atoms all sit at the origin (and carry no charge): drop coincident pairs.
-    pair_ok = pair_ok & (length_squared > 0)
-    # The diagonal and masked pairs get length 1 before the square root (no 0/0 in the gradient).
-    length = jnp.sqrt(jnp.where(pair_ok, length_squared, 1.0))
+    pair_ok, length = same_graph_pairs(positions, node_graph, include)
     kernel = 1.0 / length if sigma is None else jax.scipy.special.erf(length / (math.sqrt(2.0) * sigma)) / length
     potential = jnp.sum(jnp.where(pair_ok, kernel * charges[None, :], 0.0), axis=1)
     return 0.5 * COULOMB_CONSTANT * charges * potential

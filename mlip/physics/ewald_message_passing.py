@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlip.graph import AtomsGraph
-from mlip.physics.ewald import reciprocal_potential
+from mlip.physics.ewald import reciprocal_potential, same_graph_pairs
 
 
 def aperiodic_shells(spacing: float, cutoff: float) -> np.ndarray:
@@ -103,18 +103,13 @@ class EwaldBlock(nn.Module):
         invariant under rotations and translations, O(N²) pairs per molecule (as the
         direct Coulomb sum of `mlip.physics.ewald`).
         """
-        n = positions.shape[0]
         periodic = jnp.abs(jnp.linalg.det(jax.lax.stop_gradient(cell))) > 1e-9
         atom_aperiodic = (~periodic)[graph.node_graph] & graph.node_mask
-        pair = (graph.node_graph[:, None] == graph.node_graph[None, :]) & atom_aperiodic[:, None] & atom_aperiodic[None, :]
-        off_diagonal = pair & ~jnp.eye(n, dtype=bool)
-        difference = positions[None, :, :] - positions[:, None, :]
-        # Coincident padding atoms and the diagonal get length 1 before the square root (no NaN gradient).
-        length_squared = jnp.sum(difference**2, axis=-1)
-        off_diagonal = off_diagonal & (length_squared > 0)
-        length = jnp.sqrt(jnp.where(off_diagonal, length_squared, 1.0))
+        off_diagonal, length = same_graph_pairs(positions, graph.node_graph, atom_aperiodic)
+        # The diagonal (an atom's own source, j0(0) = 1) of every included atom.
+        diagonal = jnp.diag(atom_aperiodic)
         shells = jnp.asarray(aperiodic_shells(self.aperiodic_spacing, self.aperiodic_cutoff), positions.dtype)
         filter_k = self._aperiodic_filter(positions.dtype, shells)  # [B, C]
         bessel = jnp.sinc(length[..., None] * shells / jnp.pi)  # j0(k r) = sin(k r)/(k r), [N, N, B]
-        bessel = jnp.where(off_diagonal[..., None], bessel, jnp.where(pair[..., None], 1.0, 0.0))  # j0(0) = 1
+        bessel = jnp.where(off_diagonal[..., None], bessel, jnp.where(diagonal[..., None], 1.0, 0.0))
         return jnp.einsum("ijb,bc,jc->ic", bessel, filter_k, sources)
