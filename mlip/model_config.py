@@ -49,6 +49,33 @@ class MACEConfig(StrictModel):
         None, description="a long-range message in reciprocal space after each interaction, or null")
 
 
+class TransformerConfig(StrictModel):
+    """Equivariant transformer backbone (TorchMD-Net ET; METHODS.md §2.1), torchmd-net's defaults
+    sized down for small systems; total charge and spin embedded by default."""
+
+    name: Literal["transformer"] = "transformer"
+    r_max: PositiveFloat = Field(5.0, description="cutoff radius, Å")
+    num_rbf: PositiveInt = Field(32, description="expnorm radial basis functions")
+    num_channels: PositiveInt = Field(64, description="scalar and vector channels F (a multiple of num_heads)")
+    num_heads: PositiveInt = 4
+    num_layers: int = Field(4, ge=1, le=12)
+    attention: Literal["silu", "softmax"] = Field(
+        "silu", description="silu: torchmd-net's unnormalised weights; softmax: normalised over the "
+                            "neighbours and a null key, at CMRET's temperature √(2d)")
+    charge_spin_embedding: bool = Field(
+        True, description="add an embedding of the graph's total charge and spin multiplicity to every "
+                          "atom's initial scalars (zero for a neutral singlet)")
+    ewald_message_passing: Optional[EwaldMessagePassingConfig] = Field(
+        None, description="a long-range message in reciprocal space after each layer, or null")
+
+    @model_validator(mode="after")
+    def _heads_divide_channels(self):
+        if self.num_channels % self.num_heads:
+            raise ValueError(f"num_channels ({self.num_channels}) must be a multiple of num_heads "
+                             f"({self.num_heads})")
+        return self
+
+
 class EnergyHeadConfig(StrictModel):
     name: Literal["energy"] = "energy"
     mlp_hidden: PositiveInt = 16
@@ -84,7 +111,20 @@ class LatentEwaldConfig(StrictModel):
     charge_mlp: tuple[PositiveInt, ...] = Field((16,), description="hidden sizes of the charge MLP")
 
 
-BackboneConfig = Union[MACEConfig]
+class AllToAllConfig(StrictModel):
+    """All-to-all node attention after the backbone (AllScAIP-style; METHODS.md §2.2): every atom
+    attends to every atom of its structure; distances enter for molecules only."""
+
+    num_layers: int = Field(1, ge=1, le=8)
+    num_heads: PositiveInt = 4
+    head_dim: PositiveInt = 16
+    num_basis: PositiveInt = Field(8, description="distance functions s/√(r²+s²), s from 1 to 32 Å")
+    max_atoms: PositiveInt = Field(
+        4096, description="padded atoms per batch above which the block attends over the backbone's "
+                          "neighbours only (O(N²) cost; a warning says so)")
+
+
+BackboneConfig = Union[MACEConfig, TransformerConfig]
 HeadConfig = Union[EnergyHeadConfig, MeanVarianceHeadConfig, ShallowEnsembleHeadConfig]
 LongRangeConfig = Union[LatentEwaldConfig]
 
@@ -94,6 +134,8 @@ class ModelConfig(StrictModel):
     head: HeadConfig = Field(default_factory=EnergyHeadConfig, discriminator="name")
     long_range: Optional[LongRangeConfig] = Field(
         None, discriminator="name", description="a long-range energy term (les), or null for a local model")
+    all_to_all: Optional[AllToAllConfig] = Field(
+        None, description="all-to-all node attention stacked after the backbone's local layers, or null")
     magmoms: bool = Field(False, description="predict per-atom magnetic moments |Linear(h_i)| (CHGNet's "
                                              "charge-informed head), trained on data.magmoms_key")
     dtype: Literal["float32", "float64"] = "float32"

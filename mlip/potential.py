@@ -39,12 +39,13 @@ import mlip.physics  # noqa: F401  (importing registers the long-range terms)
 from mlip.data.statistics import DatasetStatistics
 from mlip.graph import AtomsGraph
 from mlip.heads.magmoms import MagneticMomentHead
+from mlip.models.all_to_all import AllToAllAttention
 from mlip.model_config import ModelConfig
 from mlip.registry import BACKBONES, HEADS, LONG_RANGE, lookup
 
 
 class EnergyModel(nn.Module):
-    """Backbone then head (and a long-range term): a dict of per-node outputs.
+    """Backbone (then all-to-all attention) then head (and a long-range term): a dict of per-node outputs.
 
     The head gives ``energy`` [N] (normalised ε) or ``energy_members`` [K, N], and
     optionally ``energy_variance`` [N] and ``forces_variance`` [N]; a long-range term
@@ -56,9 +57,12 @@ class EnergyModel(nn.Module):
     head: nn.Module
     long_range: Optional[nn.Module] = None
     magmoms: Optional[nn.Module] = None
+    all_to_all: Optional[nn.Module] = None
 
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> dict:
         features = self.backbone(graph, positions, cell)
+        if self.all_to_all is not None:
+            features = self.all_to_all(features, graph, positions, cell)
         outputs = self.head(features)
         if not isinstance(outputs, dict):
             outputs = {"energy": outputs}
@@ -73,7 +77,8 @@ class EnergyModel(nn.Module):
 def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyModel:
     backbone_config = config.backbone.model_dump()
     backbone_cls = lookup(BACKBONES, backbone_config.pop("name"), "model.backbone.name")
-    backbone_config["radial_mlp"] = tuple(backbone_config.get("radial_mlp", ()))
+    if "radial_mlp" in backbone_config:
+        backbone_config["radial_mlp"] = tuple(backbone_config["radial_mlp"])
     backbone = backbone_cls(atomic_numbers=tuple(statistics.atomic_numbers),
                             avg_num_neighbors=statistics.avg_num_neighbors, **backbone_config)
     head_config = config.head.model_dump()
@@ -85,7 +90,11 @@ def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyMo
         long_range_config["charge_mlp"] = tuple(long_range_config.get("charge_mlp", ()))
         long_range = long_range_cls(**long_range_config)
     magmoms = MagneticMomentHead() if config.magmoms else None
-    return EnergyModel(backbone=backbone, head=head, long_range=long_range, magmoms=magmoms)
+    all_to_all = None
+    if config.all_to_all is not None:
+        all_to_all = AllToAllAttention(**config.all_to_all.model_dump(), cutoff=float(config.backbone.r_max))
+    return EnergyModel(backbone=backbone, head=head, long_range=long_range, magmoms=magmoms,
+                       all_to_all=all_to_all)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

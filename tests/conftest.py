@@ -15,26 +15,31 @@ if _cache.lower() != "off":
 
 TINY_BACKBONE = dict(num_channels=4, max_ell=2, max_l=1, correlation=2, num_interactions=2,
                      radial_mlp=(8,), r_max=3.0)
+TINY_BACKBONES = {"mace": TINY_BACKBONE,
+                  "transformer": dict(num_channels=8, num_heads=2, num_layers=2, num_rbf=8, r_max=3.0)}
 
 
 def make_potential(atomic_numbers, dtype="float64", e0=None, shift=0.0, scale=1.0,
-                   avg_num_neighbors=8.0, long_range=None, magmoms=False, **backbone):
-    """A tiny MACE potential with fixed statistics and its parameters.
+                   avg_num_neighbors=8.0, long_range=None, magmoms=False, backbone_name="mace",
+                   all_to_all=None, **backbone):
+    """A tiny potential (MACE, or the backbone named) with fixed statistics and its parameters.
 
     ``long_range``: a `model.long_range` mapping (e.g. ``{"name": "les"}``) or None;
-    ``magmoms``: add the magnetic-moment head.
+    ``magmoms``: add the magnetic-moment head; ``all_to_all``: a `model.all_to_all` mapping or
+    None; ``backbone``: settings over the tiny ones.
     """
     from mlip.data.statistics import DatasetStatistics
     from mlip.potential import Potential
     from mlip.training.checkpoint import dummy_graph
-    from mlip.training.config import MACEConfig, ModelConfig
+    from mlip.training.config import ModelConfig
 
-    settings = {**TINY_BACKBONE, **backbone}
+    settings = {"name": backbone_name, **TINY_BACKBONES[backbone_name], **backbone}
     stats = DatasetStatistics(atomic_numbers=tuple(sorted(atomic_numbers)),
                               e0=e0 or {z: 0.0 for z in atomic_numbers}, shift=shift, scale=scale,
                               avg_num_neighbors=avg_num_neighbors)
-    config = ModelConfig.model_validate({"backbone": MACEConfig(**settings).model_dump(), "dtype": dtype,
-                                         "long_range": long_range, "magmoms": magmoms})
+    config = ModelConfig.model_validate({"backbone": settings, "dtype": dtype,
+                                         "long_range": long_range, "magmoms": magmoms,
+                                         "all_to_all": all_to_all})
     potential = Potential(config, stats)
     params = jax.jit(potential.init)(jax.random.PRNGKey(0), dummy_graph(stats.atomic_numbers))
     # Random init leaves some paths tiny; scale up so invariance tests see real signal.

@@ -18,8 +18,8 @@ from pydantic import (Field, NonNegativeFloat, PositiveFloat, PositiveInt, Valid
 from mlip.errors import ConfigError
 # The model's schema lives below the potential (mlip.model_config); re-exported here, the
 # whole run's schema, so `from mlip.training.config import MACEConfig` keeps working.
-from mlip.model_config import (BackboneConfig, EnergyHeadConfig, EwaldMessagePassingConfig,  # noqa: F401
-                               HeadConfig, LatentEwaldConfig, LongRangeConfig, MACEConfig,
+from mlip.model_config import (AllToAllConfig, BackboneConfig, EnergyHeadConfig, EwaldMessagePassingConfig,  # noqa: F401
+                               HeadConfig, LatentEwaldConfig, LongRangeConfig, MACEConfig, TransformerConfig,
                                MeanVarianceHeadConfig, ModelConfig, ShallowEnsembleHeadConfig, StrictModel)
 
 
