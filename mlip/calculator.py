@@ -91,18 +91,22 @@ class MLIPCalculator(Calculator):
                 charge, spin = np.zeros(self._graph.charge.shape, self._dtype), np.ones(self._graph.spin.shape, self._dtype)
                 charge[0], spin[0] = frame.charge, frame.spin
                 return dataclasses.replace(self._graph, positions=positions, charge=charge, spin=spin), len(frame.numbers)
-        sample = build_sample(frame, self.potential.cutoff + self.skin, self.potential.k_cutoff)
+        sample = build_sample(frame, self.potential.cutoff + self.skin, self.potential.k_cutoff,
+                              getattr(self.potential, "molecules_only", False))
         self.neighbour_list_builds += 1
         self._neighbours = sample
         self._graph = jax.device_put(pack_samples([sample], sizes_for([sample], 2), None, self._dtype))
         return self._graph, sample.n_atoms
 
     @classmethod
-    def from_run(cls, run_dir: str, which: str = "best", **kwargs) -> "MLIPCalculator":
-        """Load the best (or ``which="last"``) parameters of a `mlip train` run directory."""
+    def from_run(cls, run_dir: str, which: str = "best", rotation_average: Optional[int] = None,
+                 **kwargs) -> "MLIPCalculator":
+        """Load the best (or ``which="last"``) parameters of a `mlip train` run directory.
+
+        ``rotation_average``: a TransIP model averaged over this many fixed rotations."""
         from mlip.training.checkpoint import load_potential
 
-        potential, params = load_potential(run_dir, which)
+        potential, params = load_potential(run_dir, which, rotation_average)
         return cls(potential, params, **kwargs)
 
     def check_state(self, atoms, tol=1e-15):

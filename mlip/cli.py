@@ -85,11 +85,11 @@ def command_evaluate(args) -> int:
     from mlip.training.evaluation import Predictor, compute_metrics, parity_plot
     from mlip.training.trainer import check_elements, label_keys
 
-    potential, params = load_potential(args.run_dir, args.which)
+    potential, params = load_potential(args.run_dir, args.which, args.rotation_average)
     config = load_config(os.path.join(args.run_dir, "config.yaml"))
     frames = read_frames(args.data, label_keys(config))
     check_elements(frames, potential.statistics.atomic_numbers, "evaluated")
-    samples = build_samples(frames, potential.cutoff, potential.k_cutoff)
+    samples = build_samples(frames, potential.cutoff, potential.k_cutoff, potential.molecules_only)
     predictor = Predictor(potential, compute_stress=any(s.frame.is_periodic for s in samples))
     predictions = predictor.predict(params, samples, args.batch_size)
     metrics = compute_metrics(samples, predictions)
@@ -166,7 +166,7 @@ def command_md(args) -> int:
     from mlip.md.runner import read_structure, run_md
     from mlip.training.checkpoint import load_potential
 
-    potential, params = load_potential(args.run_dir, args.which)
+    potential, params = load_potential(args.run_dir, args.which, args.rotation_average)
     atoms = read_structure(args.structure)
     summary = run_md(potential, params, atoms, trajectory=args.trajectory, steps=args.steps,
                      interval=args.interval, progress_bar=not args.no_progress, ensemble=args.ensemble,
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot", help="parity plot PNG (default: beside --json); with uncertainty also "
                           "a calibration plot PLOT_calibration.png")
     evaluate.add_argument("--which", choices=["best", "last"], default="best")
+    evaluate.add_argument("--rotation-average", type=int, default=None, metavar="K",
+                        help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.set_defaults(handler=command_evaluate)
 
@@ -244,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--max-temperature", type=float, help="stop above this temperature, K "
                                                           "(default 5 x max(T, 300 K))")
     md.add_argument("--which", choices=["best", "last"], default="best")
+    md.add_argument("--rotation-average", type=int, default=None, metavar="K",
+                        help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
     md.add_argument("--no-progress", action="store_true", help="no progress bar")
     md.set_defaults(handler=command_md)
 

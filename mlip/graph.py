@@ -119,3 +119,30 @@ def _segment_sum(xp, values, segment_ids, num_segments):
     out = np.zeros((num_segments,) + values.shape[1:], dtype=values.dtype)
     np.add.at(out, segment_ids, values)
     return out
+
+
+def random_rotations(key: jax.Array, count: int, dtype=jnp.float32) -> jax.Array:
+    """[count, 3, 3] rotations uniform on SO(3): normalised Gaussian quaternions."""
+    q = jax.random.normal(key, (count, 4), dtype)
+    w, x, y, z = jnp.moveaxis(q / jnp.linalg.norm(q, axis=-1, keepdims=True), -1, 0)
+    return jnp.stack([
+        jnp.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        jnp.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        jnp.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], -2)
+
+
+def rotate_graph(graph: AtomsGraph, rotations: jax.Array) -> AtomsGraph:
+    """Each graph g turned by rotations[g] ([G, 3, 3]): positions, cell, force and stress labels.
+
+    Integer image shifts stay valid (the cell turns with the atoms); energies, charges and
+    magnetic moments are scalars. Used for rotation augmentation of non-equivariant models.
+    """
+    per_node = rotations[graph.node_graph]
+    turn = lambda vectors: jnp.einsum("nab,nb->na", per_node, vectors)  # noqa: E731
+    targets = dict(graph.targets)
+    if "forces" in targets:
+        targets["forces"] = turn(targets["forces"])
+    if "stress" in targets:
+        targets["stress"] = jnp.einsum("gab,gbc,gdc->gad", rotations, targets["stress"], rotations)
+    return graph.replace(positions=turn(graph.positions), cell=jnp.einsum("gab,gcb->gca", rotations, graph.cell),
+                         targets=targets)

@@ -76,6 +76,29 @@ class TransformerConfig(StrictModel):
         return self
 
 
+class TransIPConfig(StrictModel):
+    """TransIP (METHODS.md §2.3): a transformer on atom tokens (element + centred Cartesian
+    coordinates), not equivariant by construction; it learns the symmetry from rotated copies
+    (set training.rotation_augmentation). Molecules only: periodic frames are refused."""
+
+    name: Literal["transip"] = "transip"
+    r_max: PositiveFloat = Field(5.0, description="radius of the neighbour list, Å (used only beyond "
+                                                  "max_atoms, where attention is limited to neighbours)")
+    num_channels: PositiveInt = Field(128, description="token width")
+    num_heads: PositiveInt = 4
+    head_dim: PositiveInt = 32
+    num_layers: int = Field(4, ge=1, le=24)
+    num_frequencies: PositiveInt = Field(32, description="random Fourier features of the centred coordinates")
+    frequency_scale: PositiveFloat = Field(1.0, description="standard deviation of their frequencies, Å⁻¹")
+    distance_basis: int = Field(0, ge=0, le=32, description="invariant distance functions in the attention "
+                                                            "(0: the paper's plain token transformer)")
+    charge_spin_embedding: bool = True
+    rotation_average: int = Field(0, ge=0, le=256, description="average the features over this many fixed "
+                                                               "rotations (0: none); reduces the equivariance "
+                                                               "error, at that multiple of the cost")
+    max_atoms: PositiveInt = Field(4096, description="padded atoms above which attention is neighbour-limited")
+
+
 class EnergyHeadConfig(StrictModel):
     name: Literal["energy"] = "energy"
     mlp_hidden: PositiveInt = 16
@@ -124,7 +147,7 @@ class AllToAllConfig(StrictModel):
                           "neighbours only (O(N²) cost; a warning says so)")
 
 
-BackboneConfig = Union[MACEConfig, TransformerConfig]
+BackboneConfig = Union[MACEConfig, TransformerConfig, TransIPConfig]
 HeadConfig = Union[EnergyHeadConfig, MeanVarianceHeadConfig, ShallowEnsembleHeadConfig]
 LongRangeConfig = Union[LatentEwaldConfig]
 
@@ -150,6 +173,11 @@ class ModelConfig(StrictModel):
         if ewald is not None:
             limits.append(float(ewald.k_cutoff))
         return max(limits) if limits else None
+
+    @property
+    def molecules_only(self) -> bool:
+        """True for a backbone that sees absolute coordinates (TransIP): no periodic structures."""
+        return self.backbone.name == "transip"
 
     @model_validator(mode="before")
     @classmethod

@@ -123,6 +123,11 @@ class Potential:
         Graphs for this potential carry the k indices within it (`build_sample`)."""
         return self.config.k_cutoff
 
+    @property
+    def molecules_only(self) -> bool:
+        """True for a model that cannot describe periodic structures (graphs are built to refuse them)."""
+        return self.config.molecules_only
+
     def init(self, key: jax.Array, graph: AtomsGraph) -> Any:
         """Trainable parameters for a model that will see graphs like ``graph``."""
         def initialise(key, graph):

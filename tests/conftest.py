@@ -16,7 +16,8 @@ if _cache.lower() != "off":
 TINY_BACKBONE = dict(num_channels=4, max_ell=2, max_l=1, correlation=2, num_interactions=2,
                      radial_mlp=(8,), r_max=3.0)
 TINY_BACKBONES = {"mace": TINY_BACKBONE,
-                  "transformer": dict(num_channels=8, num_heads=2, num_layers=2, num_rbf=8, r_max=3.0)}
+                  "transformer": dict(num_channels=8, num_heads=2, num_layers=2, num_rbf=8, r_max=3.0),
+                  "transip": dict(num_channels=8, num_heads=2, head_dim=4, num_layers=2, num_frequencies=4)}
 
 
 def make_potential(atomic_numbers, dtype="float64", e0=None, shift=0.0, scale=1.0,

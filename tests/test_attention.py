@@ -1,5 +1,6 @@
 """Attention models: the equivariant transformer's charge and spin, the all-to-all block's
-masking, blocking and neighbour fallback, and both trained from YAML through every entry point.
+masking, blocking and neighbour fallback, TransIP's measured (not exact) invariance, and all
+of them trained from YAML through every entry point.
 
 The shared invariance tests (rotation, permutation, finite differences, stress, supercell,
 padding, layouts, cutoff) run for every backbone in test_model.py.
@@ -117,7 +118,104 @@ def test_all_to_all_beyond_max_atoms_attends_over_neighbours_with_a_warning():
     assert -derivative == pytest.approx(out["forces"][2, 1], rel=1e-6, abs=1e-8)
 
 
-def test_transformer_with_all_to_all_les_and_ensemble_trains_from_yaml_and_runs_md(tmp_path):
+def _transip(**settings):
+    return make_potential([1, 6, 8], backbone_name="transip", **settings)
+
+
+def test_transip_is_translation_and_permutation_invariant_conservative_and_measurably_not_rotation_invariant():
+    potential, params = _transip()
+    averaged, _ = _transip(rotation_average=12)  # the same parameters, averaged over 12 turns
+    atoms = _ethanol()
+    n = len(atoms)
+    out = _apply(potential, params, [_frame(atoms)])
+    moved = atoms.copy()
+    moved.positions += [3.0, -1.0, 2.0]
+    order = np.random.default_rng(0).permutation(n)
+    shifted, permuted = (_apply(potential, params, [_frame(a)]) for a in (moved, atoms[order]))
+    # Alone and in a batch with another molecule (centroids and attention kept per molecule).
+    together = _apply(potential, params, [_frame(molecule("H2O")), _frame(atoms)])
+    assert together["energy"][1] == pytest.approx(out["energy"][0], rel=1e-10)
+    np.testing.assert_allclose(together["forces"][3:3 + n], out["forces"][:n], atol=1e-10)
+    assert shifted["energy"][0] == pytest.approx(out["energy"][0], rel=1e-10)
+    assert permuted["energy"][0] == pytest.approx(out["energy"][0], rel=1e-10)
+    np.testing.assert_allclose(permuted["forces"][:n], out["forces"][:n][order], atol=1e-9)
+    h = 1e-5
+    plus, minus = atoms.copy(), atoms.copy()
+    plus.positions[4, 2] += h
+    minus.positions[4, 2] -= h
+    derivative = (_apply(potential, params, [_frame(plus)])["energy"][0]
+                  - _apply(potential, params, [_frame(minus)])["energy"][0]) / (2 * h)
+    assert -derivative == pytest.approx(out["forces"][4, 2], rel=1e-6, abs=1e-8)
+    # Not invariant by construction: the energy spreads over rotations (untrained: widely),
+    # and averaging over fixed rotations narrows the spread.
+    spreads = []
+    for model, model_params in ((potential, params), (averaged, params)):
+        energies = []
+        for seed in range(6):
+            turned = atoms.copy()
+            rotation, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+            turned.positions = atoms.positions @ rotation.T
+            energies.append(_apply(model, model_params, [_frame(turned)])["energy"][0])
+        spreads.append(np.std(energies))
+    assert spreads[0] > 1e-3 and spreads[1] < 0.5 * spreads[0]
+
+
+def test_transip_refuses_periodic_frames_with_the_frame_named():
+    from ase.build import bulk
+
+    from mlip.calculator import MLIPCalculator
+    from mlip.errors import DataError
+
+    potential, params = _transip()
+    atoms = bulk("C", "diamond", a=3.6)
+    atoms.calc = MLIPCalculator(potential, params)
+    with pytest.raises(DataError, match="periodic frame.*molecules only"):
+        atoms.get_potential_energy()
+
+
+def test_rotate_graph_turns_positions_cell_and_labels_consistently():
+    """An equivariant model's loss is the same on a batch and on the batch turned by rotate_graph."""
+    from conftest import emt_frames
+    from mlip.data.reader import LabelKeys, atoms_to_frame
+    from mlip.graph import random_rotations, rotate_graph
+    from mlip.training.config import LossConfig
+    from mlip.training.loss import loss_terms
+
+    potential, params = make_potential([29, 79])
+    keys = LabelKeys(energy="REF_energy", forces="REF_forces", stress="REF_stress")
+    frames = [atoms_to_frame(a, keys, f"emt@{i}") for i, a in enumerate(emt_frames(3))]
+    graph = jax.tree.map(jax.numpy.asarray, pack_samples(build_samples(frames, potential.cutoff), None, None,
+                                                         np.float64))
+    turned = rotate_graph(graph, random_rotations(jax.random.PRNGKey(1), graph.n_graph, np.float64))
+    assert np.abs(np.asarray(turned.positions - graph.positions)).max() > 0.1
+
+    @jax.jit
+    def terms(g):
+        return loss_terms(potential.apply(params, g, True, True), g, LossConfig())
+
+    before, after = terms(graph), terms(turned)
+    for name in ("energy", "forces", "stress"):
+        assert float(after[name]) == pytest.approx(float(before[name]), rel=1e-9), name
+
+
+TRAINED_ATTENTION_MODELS = {
+    # The equivariant transformer with Ewald message passing, the all-to-all block, LES and a
+    # shallow ensemble.
+    "transformer": ({"backbone": {"name": "transformer", "num_channels": 8, "num_heads": 2, "num_layers": 1,
+                                  "num_rbf": 8, "attention": "softmax", "ewald_message_passing": {}},
+                     "all_to_all": TINY_ALL_TO_ALL, "long_range": {"name": "les", "charge_mlp": [4]},
+                     "head": {"name": "shallow_ensemble", "members": 2}},
+                    {"method": "shallow_ensemble"}, {}),
+    # TransIP with rotation augmentation and a mean-variance head, averaged over turns at inference.
+    "transip": ({"backbone": {"name": "transip", "num_channels": 8, "num_heads": 2, "head_dim": 4,
+                              "num_layers": 1, "num_frequencies": 4},
+                 "head": {"name": "mve"}},
+                {"method": "mve"}, {"rotation_augmentation": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAINED_ATTENTION_MODELS))
+def test_attention_models_train_from_yaml_and_run_the_calculator_and_md(name, tmp_path):
     """The attention models through the user's entry points: train (an uncertainty method, a
     long-range term), the calculator with charge and spin, and `mlip md` (evaluation runs the
     calculator's PosteriorPotential path; test_uncertainty_heads covers it)."""
@@ -126,32 +224,30 @@ def test_transformer_with_all_to_all_les_and_ensemble_trains_from_yaml_and_runs_
     from mlip.calculator import MLIPCalculator
     from mlip.cli import main
 
+    model, uncertainty, training = TRAINED_ATTENTION_MODELS[name]
     data = os.path.join(os.path.dirname(__file__), "..", "data", "ion_pairs_gfn2.extxyz")
     config = {"run_dir": str(tmp_path / "run"), "seed": 0,
               "data": {"train": f"{data}@0:6", "valid": f"{data}@6:9", "energy_key": "REF_energy",
                        "forces_key": "REF_forces", "charge_key": "total_charge", "spin_key": "total_spin",
                        "e0s": os.path.join(os.path.dirname(data), "long_range_gfn2_e0s.json")},
-              "model": {"backbone": {"name": "transformer", "num_channels": 8, "num_heads": 2, "num_layers": 1,
-                                     "num_rbf": 8, "attention": "softmax"},
-                        "all_to_all": TINY_ALL_TO_ALL, "long_range": {"name": "les", "charge_mlp": [4]},
-                        "head": {"name": "shallow_ensemble", "members": 2}},
-              "uncertainty": {"method": "shallow_ensemble"},
-              "training": {"max_epochs": 1, "batch_size": 3, "progress_bar": False, "plots": False}}
+              "model": model, "uncertainty": uncertainty,
+              "training": {"max_epochs": 1, "batch_size": 3, "progress_bar": False, "plots": False, **training}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["train", str(path)]) == 0
     assert "forces_mae" in json.load(open(os.path.join(config["run_dir"], "summary.json")))["valid"]
 
     atoms = ase.io.read(data, 0)
-    atoms.calc = MLIPCalculator.from_run(config["run_dir"])
+    atoms.calc = MLIPCalculator.from_run(config["run_dir"], rotation_average=4 if name == "transip" else None)
     atoms.info["total_charge"] = 0
     neutral = atoms.get_potential_energy()
-    assert {"charges", "energy_std"} <= set(atoms.calc.results)
+    assert "energy_std" in atoms.calc.results and ("charges" in atoms.calc.results or name == "transip")
     atoms.info["total_charge"] = 1
     assert atoms.get_potential_energy() != pytest.approx(neutral, abs=1e-6)
 
     structure = tmp_path / "start.extxyz"
     ase.io.write(structure, ase.io.read(data, 0))
+    averaging = ["--rotation-average", "2"] if name == "transip" else []
     assert main(["md", config["run_dir"], "--structure", str(structure), "--ensemble", "nve", "--timestep", "0.5",
-                 "--steps", "10", "--interval", "5", "--trajectory", str(tmp_path / "md.extxyz")]) == 0
+                 "--steps", "10", "--interval", "5", "--trajectory", str(tmp_path / "md.extxyz"), *averaging]) == 0
     assert len(ase.io.read(tmp_path / "md.extxyz", ":")) == 3

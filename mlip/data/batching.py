@@ -22,6 +22,7 @@ import numpy as np
 
 from mlip.data.neighbours import mesh_shape_for, neighbour_list, reciprocal_indices
 from mlip.data.reader import Frame
+from mlip.errors import DataError
 from mlip.graph import AtomsGraph
 
 
@@ -81,9 +82,16 @@ class GraphSample:
         return int(np.bincount(self.receivers).max()) if len(self.receivers) else 0
 
 
-def build_sample(frame: Frame, cutoff: float, k_cutoff: Optional[float] = None) -> GraphSample:
+def build_sample(frame: Frame, cutoff: float, k_cutoff: Optional[float] = None,
+                 molecules_only: bool = False) -> GraphSample:
     """Neighbour list within ``cutoff`` (Å) and, for a periodic frame and a model with a
-    reciprocal-space term, the half-space k indices within ``k_cutoff`` (Å⁻¹)."""
+    reciprocal-space term, the half-space k indices within ``k_cutoff`` (Å⁻¹).
+
+    ``molecules_only``: the model cannot describe a periodic frame (a DataError names it)."""
+    if molecules_only and frame.is_periodic:
+        raise DataError(f"{frame.source or 'structure'}: a periodic frame (pbc={np.asarray(frame.pbc).tolist()}), "
+                        "but the model describes molecules only (model.backbone transip); set pbc to False "
+                        "for a molecule in a box, or use another backbone")
     senders, receivers, shifts = neighbour_list(frame.positions, frame.cell, frame.pbc, cutoff)
     sample = GraphSample(frame, senders, receivers, shifts)
     if k_cutoff and frame.is_periodic:
@@ -91,8 +99,9 @@ def build_sample(frame: Frame, cutoff: float, k_cutoff: Optional[float] = None) 
     return sample
 
 
-def build_samples(frames: Sequence[Frame], cutoff: float, k_cutoff: Optional[float] = None) -> list[GraphSample]:
-    return [build_sample(frame, cutoff, k_cutoff) for frame in frames]
+def build_samples(frames: Sequence[Frame], cutoff: float, k_cutoff: Optional[float] = None,
+                  molecules_only: bool = False) -> list[GraphSample]:
+    return [build_sample(frame, cutoff, k_cutoff, molecules_only) for frame in frames]
 
 
 def padded_node_count(n_atoms: int, dense: bool) -> int:

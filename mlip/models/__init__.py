@@ -2,5 +2,6 @@
 
 from mlip.models.mace import MACE
 from mlip.models.transformer import EquivariantTransformer
+from mlip.models.transip import TransIP
 
-__all__ = ["MACE", "EquivariantTransformer"]
+__all__ = ["MACE", "EquivariantTransformer", "TransIP"]

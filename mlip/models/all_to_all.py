@@ -67,7 +67,8 @@ class AllToAllLayer(nn.Module):
         normed = nn.LayerNorm(param_dtype=dtype, name="norm")(h)
         project = lambda name: nn.Dense(heads * dim, param_dtype=dtype, name=name)(normed).reshape(n, heads, dim)
         query, key, value = project("query"), project("key"), project("value")
-        bias = nn.Dense(heads, use_bias=False, param_dtype=dtype, name="distance_bias")
+        # Without distance functions (TransIP's plain form) the attention sees features only.
+        bias = nn.Dense(heads, use_bias=False, param_dtype=dtype, name="distance_bias") if self.num_basis else None
         # Molecules get distances; a periodic graph (non-zero cell) attends on features alone.
         molecular = ~jnp.any(cell != 0.0, axis=(1, 2))[graph.node_graph]  # [N]
         if n > self.max_atoms:
@@ -85,18 +86,22 @@ class AllToAllLayer(nn.Module):
     def _all_pairs(self, query, key, value, bias, molecular, graph, positions):
         n, heads, dim = query.shape
         valid = graph.node_mask
-        bias(jnp.zeros((1, self.num_basis), query.dtype))  # parameters exist for any first graph
+        if bias is not None:
+            bias(jnp.zeros((1, self.num_basis), query.dtype))  # parameters exist for any first graph
 
         def rows(block_query, block_positions, block_graph, block_molecular):
             same = (block_graph[:, None] == graph.node_graph[None, :]) & valid[None, :]  # [B, N]
             with_distance = same & block_molecular[:, None] & molecular[None, :]
             squared = jnp.sum((block_positions[:, None, :] - positions[None, :, :]) ** 2, axis=-1)
             phi = jnp.where(with_distance[..., None], distance_features(squared, self.num_basis), 0.0)
-            logits = jnp.einsum("bhd,nhd->bnh", block_query, key) / math.sqrt(dim) + bias(phi)
+            logits = jnp.einsum("bhd,nhd->bnh", block_query, key) / math.sqrt(dim)
+            if bias is not None:
+                logits = logits + bias(phi)
             weights = jax.nn.softmax(jnp.where(same[..., None], logits, MASKED_LOGIT), axis=1)
             mixed = jnp.einsum("bnh,nhd->bhd", weights, value)
-            geometric = jnp.einsum("bnh,bnk->bhk", weights, phi)
-            return jnp.concatenate([mixed, geometric], axis=-1).reshape(block_query.shape[0], -1)
+            if bias is not None:
+                mixed = jnp.concatenate([mixed, jnp.einsum("bnh,bnk->bhk", weights, phi)], axis=-1)
+            return mixed.reshape(block_query.shape[0], -1)
 
         if n <= QUERY_BLOCK:
             return rows(query, positions, graph.node_graph, molecular)
@@ -120,14 +125,17 @@ class AllToAllLayer(nn.Module):
         vectors = jnp.where(graph.edge_mask[:, None], vectors, far)
         squared = jnp.sum(vectors**2, axis=-1)
         phi = jnp.where(molecular[receivers][:, None], distance_features(squared, self.num_basis), 0.0)
-        logits = jnp.sum(query[receivers] * key[senders], axis=-1) / math.sqrt(dim) + bias(phi)  # [E, H]
+        logits = jnp.sum(query[receivers] * key[senders], axis=-1) / math.sqrt(dim)  # [E, H]
+        if bias is not None:
+            logits = logits + bias(phi)
         # Null key of logit 0 (as in the transformer's softmax): smooth as atoms cross the cutoff.
         shift = jax.lax.stop_gradient(jnp.maximum(max_at_receivers(logits, graph, n), 0.0))
         weights = cosine_cutoff(jnp.sqrt(squared), self.cutoff)[:, None] * jnp.exp(logits - shift[receivers])
         weights = weights / (sum_at_receivers(weights, graph, n) + jnp.exp(-shift))[receivers]
         mixed = sum_at_receivers(weights[..., None] * value[senders], graph, n)
-        geometric = sum_at_receivers(weights[..., None] * phi[:, None, :], graph, n)
-        return jnp.concatenate([mixed, geometric], axis=-1).reshape(n, -1)
+        if bias is not None:
+            mixed = jnp.concatenate([mixed, sum_at_receivers(weights[..., None] * phi[:, None, :], graph, n)], axis=-1)
+        return mixed.reshape(n, -1)
 
 
 class AllToAllAttention(nn.Module):

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import flax.serialization
 import jax
 import numpy as np
 
-from mlip.errors import CheckpointError
+from mlip.errors import CheckpointError, ConfigError
 
 # 2: model.json may name an uncertainty method and the parameters are then a stack.
 # Runs without uncertainty are still written as 1, so older mlip versions read them.
@@ -189,8 +189,11 @@ def parameter_template(potential) -> Any:
     return jax.eval_shape(potential.init, jax.random.PRNGKey(0), graph)
 
 
-def load_potential(run_dir: str, which: str = "best"):
+def load_potential(run_dir: str, which: str = "best", rotation_average: Optional[int] = None):
     """The `Potential` of a run and its parameters (``best`` or ``last``).
+
+    ``rotation_average``: for a TransIP model, average its features over this many fixed
+    rotations at inference (the parameters are the same; 0 or 1: none).
 
     For a run with uncertainty (model.json names a method) the potential is a
     `mlip.uq.PosteriorPotential` carrying the run's recalibration, and the parameters are
@@ -205,8 +208,13 @@ def load_potential(run_dir: str, which: str = "best"):
     from mlip.training.config import ModelConfig
 
     metadata = read_model_json(run_dir)
-    potential = Potential(ModelConfig.model_validate(metadata["model"]),
-                          DatasetStatistics.from_json(metadata["statistics"]))
+    model = metadata["model"]
+    if rotation_average is not None:
+        if model["backbone"].get("name") != "transip":
+            raise ConfigError(f"{run_dir}: rotation averaging applies to transip models, this one is "
+                              f"{model['backbone'].get('name')} (equivariant by construction)")
+        model = {**model, "backbone": {**model["backbone"], "rotation_average": int(rotation_average)}}
+    potential = Potential(ModelConfig.model_validate(model), DatasetStatistics.from_json(metadata["statistics"]))
     template = parameter_template(potential)
     uncertainty = metadata.get("uncertainty")
     if uncertainty is not None:

@@ -20,6 +20,7 @@ from mlip.errors import ConfigError
 # whole run's schema, so `from mlip.training.config import MACEConfig` keeps working.
 from mlip.model_config import (AllToAllConfig, BackboneConfig, EnergyHeadConfig, EwaldMessagePassingConfig,  # noqa: F401
                                HeadConfig, LatentEwaldConfig, LongRangeConfig, MACEConfig, TransformerConfig,
+                               TransIPConfig,
                                MeanVarianceHeadConfig, ModelConfig, ShallowEnsembleHeadConfig, StrictModel)
 
 
@@ -108,6 +109,10 @@ class TrainingConfig(StrictModel):
     ema_decay: Optional[float] = Field(0.99, ge=0.0, lt=1.0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    rotation_augmentation: bool = Field(
+        False, description="turn every training structure by a fresh random rotation each step (positions, "
+                           "cell, force and stress labels): how a non-equivariant model (transip) learns the "
+                           "symmetry; no use for equivariant backbones")
     progress_bar: bool = True
     plots: bool = True
 

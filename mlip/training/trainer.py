@@ -48,6 +48,7 @@ from mlip.data.batching import BatchIterator, build_samples
 from mlip.data.reader import LabelKeys, read_frames
 from mlip.data.statistics import DatasetStatistics, compute_statistics, load_e0_file
 from mlip.errors import CheckpointError, ConfigError, DataError
+from mlip.graph import random_rotations, rotate_graph
 from mlip.potential import Potential
 from mlip.training import checkpoint
 from mlip.training.config import RunConfig, save_config
@@ -159,8 +160,9 @@ class Trainer:
         self.dtype = np.float64 if config.model.dtype == "float64" else np.float32
         train_frames, valid_frames = load_split(config)
         cutoff, k_cutoff = config.model.backbone.r_max, config.model.k_cutoff
-        self.train_samples = build_samples(train_frames, cutoff, k_cutoff)
-        self.valid_samples = build_samples(valid_frames, cutoff, k_cutoff)
+        molecules_only = config.model.molecules_only
+        self.train_samples = build_samples(train_frames, cutoff, k_cutoff, molecules_only)
+        self.valid_samples = build_samples(valid_frames, cutoff, k_cutoff, molecules_only)
         self.statistics: DatasetStatistics = compute_statistics(
             self.train_samples, resolve_e0s(config), config.data.scaling)
         check_elements(valid_frames, self.statistics.atomic_numbers, "validation")
@@ -238,7 +240,13 @@ class Trainer:
         # A shallow ensemble's per-member forces cost K backward passes; only when asked.
         member_derivatives = getattr(uq, "member_forces_in_training", False)
 
+        augment = self.config.training.rotation_augmentation
+
         def step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights):
+            if augment:  # its own stream: the samplers' noise keys are unchanged
+                graph = rotate_graph(graph, random_rotations(jax.random.fold_in(key, 0x5EED), graph.n_graph,
+                                                             graph.positions.dtype))
+
             def loss_fn(p):
                 outputs = potential.apply(p, graph, compute_forces=True, compute_stress=use_stress,
                                           member_derivatives=member_derivatives)
@@ -474,7 +482,8 @@ class Trainer:
         if self.config.data.test:
             test_frames = read_frames(self.config.data.test, label_keys(self.config))
             check_elements(test_frames, self.statistics.atomic_numbers, "test")
-            test_samples = build_samples(test_frames, self.potential.cutoff, self.potential.k_cutoff)
+            test_samples = build_samples(test_frames, self.potential.cutoff, self.potential.k_cutoff,
+                                         self.potential.molecules_only)
             if not predictor.compute_stress and any(s.frame.is_periodic for s in test_samples):
                 predictor = Predictor(predictor.potential, compute_stress=True, layout=predictor.layout)
             test_predictions = predictor.predict(best_params, test_samples,

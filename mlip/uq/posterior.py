@@ -217,6 +217,10 @@ class PosteriorPotential:
     def k_cutoff(self):
         return self.potential.k_cutoff
 
+    @property
+    def molecules_only(self) -> bool:
+        return self.potential.molecules_only
+
     def reference_energy(self, numbers) -> float:
         return self.potential.reference_energy(numbers)
 
