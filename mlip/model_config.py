@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 
 class StrictModel(BaseModel):
@@ -97,6 +97,10 @@ class TransIPConfig(StrictModel):
                                                                "rotations (0: none); reduces the equivariance "
                                                                "error, at that multiple of the cost")
     max_atoms: PositiveInt = Field(4096, description="padded atoms above which attention is neighbour-limited")
+    equivariance_objective: NonNegativeFloat = Field(
+        0.0, description="weight λ of the embedding-space equivariance loss (METHODS.md §2.3): a learned map "
+                         "T(z(x), g) is trained to give the embedding z(g·x) of a turned copy, MSE per atom and "
+                         "channel; 0: off (rotation augmentation alone)")
 
 
 class EnergyHeadConfig(StrictModel):

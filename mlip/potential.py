@@ -40,6 +40,7 @@ from mlip.data.statistics import DatasetStatistics
 from mlip.graph import AtomsGraph
 from mlip.heads.magmoms import MagneticMomentHead
 from mlip.models.all_to_all import AllToAllAttention
+from mlip.models.transip import EmbeddingMap
 from mlip.model_config import ModelConfig
 from mlip.registry import BACKBONES, HEADS, LONG_RANGE, lookup
 
@@ -58,9 +59,12 @@ class EnergyModel(nn.Module):
     long_range: Optional[nn.Module] = None
     magmoms: Optional[nn.Module] = None
     all_to_all: Optional[nn.Module] = None
+    embedding_map: Optional[nn.Module] = None  # TransIP's learned rotation action on embeddings
 
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> dict:
         features = self.backbone(graph, positions, cell)
+        if self.embedding_map is not None and self.is_initializing():
+            self.embedding_map(features.array, jnp.zeros((features.shape[0], 3, 3), features.dtype))
         if self.all_to_all is not None:
             features = self.all_to_all(features, graph, positions, cell)
         outputs = self.head(features)
@@ -72,6 +76,16 @@ class EnergyModel(nn.Module):
         if self.magmoms is not None:
             outputs = {**outputs, "magmoms": self.magmoms(features)}
         return outputs
+
+    def equivariance_residual(self, graph: AtomsGraph, rotations: jnp.ndarray) -> jnp.ndarray:
+        """[N] mean over channels of (T(z(x), g) − z(g·x))², zero on padding; rotations [G, 3, 3]."""
+        per_node = rotations[graph.node_graph]
+        turned = jnp.einsum("nab,nb->na", per_node, graph.positions)
+        turned_cell = jnp.einsum("gab,gcb->gca", rotations, graph.cell)
+        embedding = self.backbone(graph, graph.positions, graph.cell).array
+        target = self.backbone(graph, turned, turned_cell).array
+        residual = jnp.mean((self.embedding_map(embedding, per_node) - target) ** 2, axis=-1)
+        return jnp.where(graph.node_mask, residual, 0.0)
 
 
 def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyModel:
@@ -93,8 +107,9 @@ def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyMo
     all_to_all = None
     if config.all_to_all is not None:
         all_to_all = AllToAllAttention(**config.all_to_all.model_dump(), cutoff=float(config.backbone.r_max))
+    embedding_map = EmbeddingMap() if getattr(config.backbone, "equivariance_objective", 0.0) > 0 else None
     return EnergyModel(backbone=backbone, head=head, long_range=long_range, magmoms=magmoms,
-                       all_to_all=all_to_all)
+                       all_to_all=all_to_all, embedding_map=embedding_map)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -134,6 +149,14 @@ class Potential:
             graph = _cast_graph(graph, self.dtype)
             return self.module.init(key, graph, graph.positions, graph.cell)["params"]
         return jax.jit(initialise)(key, graph)  # compiled: e3nn-jax runs slowly op by op
+
+    def equivariance_loss(self, params: Any, graph: AtomsGraph, rotations: jnp.ndarray) -> jnp.ndarray:
+        """TransIP's embedding-space equivariance objective (unweighted): mean over real atoms of
+        the per-atom residual of `EnergyModel.equivariance_residual`."""
+        graph = _cast_graph(graph, self.dtype)
+        residual = self.module.apply({"params": params}, graph, rotations.astype(self.dtype),
+                                     method=EnergyModel.equivariance_residual)
+        return residual.sum() / jnp.maximum(graph.node_mask.sum(), 1)
 
     def reference_energy(self, numbers: np.ndarray) -> float:
         """Σ_i E0(Z_i) in float64 for one structure, eV (host side)."""

@@ -1,6 +1,8 @@
-"""Backbones side by side: MACE, the equivariant transformer (ET) and MACE + all-to-all attention.
+"""Backbones side by side: MACE, the equivariant transformer (ET), MACE + all-to-all attention, TransIP.
 
     python scripts/benchmark_backbones.py [--budget-s 300] [--datasets ethanol long_range] [--docs]
+    python scripts/benchmark_backbones.py cost [--sizes 96 384 1536 3072 6144] [--docs]
+    python scripts/benchmark_backbones.py table [--docs]    # the tables again from the recorded JSON
 
 For each data set and model, `mlip train` for the same wall-clock budget (no compilation
 cache: every model compiles cold), then on the held-out test frames the energy and force
@@ -12,12 +14,18 @@ Data sets (shipped, GFN2-xTB):
   ethanol     data/ethanol_gfn2_500K.extxyz: train 0:400, valid 400:500, test 600: (quickstart's loss)
   long_range  data/ion_pairs_gfn2.extxyz: train 0:400, valid 400:480, test 480: (charges −1/0/+1;
               configs/long_range_les.yaml's loss)
-Models (the MACE models train with the data set's config's optimizer, the transformer with its own):
+Models (the MACE models train with the data set's config's optimizer, the others with their own):
   mace        configs/all_to_all.yaml without the all-to-all block (MACE + charge/spin embedding)
   transformer configs/transformer.yaml
   mace+all_to_all configs/all_to_all.yaml
+  transip     configs/transip.yaml (with its rotation augmentation)
 
-Results go to docs/benchmark_backbones.json and, with --docs, into docs/benchmarks.md.
+``cost``: energy and forces of one water cluster of N atoms (non-periodic, 3.1 Å grid),
+float32, compiled, fastest of 3 calls, with the shipped configs' models at random weights:
+MACE, MACE + the all-to-all block (O(N²)), the transformer; shows where the quadratic
+block stops paying against the local backbone.
+
+Results go to docs/benchmark_backbones*.json and, with --docs, into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -45,13 +54,15 @@ def _load(name: str) -> dict:
 
 
 def models() -> dict:
-    """name -> (model section, optimizer or None for the data set's) from the shipped configs."""
-    all_to_all, transformer = _load("all_to_all.yaml"), _load("transformer.yaml")
+    """name -> (model section, training settings over the data set's) from the shipped configs."""
+    all_to_all, transformer, transip = _load("all_to_all.yaml"), _load("transformer.yaml"), _load("transip.yaml")
     mace = copy.deepcopy(all_to_all["model"])
     del mace["all_to_all"]
-    return {"mace": (mace, None),
-            "transformer": (transformer["model"], transformer["training"]["optimizer"]),
-            "mace+all_to_all": (all_to_all["model"], None)}
+    return {"mace": (mace, {}),
+            "transformer": (transformer["model"], {"optimizer": transformer["training"]["optimizer"]}),
+            "mace+all_to_all": (all_to_all["model"], {}),
+            "transip": (transip["model"], {"optimizer": transip["training"]["optimizer"],
+                                           "rotation_augmentation": True})}
 
 
 def datasets() -> dict:
@@ -66,11 +77,10 @@ def datasets() -> dict:
 
 def train(dataset: str, model: str, budget_s: float, work_dir: str) -> str:
     base, _, _ = datasets()[dataset]
-    model_section, optimizer = models()[model]
+    model_section, training = models()[model]
     config = copy.deepcopy(base)
     config["model"] = copy.deepcopy(model_section)
-    if optimizer is not None:
-        config["training"]["optimizer"] = optimizer
+    config["training"].update(copy.deepcopy(training))
     config["training"].update(max_time=budget_s, max_epochs=100000, progress_bar=False)
     name = f"{dataset}-{model}"
     run_dir = os.path.join(work_dir, name)
@@ -101,6 +111,36 @@ def test_errors(run_dir: str, test_spec: str) -> dict:
         forces.append(np.abs(atoms.get_forces() - reference_forces).mean())
     return {"n_frames": len(energy), "energy_mae_meV_atom": 1e3 * float(np.mean(energy)),
             "forces_mae_meV_A": 1e3 * float(np.mean(forces))}
+
+
+def equivariance(run_dir: str, test_spec: str, rotation_average=None, frames: int = 10, turns: int = 8) -> dict:
+    """How far from invariant a TransIP model stays: over ``turns`` random rotations of each of
+    ``frames`` test frames, the energy spread (std, meV/atom) and the force equivariance error
+    mean|F(g·x) − g·F(x)| / mean|F|."""
+    import ase.io
+
+    from mlip.calculator import MLIPCalculator
+
+    calc = MLIPCalculator.from_run(run_dir, rotation_average=rotation_average)
+    path, index = test_spec.rsplit("@", 1)
+    rng = np.random.default_rng(0)
+    spreads, errors, sizes = [], [], []
+    for atoms in ase.io.read(os.path.join(ROOT, path), index=index)[:frames]:
+        atoms.calc = calc
+        energy, forces = [atoms.get_potential_energy()], atoms.get_forces()
+        for _ in range(turns):
+            q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+            rotation = q * np.sign(np.diag(r))
+            rotation *= np.sign(np.linalg.det(rotation))
+            turned = atoms.copy()
+            turned.positions = atoms.positions @ rotation.T
+            turned.calc = calc
+            energy.append(turned.get_potential_energy())
+            errors.append(np.abs(turned.get_forces() - forces @ rotation.T).mean())
+            sizes.append(np.abs(forces).mean())
+        spreads.append(np.std(energy) / len(atoms))
+    return {"energy_spread_meV_atom": 1e3 * float(np.mean(spreads)),
+            "force_equivariance_error": float(np.mean(errors) / np.mean(sizes))}
 
 
 def parameter_count(run_dir: str) -> int:
@@ -147,6 +187,9 @@ def run(budget_s: float, names: list[str], model_names: list[str], work_dir: str
             row["parameters"] = parameter_count(run_dir)
             row["epochs"] = len(open(os.path.join(run_dir, "metrics.csv")).read().strip().splitlines()) - 1
             row.update(md_speed(run_dir, test_spec))
+            if model == "transip":
+                row["equivariance"] = equivariance(run_dir, test_spec)
+                row["equivariance_rotation_average_24"] = equivariance(run_dir, test_spec, 24)
             results.setdefault(dataset, {})[model] = row
             print(dataset, model, json.dumps(row), flush=True)
     return results
@@ -155,7 +198,9 @@ def run(budget_s: float, names: list[str], model_names: list[str], work_dir: str
 def table(results: dict, budget_s: float, cores: int) -> str:
     lines = [f"Same wall-clock budget ({budget_s:g} s of training each, {cores} CPU core(s), float32, cold "
              "compile); test errors from the calculator; MD: NVE at 0.5 fs on one test structure.", ""]
+    order = list(models())
     for dataset, rows in results.items():
+        rows = dict(sorted(rows.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
         reference = rows.get("mace")
         header = "| model | parameters | epochs | E MAE (meV/atom) | F MAE (meV/Å) | F MAE / MACE |"
         if dataset == "long_range":
@@ -171,10 +216,113 @@ def table(results: dict, budget_s: float, cores: int) -> str:
             cells.append(f"{row['md_steps_per_s']:.0f} ({row['md_atoms']})")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        for model, row in rows.items():
+            if "equivariance" in row:
+                plain, averaged = row["equivariance"], row["equivariance_rotation_average_24"]
+                lines += [f"{model} on {dataset}, not equivariant by construction: over 8 random rotations of 10 "
+                          f"test frames the energy spreads by {plain['energy_spread_meV_atom']:.2f} meV/atom (std) "
+                          f"and the force equivariance error mean|F(gx) − gF(x)| / mean|F| is "
+                          f"{plain['force_equivariance_error']:.3f}; averaged over 24 fixed rotations at inference "
+                          f"{averaged['energy_spread_meV_atom']:.2f} meV/atom and "
+                          f"{averaged['force_equivariance_error']:.3f}.", ""]
+    return "\n".join(lines)
+
+
+def water_cluster(n_atoms: int):
+    from ase.build import molecule
+
+    side = math.ceil((n_atoms / 3) ** (1 / 3))
+    water = molecule("H2O")
+    cluster = water.copy()
+    cluster = cluster[:0]
+    for index in np.ndindex(side, side, side):
+        if len(cluster) >= n_atoms:
+            break
+        placed = water.copy()
+        placed.positions += 3.1 * np.asarray(index)
+        cluster += placed
+    cluster.rattle(0.05, seed=0)
+    return cluster
+
+
+def cost(sizes: list[int]) -> list[dict]:
+    import jax
+
+    from mlip.data.batching import build_samples, pack_samples
+    from mlip.data.reader import Frame
+    from mlip.data.statistics import DatasetStatistics
+    from mlip.model_config import ModelConfig
+    from mlip.potential import Potential
+    from mlip.training.checkpoint import dummy_graph
+
+    statistics = DatasetStatistics(atomic_numbers=(1, 8), e0={1: 0.0, 8: 0.0}, shift=0.0, scale=1.0,
+                                   avg_num_neighbors=10.0)
+    rows = []
+    for n in sizes:
+        atoms = water_cluster(n)
+        frame = Frame(positions=atoms.positions, numbers=atoms.numbers, cell=np.zeros((3, 3)), pbc=np.zeros(3, bool))
+        row = {"n_atoms": len(atoms)}
+        for name, (model, _) in models().items():
+            if name == "transip":
+                continue
+            model = {**model, "dtype": "float32"}
+            if "all_to_all" in model:
+                model["all_to_all"] = {**model["all_to_all"], "max_atoms": 10**9}  # time the O(N²) form itself
+            potential = Potential(ModelConfig.model_validate(model), statistics)
+            params = potential.init(jax.random.PRNGKey(0), dummy_graph(statistics.atomic_numbers))
+            graph = pack_samples(build_samples([frame], potential.cutoff), None, None, np.float32)
+            call = jax.jit(lambda p, g: potential.apply(p, g, True, False)["forces"])
+            jax.block_until_ready(call(params, graph))
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                jax.block_until_ready(call(params, graph))
+                times.append(time.perf_counter() - start)
+            row[f"{name}_s"] = min(times)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def cost_table(rows: list[dict], cores: int) -> str:
+    lines = [f"Energy and forces of one water cluster (non-periodic), float32, {cores} CPU core(s), fastest of 3 "
+             "compiled calls; ms (µs/atom).", "",
+             "| atoms | MACE | transformer | MACE + all-to-all | all-to-all block alone |", "|---|---|---|---|---|"]
+    for row in rows:
+        n = row["n_atoms"]
+        cell = lambda seconds: f"{seconds * 1e3:.1f} ({seconds / n * 1e6:.0f})"  # noqa: E731
+        block = row["mace+all_to_all_s"] - row["mace_s"]
+        lines.append(f"| {n} | {cell(row['mace_s'])} | {cell(row['transformer_s'])} | "
+                     f"{cell(row['mace+all_to_all_s'])} | {cell(block)} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "table":
+        recorded = json.load(open(os.path.join(DOCS, "benchmark_backbones.json")))
+        text = table(recorded["results"], recorded["budget_s"], recorded["machine"]["cores"])
+        print(text)
+        if "--docs" in argv:
+            replace_marked_section(os.path.join(DOCS, "benchmarks.md"), "<!-- backbones -->", "<!-- /backbones -->",
+                                   text, "Backbones: MACE, equivariant transformer, all-to-all attention")
+        return 0
+    if argv and argv[0] == "cost":
+        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--sizes", type=int, nargs="+", default=[96, 384, 1536, 3072, 6144])
+        parser.add_argument("--docs", action="store_true")
+        args = parser.parse_args(argv[1:])
+        rows = cost(args.sizes)
+        cores = len(os.sched_getaffinity(0))
+        with open(os.path.join(DOCS, "benchmark_backbones_cost.json"), "w") as stream:
+            json.dump({"machine": {"cpu": cpu_model(), "cores": cores}, "rows": rows}, stream, indent=1)
+        text = cost_table(rows, cores)
+        print(text)
+        if args.docs:
+            replace_marked_section(os.path.join(DOCS, "benchmarks.md"), "<!-- backbones-cost -->",
+                                   "<!-- /backbones-cost -->", text, "Attention: cost by system size")
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=300.0)
     parser.add_argument("--datasets", nargs="+", default=["ethanol", "long_range"], choices=["ethanol", "long_range"])

@@ -160,6 +160,27 @@ def test_transip_is_translation_and_permutation_invariant_conservative_and_measu
     assert spreads[0] > 1e-3 and spreads[1] < 0.5 * spreads[0]
 
 
+def test_transip_equivariance_objective_vanishes_for_the_identity_and_trains_the_map():
+    import jax.numpy as jnp
+
+    potential, params = _transip(equivariance_objective=0.5)
+    graph = jax.tree.map(jnp.asarray, pack_samples(build_samples([_frame(_ethanol())], potential.cutoff), None,
+                                                   None, np.float64))
+    identity = jnp.broadcast_to(jnp.eye(3), (graph.n_graph, 3, 3))
+    # T(z, I) = z once the map's output layer is zero: the objective is exactly zero.
+    zero_map = {**params, "embedding_map": {**params["embedding_map"], "out": jax.tree.map(
+        jnp.zeros_like, params["embedding_map"]["out"])}}
+    loss_and_grad = jax.jit(jax.value_and_grad(potential.equivariance_loss))
+    assert float(loss_and_grad(zero_map, graph, identity)[0]) == 0.0
+    from mlip.graph import random_rotations
+
+    turns = random_rotations(jax.random.PRNGKey(0), graph.n_graph, jnp.float64)
+    loss, grads = loss_and_grad(params, graph, turns)
+    assert float(loss) > 0
+    for part in ("embedding_map", "backbone"):
+        assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[part])) > 0, part
+
+
 def test_transip_refuses_periodic_frames_with_the_frame_named():
     from ase.build import bulk
 
@@ -206,9 +227,10 @@ TRAINED_ATTENTION_MODELS = {
                      "all_to_all": TINY_ALL_TO_ALL, "long_range": {"name": "les", "charge_mlp": [4]},
                      "head": {"name": "shallow_ensemble", "members": 2}},
                     {"method": "shallow_ensemble"}, {}),
-    # TransIP with rotation augmentation and a mean-variance head, averaged over turns at inference.
+    # TransIP with rotation augmentation, the equivariance objective and a mean-variance head,
+    # averaged over turns at inference.
     "transip": ({"backbone": {"name": "transip", "num_channels": 8, "num_heads": 2, "head_dim": 4,
-                              "num_layers": 1, "num_frequencies": 4},
+                              "num_layers": 1, "num_frequencies": 4, "equivariance_objective": 0.1},
                  "head": {"name": "mve"}},
                 {"method": "mve"}, {"rotation_augmentation": True}),
 }

@@ -241,6 +241,7 @@ class Trainer:
         member_derivatives = getattr(uq, "member_forces_in_training", False)
 
         augment = self.config.training.rotation_augmentation
+        equivariance_weight = float(getattr(self.config.model.backbone, "equivariance_objective", 0.0))
 
         def step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights):
             if augment:  # its own stream: the samplers' noise keys are unchanged
@@ -253,7 +254,12 @@ class Trainer:
                 terms = loss_terms(outputs, graph, loss_config)
                 if gaussian_nll:
                     terms.update(gaussian_nll_terms(outputs, graph, uq.beta))
-                return total_loss(terms, loss_weights), terms
+                loss = total_loss(terms, loss_weights)
+                if equivariance_weight:
+                    rotations = random_rotations(jax.random.fold_in(key, 0xE0), graph.n_graph, graph.positions.dtype)
+                    terms["equivariance"] = potential.equivariance_loss(p, graph, rotations)
+                    loss = loss + equivariance_weight * terms["equivariance"]
+                return loss, terms
 
             # IVON takes the gradient at a weight draw m + ε; other methods at the parameters.
             def gradient_at_draw(draw_key):
