@@ -8,6 +8,7 @@ with status 2; they never show a JAX stack trace.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -87,7 +88,11 @@ def command_evaluate(args) -> int:
 
     potential, params = load_potential(args.run_dir, args.which, args.rotation_average)
     config = load_config(os.path.join(args.run_dir, "config.yaml"))
-    frames = read_frames(args.data, label_keys(config))
+    keys = label_keys(config)
+    # The evaluated file may name its labels differently from the training data.
+    keys = dataclasses.replace(keys, **{name: getattr(args, f"{name}_key") for name in ("energy", "forces", "stress")
+                                        if getattr(args, f"{name}_key") is not None})
+    frames = read_frames(args.data, keys)
     check_elements(frames, potential.statistics.atomic_numbers, "evaluated")
     samples = build_samples(frames, potential.cutoff, potential.k_cutoff, potential.molecules_only)
     predictor = Predictor(potential, compute_stress=any(s.frame.is_periodic for s in samples))
@@ -217,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot", help="parity plot PNG (default: beside --json); with uncertainty also "
                           "a calibration plot PLOT_calibration.png")
     evaluate.add_argument("--which", choices=["best", "last"], default="best")
+    for name in ("energy", "forces", "stress"):
+        evaluate.add_argument(f"--{name}-key", default=None, metavar="KEY",
+                              help=f"label key of the {name} in DATA (default: the training run's data.{name}_key)")
     evaluate.add_argument("--rotation-average", type=int, default=None, metavar="K",
                         help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
     evaluate.add_argument("--batch-size", type=int, default=32)

@@ -208,3 +208,70 @@ def test_statistics_normalise_large_absolute_energies(emt_file):
     forces = np.concatenate([f.forces for f in frames])
     assert stats.scale == pytest.approx(np.sqrt(np.mean(forces**2)))
     assert 10 < stats.avg_num_neighbors < 80
+
+
+def test_md17_and_md22_npz_are_read_in_ev(tmp_path):
+    kcal = 0.0433641043
+    rng = np.random.default_rng(0)
+    coords = rng.normal(size=(5, 3, 3))
+    energies = np.array([-1000.0, -1000.5, -1001.0, -999.0, -1000.2])  # kcal/mol
+    forces = rng.normal(size=(5, 3, 3))
+    np.savez(tmp_path / "rmd17_water.npz", nuclear_charges=np.array([8, 1, 1]), coords=coords, energies=energies,
+             forces=forces)
+    np.savez(tmp_path / "md22_water.npz", z=np.array([8, 1, 1]), R=coords, E=energies[:, None], F=forces,
+             e_unit=np.array("kcal/mol"), r_unit=np.array("Ang"))
+    for name in ("rmd17_water.npz", "md22_water.npz"):
+        frames = read_frames(f"{tmp_path / name}@1:4")
+        assert [f.source for f in frames] == [f"{tmp_path / name}@{i}" for i in (1, 2, 3)]
+        assert frames[0].energy == pytest.approx(-1000.5 * kcal)
+        np.testing.assert_allclose(frames[2].forces, forces[3] * kcal)
+        np.testing.assert_allclose(frames[1].positions, coords[2])
+        assert list(frames[0].numbers) == [8, 1, 1] and not frames[0].is_periodic
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(DataError, match="rMD17 keys"):
+        read_frames(str(tmp_path / "other.npz"))
+
+
+def test_isolated_atoms_give_reference_energies_from_the_training_file_or_their_own(tmp_path, capsys):
+    from mlip.training.config import config_from_dict
+    from mlip.training.trainer import describe_data, load_split, resolve_e0s
+
+    frames = []
+    for symbol, energy in (("H", -13.6), ("O", -2040.0)):
+        atom = Atoms(symbol)
+        atom.info.update(REF_energy=energy, config_type="IsolatedAtom")
+        atom.arrays["REF_forces"] = np.zeros((1, 3))
+        frames.append(atom)
+    for k in range(6):
+        water = molecule("H2O")
+        water.rattle(0.05, seed=k)
+        water.info["REF_energy"] = -2068.0 - 0.1 * k
+        water.arrays["REF_forces"] = np.zeros((3, 3))
+        frames.append(water)
+    path = _write(tmp_path / "train.extxyz", frames)
+    config = config_from_dict({"data": {"train": path}, "run_dir": str(tmp_path / "run")}, "test")
+    train, valid, isolated = load_split(config)
+    assert len(isolated) == 2 and len(train) + len(valid) == 6
+    assert all(f.n_atoms == 3 for f in train + valid)
+    e0, source = resolve_e0s(config, isolated)
+    assert e0 == {1: -13.6, 8: -2040.0} and "isolated-atom frames" in source
+    statistics = compute_statistics(build_samples(train, 3.0), e0)
+    text = describe_data(train, valid, statistics, source)
+    assert "elements H 10, O 5" in text and "E0 (isolated-atom frames" in text and "O -2040" in text
+
+    # A separate file of isolated atoms (extxyz), and its mistakes.
+    _write(tmp_path / "atoms.extxyz", frames[:2])
+    assert load_e0_file(str(tmp_path / "atoms.extxyz")) == {1: -13.6, 8: -2040.0}
+    _write(tmp_path / "bad.extxyz", frames[:3])
+    with pytest.raises(DataError, match=r"bad.extxyz@2: an isolated-atom frame .* must hold one atom"):
+        load_e0_file(str(tmp_path / "bad.extxyz"))
+
+
+def test_plain_ase_labels_are_used_when_the_configured_key_is_absent(tmp_path, capsys):
+    atoms = molecule("H2O")
+    atoms.calc = SinglePointCalculator(atoms, energy=-2070.0, forces=np.full((3, 3), 0.5))
+    path = _write(tmp_path / "plain.extxyz", [atoms, atoms])
+    frames = read_frames(path)  # default keys REF_energy, REF_forces
+    assert frames[1].energy == -2070.0 and np.all(frames[1].forces == 0.5)
+    err = capsys.readouterr().err
+    assert err.count("using ASE's plain 'energy'") == 1 and err.count("plain 'forces'") == 1

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from mlip.cli import main
 
@@ -55,6 +56,31 @@ def test_evaluate_cli_writes_json(trained_run, emt_file, tmp_path, capsys):
     assert metrics["forces_mae"] == pytest.approx(summary["test"]["forces_mae"], rel=1e-6)
     assert os.path.exists(tmp_path / "metrics_parity.png")
     assert "forces MAE" in capsys.readouterr().out
+
+    # The same frames with labels under other names: --energy-key & co., or ASE's plain names.
+    frames = ase.io.read(emt_file, "12:")
+    renamed, plain = [], []
+    for atoms in frames:
+        labels = dict(energy=atoms.info.pop("REF_energy"), forces=atoms.arrays.pop("REF_forces"),
+                      stress=atoms.info.pop("REF_stress"))
+        copy = atoms.copy()
+        copy.info.update(dft_energy=labels["energy"], dft_stress=labels["stress"])
+        copy.arrays["dft_forces"] = labels["forces"]
+        renamed.append(copy)
+        copy = atoms.copy()
+        copy.calc = SinglePointCalculator(copy, **labels)
+        plain.append(copy)
+    for name, images, flags in (("renamed", renamed, ["--energy-key", "dft_energy", "--forces-key", "dft_forces",
+                                                      "--stress-key", "dft_stress"]),
+                                ("plain", plain, [])):
+        path = tmp_path / f"{name}.extxyz"
+        ase.io.write(path, images)
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", trained_run, str(path), "--json", str(out), *flags]) == 0
+        other = json.loads(out.read_text())
+        assert other["forces_mae"] == pytest.approx(metrics["forces_mae"], rel=1e-9)
+        assert other["stress_mae"] == pytest.approx(metrics["stress_mae"], rel=1e-9)
+    assert "using ASE's plain 'energy'" in capsys.readouterr().err
 
 
 def test_calculator_matches_evaluation_and_compiles_once_per_bucket(trained_run, emt_file):

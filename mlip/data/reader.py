@@ -6,13 +6,20 @@ A data source is written ``path@index``, where ``index`` is an ASE index string:
 ``atoms.info`` / ``atoms.arrays`` and then in the results of an attached
 calculator (ASE's extxyz reader puts ``energy``/``forces``/``stress`` there), so
 ``energy``, ``REF_energy`` and ``dft_forces`` all work without editing the file.
-Every problem is reported with the file, the frame and the key.
+Where the configured key is absent from a frame, ASE's plain ``energy``/``forces``/
+``stress`` are used instead, with a one-line notice per file. Every problem is reported
+with the file, the frame and the key.
+
+Besides every format ASE reads, ``.npz`` files of the revised MD17 (``nuclear_charges``,
+``coords``, ``energies``, ``forces``) and MD22/sGDML (``z``, ``R``, ``E``, ``F``) layouts
+are read, converted from kcal/mol and kcal/mol/Å (or the file's ``e_unit``) to eV and eV/Å.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -50,6 +57,7 @@ class Frame:
         spin: spin multiplicity.
         fidelity: index of the level of theory.
         magmoms: [n] magnitudes of per-atom magnetic moments, μ_B, or None.
+        config_type: ``atoms.info["config_type"]`` (e.g. MACE's ``IsolatedAtom``), or None.
         source: ``file@frame`` for error messages.
     """
 
@@ -64,6 +72,7 @@ class Frame:
     spin: float = 1.0
     fidelity: int = 0
     magmoms: Optional[np.ndarray] = None
+    config_type: Optional[str] = None
     source: str = ""
 
     @property
@@ -93,6 +102,8 @@ def read_atoms(spec: str) -> list:
     path, index = split_data_spec(spec)
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found (from data source '{spec}')")
+    if path.endswith(".npz"):
+        return read_npz(path, index)
     try:
         images = ase.io.read(path, index=index)
     except (ValueError, IndexError, KeyError) as error:
@@ -103,6 +114,60 @@ def read_atoms(spec: str) -> list:
         images = [images]
     if len(images) == 0:
         raise DataError(f"{spec}: the selection '{index}' contains no frames")
+    return images
+
+
+# Energy units of sGDML-style files (``e_unit``) in eV; rMD17 and MD22 are kcal/mol.
+_ENERGY_UNITS = {"kcal/mol": 0.0433641043, "kj/mol": 0.0103642688, "ev": 1.0, "hartree": 27.211386246,
+                 "ha": 27.211386246}
+_NPZ_LAYOUTS = (("nuclear_charges", "coords", "energies", "forces"),  # revised MD17
+                ("z", "R", "E", "F"))  # MD22, sGDML
+
+
+def read_npz(path: str, index: str = ":") -> list:
+    """Frames of an rMD17 or MD22/sGDML ``.npz`` as ASE ``Atoms`` with energy and forces in eV.
+
+    The labels become ASE's plain ``energy`` and ``forces`` (calculator results), so the
+    default label keys find them (with a notice). Lengths are Å in both layouts.
+    """
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io.formats import string2index
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise DataError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from error
+    layout = next((names for names in _NPZ_LAYOUTS if all(name in data for name in names[:2])), None)
+    if layout is None:
+        raise DataError(f"{path}: an .npz needs rMD17 keys (nuclear_charges, coords, energies, forces) or "
+                        f"MD22/sGDML keys (z, R, E, F); found {sorted(data.files)}")
+    numbers_key, positions_key, energy_key, forces_key = layout
+    unit = str(data["e_unit"]) if "e_unit" in data else "kcal/mol"
+    if unit.strip().lower() not in _ENERGY_UNITS:
+        raise DataError(f"{path}: energy unit e_unit='{unit}' is not one of {sorted(_ENERGY_UNITS)}")
+    to_ev = _ENERGY_UNITS[unit.strip().lower()]
+    numbers = np.asarray(data[numbers_key]).reshape(-1).astype(int)
+    positions = np.asarray(data[positions_key], dtype=np.float64)
+    if positions.ndim != 3 or positions.shape[1:] != (len(numbers), 3):
+        raise DataError(f"{path}: '{positions_key}' has shape {positions.shape}, expected "
+                        f"(frames, {len(numbers)}, 3)")
+    energies = np.asarray(data[energy_key], dtype=np.float64).reshape(-1) * to_ev if energy_key in data else None
+    forces = np.asarray(data[forces_key], dtype=np.float64) * to_ev if forces_key in data else None
+    selection = string2index(index)
+    frames = range(len(positions))[selection] if isinstance(selection, slice) else [range(len(positions))[selection]]
+    images = []
+    for frame in frames:
+        atoms = Atoms(numbers=numbers, positions=positions[frame])
+        results = {}
+        if energies is not None:
+            results["energy"] = float(energies[frame])
+        if forces is not None:
+            results["forces"] = forces[frame]
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        images.append(atoms)
+    if not images:
+        raise DataError(f"{path}@{index}: the selection contains no frames")
     return images
 
 
@@ -121,6 +186,21 @@ def _lookup(atoms, key: str, per_atom: bool):
     if key in store:
         return store[key]
     return _calc_results(atoms).get(key)
+
+
+_NOTICED: set = set()  # (file, configured key) pairs already announced
+
+
+def _lookup_or_plain(atoms, key: str, plain: str, per_atom: bool, source: str):
+    """``key``'s label, or else ASE's plain ``plain`` one, announced once per file."""
+    value = _lookup(atoms, key, per_atom)
+    if value is None and key != plain:
+        value = _lookup(atoms, plain, per_atom)
+        path = source.rsplit("@", 1)[0]
+        if value is not None and (path, key) not in _NOTICED:
+            _NOTICED.add((path, key))
+            print(f"notice: {path}: no '{key}' label; using ASE's plain '{plain}' instead", file=sys.stderr)
+    return value
 
 
 def _available_keys(atoms) -> str:
@@ -161,7 +241,7 @@ def atoms_to_frame(atoms, keys: LabelKeys, source: str, require_energy: bool = T
     frame = Frame(positions=positions, numbers=numbers, cell=cell, pbc=pbc, source=source)
 
     if keys.energy is not None:
-        value = _lookup(atoms, keys.energy, per_atom=False)
+        value = _lookup_or_plain(atoms, keys.energy, "energy", False, source)
         if value is None:
             if require_energy:
                 raise DataError(f"{source}: no energy under key '{keys.energy}'; keys present: "
@@ -172,7 +252,7 @@ def atoms_to_frame(atoms, keys: LabelKeys, source: str, require_energy: bool = T
                 raise DataError(f"{source}: energy '{keys.energy}' is {energy}")
             frame.energy = energy
     if keys.forces is not None:
-        value = _lookup(atoms, keys.forces, per_atom=True)
+        value = _lookup_or_plain(atoms, keys.forces, "forces", True, source)
         if value is None:
             if require_forces:
                 raise DataError(f"{source}: no forces under key '{keys.forces}'; keys present: "
@@ -187,12 +267,14 @@ def atoms_to_frame(atoms, keys: LabelKeys, source: str, require_energy: bool = T
                 raise DataError(f"{source}: forces '{keys.forces}' are not finite on atom {atom}")
             frame.forces = forces
     if keys.stress is not None and pbc.all():
-        value = _lookup(atoms, keys.stress, per_atom=False)
+        value = _lookup_or_plain(atoms, keys.stress, "stress", False, source)
         if value is not None:
             stress = _as_stress_matrix(value, f"{source}: '{keys.stress}'")
             if not np.all(np.isfinite(stress)):
                 raise DataError(f"{source}: stress '{keys.stress}' is not finite")
             frame.stress = stress
+    if "config_type" in atoms.info:
+        frame.config_type = str(atoms.info["config_type"])
     if keys.charge is not None and keys.charge in atoms.info:
         frame.charge = float(atoms.info[keys.charge])
     if keys.spin is not None and keys.spin in atoms.info:

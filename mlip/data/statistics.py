@@ -57,12 +57,39 @@ class DatasetStatistics:
                    avg_num_neighbors=float(data["avg_num_neighbors"]))
 
 
-def load_e0_file(path: str) -> dict[int, float]:
-    """Read isolated-atom energies: JSON ``{"1": -13.6, "H": ..., ...}`` (number or symbol keys)."""
+def isolated_atom_energies(frames: Sequence, where: str) -> dict[int, float]:
+    """E0(Z) from labelled frames of one atom each (MACE's ``config_type=IsolatedAtom`` frames, or a
+    file of isolated atoms); a frame of more atoms, or two different energies of one element, is an error."""
+    from ase.data import chemical_symbols
+
+    e0: dict[int, float] = {}
+    for frame in frames:
+        if frame.n_atoms != 1:
+            raise DataError(f"{frame.source}: an isolated-atom frame ({where}) must hold one atom, it has "
+                            f"{frame.n_atoms}")
+        if frame.energy is None:
+            raise DataError(f"{frame.source}: isolated-atom frame ({where}) has no energy")
+        z = int(frame.numbers[0])
+        if z in e0 and abs(e0[z] - frame.energy) > 1e-6:
+            raise DataError(f"{frame.source}: a second isolated {chemical_symbols[z]} atom with energy "
+                            f"{frame.energy} eV (first: {e0[z]} eV)")
+        e0[z] = float(frame.energy)
+    return e0
+
+
+def load_e0_file(path: str, keys=None) -> dict[int, float]:
+    """Read isolated-atom energies: JSON ``{"1": -13.6, "H": ..., ...}`` (number or symbol keys), or
+    any structure file ASE reads (e.g. extxyz) holding one isolated atom per frame, its energy under
+    ``keys.energy`` (a `LabelKeys`; default ``REF_energy``, else ASE's plain ``energy``)."""
     from ase.data import atomic_numbers as symbol_to_number
 
     if not os.path.exists(path):
         raise DataError(f"{path}: reference-energy file not found")
+    if not path.endswith(".json"):
+        from mlip.data.reader import LabelKeys, read_frames
+
+        keys = dataclasses.replace(keys or LabelKeys(), forces=None, stress=None, magmoms=None)
+        return isolated_atom_energies(read_frames(path, keys, require_forces=False), f"data.e0s {path}")
     try:
         with open(path) as handle:
             raw = json.load(handle)

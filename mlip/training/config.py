@@ -42,8 +42,9 @@ class DataConfig(StrictModel):
         None, description="atoms.arrays key of per-atom magnetic moments (μ_B; |m| of 3-vectors), the target "
                           "of model.magmoms; frames without it are masked")
     e0s: Union[Literal["fit"], str, dict[str, float]] = Field(
-        "fit", description="'fit' (least squares), a JSON file of isolated-atom energies, "
-                           "or a mapping element -> eV")
+        "fit", description="'fit' (least squares; or the energies of config_type=IsolatedAtom frames where the "
+                           "data hold them, MACE's convention), a JSON file of isolated-atom energies, a structure "
+                           "file (e.g. extxyz) of one isolated atom per frame, or a mapping element -> eV")
     scaling: Literal["rms_forces", "std_energy"] = "rms_forces"
     edge_layout: Literal["auto", "dense", "list"] = Field(
         "auto", description="edges of a batch as K slots per atom ('dense', a matrix product per "

@@ -36,8 +36,9 @@ import csv
 import io
 import math
 import os
+import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ import optax
 
 from mlip.data.batching import BatchIterator, build_samples
 from mlip.data.reader import LabelKeys, read_frames
-from mlip.data.statistics import DatasetStatistics, compute_statistics, load_e0_file
+from mlip.data.statistics import DatasetStatistics, compute_statistics, isolated_atom_energies, load_e0_file
 from mlip.errors import CheckpointError, ConfigError, DataError
 from mlip.graph import random_rotations, rotate_graph
 from mlip.potential import Potential
@@ -72,12 +73,22 @@ def label_keys(config: RunConfig) -> LabelKeys:
                      magmoms=data.magmoms_key)
 
 
+def is_isolated_atom(frame) -> bool:
+    """MACE's convention: frames with ``config_type=IsolatedAtom`` give reference energies."""
+    return (frame.config_type or "").replace("_", "").lower() == "isolatedatom"
+
+
 def load_split(config: RunConfig):
-    """Train and validation frames; validation split off train when not given."""
+    """Train and validation frames (validation split off train when not given), and the
+    isolated-atom frames found among them, taken out of both."""
     keys = label_keys(config)
     train = read_frames(config.data.train, keys)
+    isolated = [frame for frame in train if is_isolated_atom(frame)]
+    train = [frame for frame in train if not is_isolated_atom(frame)]
     if config.data.valid:
         valid = read_frames(config.data.valid, keys)
+        isolated += [frame for frame in valid if is_isolated_atom(frame)]
+        valid = [frame for frame in valid if not is_isolated_atom(frame)]
     else:
         if len(train) < 2:
             raise DataError(f"{config.data.train}: need at least 2 frames to split off a validation set "
@@ -86,7 +97,9 @@ def load_split(config: RunConfig):
         n_valid = max(1, int(round(config.data.valid_fraction * len(train))))
         valid = [train[i] for i in order[:n_valid]]
         train = [train[i] for i in sorted(order[n_valid:])]
-    return train, valid
+    if not train:
+        raise DataError(f"{config.data.train}: no training frames besides the isolated atoms")
+    return train, valid, isolated
 
 
 def check_elements(frames, known: tuple, split: str) -> None:
@@ -101,8 +114,17 @@ def check_elements(frames, known: tuple, split: str) -> None:
                             f"not in the training set {[chemical_symbols[z] for z in known]} ({split} split)")
 
 
-def resolve_e0s(config: RunConfig) -> Optional[dict]:
+def resolve_e0s(config: RunConfig, isolated: Sequence = ()) -> tuple[Optional[dict], str]:
+    """The reference energies (None: fit them) and where they come from, in words.
+
+    ``data.e0s: fit`` (the default) with isolated-atom frames in the data (MACE's
+    ``config_type=IsolatedAtom``) takes their energies; a JSON or structure file, or a
+    mapping, wins over such frames.
+    """
     e0s = config.data.e0s
+    if isolated and e0s != "fit":
+        print(f"notice: {len(isolated)} isolated-atom frame(s) (config_type=IsolatedAtom) left out of training; "
+              f"the reference energies come from data.e0s", file=sys.stderr)
     if isinstance(e0s, dict):
         from ase.data import atomic_numbers
 
@@ -112,10 +134,48 @@ def resolve_e0s(config: RunConfig) -> Optional[dict]:
             if z is None:
                 raise ConfigError(f"data.e0s: '{key}' is neither an atomic number nor an element symbol")
             resolved[z] = float(value)
-        return resolved
+        return resolved, "data.e0s mapping"
     if e0s == "fit":
-        return None
-    return load_e0_file(e0s)
+        if isolated:
+            where = sorted({frame.source.rsplit("@", 1)[0] for frame in isolated})
+            return (isolated_atom_energies(isolated, "config_type=IsolatedAtom"),
+                    f"isolated-atom frames in {', '.join(where)}")
+        return None, "least-squares fit to the training energies"
+    return load_e0_file(e0s, label_keys(config)), e0s
+
+
+def describe_data(train: Sequence, valid: Sequence, statistics: DatasetStatistics, e0_source: str) -> str:
+    """What training is about to see, so a wrong unit or key shows before an hour is spent."""
+    from collections import Counter
+
+    from ase.data import chemical_symbols
+
+    def counts(values):
+        return ", ".join(f"{key:g}: {count}" for key, count in sorted(Counter(values).items()))
+
+    elements = Counter(int(z) for frame in train for z in frame.numbers)
+    lines = [f"data: {len(train)} training frames ({sum(f.n_atoms for f in train)} atoms), {len(valid)} validation "
+             f"frames; elements " + ", ".join(f"{chemical_symbols[z]} {n}" for z, n in sorted(elements.items()))]
+    labelled = [f for f in train if f.energy is not None]
+    if labelled:
+        per_frame = np.array([f.energy for f in labelled])
+        e0 = statistics.e0_per_species()
+        above = np.array([(f.energy - e0[f.numbers].sum()) / f.n_atoms for f in labelled])
+        lines.append(f"  energy   {per_frame.min():.6g} … {per_frame.max():.6g} eV per frame; above the references "
+                     f"{above.min():.4g} … {above.max():.4g} eV/atom (shift {statistics.shift:.4g})")
+    forces = [f.forces for f in train if f.forces is not None]
+    if forces:
+        stacked = np.concatenate(forces)
+        lines.append(f"  forces   on {len(forces)} frames; |F| up to {np.linalg.norm(stacked, axis=1).max():.4g} eV/Å, "
+                     f"RMS component {np.sqrt(np.mean(stacked ** 2)):.4g} eV/Å (scale {statistics.scale:.4g})")
+    periodic = sum(f.is_periodic for f in train)
+    stressed = sum(f.stress is not None for f in train)
+    lines.append(f"  cells    {periodic} periodic, {len(train) - periodic} non-periodic; stress on {stressed} frames")
+    lines.append(f"  charge   {counts(f.charge for f in train)}; spin multiplicity {counts(f.spin for f in train)}; "
+                 f"fidelity {counts(f.fidelity for f in train)}")
+    lines.append(f"  E0 ({e0_source}): " + ", ".join(f"{chemical_symbols[z]} {statistics.e0[z]:.6g}"
+                                                     for z in statistics.atomic_numbers) + " eV")
+    return "\n".join(lines)
 
 
 def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
@@ -158,13 +218,14 @@ class Trainer:
         self.config = config
         self.run_dir = config.run_dir
         self.dtype = np.float64 if config.model.dtype == "float64" else np.float32
-        train_frames, valid_frames = load_split(config)
+        train_frames, valid_frames, isolated = load_split(config)
         cutoff, k_cutoff = config.model.backbone.r_max, config.model.k_cutoff
         molecules_only = config.model.molecules_only
         self.train_samples = build_samples(train_frames, cutoff, k_cutoff, molecules_only)
         self.valid_samples = build_samples(valid_frames, cutoff, k_cutoff, molecules_only)
-        self.statistics: DatasetStatistics = compute_statistics(
-            self.train_samples, resolve_e0s(config), config.data.scaling)
+        e0, e0_source = resolve_e0s(config, isolated)
+        self.statistics: DatasetStatistics = compute_statistics(self.train_samples, e0, config.data.scaling)
+        print(describe_data(train_frames, valid_frames, self.statistics, e0_source), file=sys.stderr, flush=True)
         check_elements(valid_frames, self.statistics.atomic_numbers, "validation")
         self.potential = Potential(config.model, self.statistics)
         # Ensemble members share the statistics (data, not parameters) and the batches.
@@ -545,8 +606,6 @@ def _progress_bar(enabled: bool, total: int, initial: int):
 
 def _log_epoch(run_dir: str, row: dict, progress_bar) -> None:
     """Append one line per epoch to train.log; echo it to stderr when no progress bar shows."""
-    import sys
-
     def fmt(value, scale=1000.0, digits=1):
         return "-" if value in ("", None) else f"{scale * float(value):.{digits}f}"
 
