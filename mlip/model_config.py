@@ -151,6 +151,14 @@ class AllToAllConfig(StrictModel):
                           "neighbours only (O(N²) cost; a warning says so)")
 
 
+class ZBLConfig(StrictModel):
+    """ZBL universal nuclear repulsion between atoms closer than their covalent radii' sum, added to the
+    model's energy (no parameters; the model learns the remainder)."""
+
+    name: Literal["zbl"] = "zbl"
+    envelope_p: int = Field(6, ge=2, le=12, description="order of the polynomial envelope that takes it to zero")
+
+
 BackboneConfig = Union[MACEConfig, TransformerConfig, TransIPConfig]
 HeadConfig = Union[EnergyHeadConfig, MeanVarianceHeadConfig, ShallowEnsembleHeadConfig]
 LongRangeConfig = Union[LatentEwaldConfig]
@@ -163,6 +171,8 @@ class ModelConfig(StrictModel):
         None, discriminator="name", description="a long-range energy term (les), or null for a local model")
     all_to_all: Optional[AllToAllConfig] = Field(
         None, description="all-to-all node attention stacked after the backbone's local layers, or null")
+    repulsion: Optional[ZBLConfig] = Field(
+        None, discriminator="name", description="a short-range repulsion term ({name: zbl}), or null")
     magmoms: bool = Field(False, description="predict per-atom magnetic moments |Linear(h_i)| (CHGNet's "
                                              "charge-informed head), trained on data.magmoms_key")
     dtype: Literal["float32", "float64"] = "float32"
@@ -190,7 +200,7 @@ class ModelConfig(StrictModel):
         # variant needs `name:`.
         if isinstance(data, dict):
             data = dict(data)
-            for key, default in (("backbone", "mace"), ("head", "energy"), ("long_range", "les")):
+            for key, default in (("backbone", "mace"), ("head", "energy"), ("long_range", "les"), ("repulsion", "zbl")):
                 if isinstance(data.get(key), dict) and "name" not in data[key]:
                     data[key] = {"name": default, **data[key]}
         return data

@@ -1,7 +1,8 @@
 """`Potential`: backbone + head + normalisation -> energy, and the one place derivatives are taken.
 
-    E_g = Σ_{i in g} [ s · ε_i + μ + e_i^LR ]   (ε_i from backbone and head; e^LR from a
-                                                long-range term such as LES, in eV)
+    E_g = Σ_{i in g} [ s · ε_i + μ + e_i^LR + e_i^rep ]   (ε_i from backbone and head; e^LR from a
+                                                long-range term such as LES, e^rep from the ZBL
+                                                repulsion, both in eV)
     F_i = −∂E/∂r_i,     σ_g = (1/V_g) ∂E_g/∂ε |_{ε=0}   (ASE convention, eV/Å³)
 
 Heads that predict uncertainty add outputs without changing the energy path: a
@@ -41,6 +42,7 @@ from mlip.graph import AtomsGraph
 from mlip.heads.magmoms import MagneticMomentHead
 from mlip.models.all_to_all import AllToAllAttention
 from mlip.models.transip import EmbeddingMap
+from mlip.physics.repulsion import ZBLRepulsion
 from mlip.model_config import ModelConfig
 from mlip.registry import BACKBONES, HEADS, LONG_RANGE, lookup
 
@@ -60,6 +62,7 @@ class EnergyModel(nn.Module):
     magmoms: Optional[nn.Module] = None
     all_to_all: Optional[nn.Module] = None
     embedding_map: Optional[nn.Module] = None  # TransIP's learned rotation action on embeddings
+    repulsion: Optional[nn.Module] = None
 
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> dict:
         features = self.backbone(graph, positions, cell)
@@ -75,6 +78,8 @@ class EnergyModel(nn.Module):
             outputs = {**outputs, "long_range_energy": long_range["energy"], "charges": long_range["charges"]}
         if self.magmoms is not None:
             outputs = {**outputs, "magmoms": self.magmoms(features)}
+        if self.repulsion is not None:
+            outputs = {**outputs, "repulsion_energy": self.repulsion(graph, positions, cell)}
         return outputs
 
     def equivariance_residual(self, graph: AtomsGraph, rotations: jnp.ndarray) -> jnp.ndarray:
@@ -108,8 +113,11 @@ def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyMo
     if config.all_to_all is not None:
         all_to_all = AllToAllAttention(**config.all_to_all.model_dump(), cutoff=float(config.backbone.r_max))
     embedding_map = EmbeddingMap() if getattr(config.backbone, "equivariance_objective", 0.0) > 0 else None
+    repulsion = None
+    if config.repulsion is not None:
+        repulsion = ZBLRepulsion(r_max=float(config.backbone.r_max), envelope_p=config.repulsion.envelope_p)
     return EnergyModel(backbone=backbone, head=head, long_range=long_range, magmoms=magmoms,
-                       all_to_all=all_to_all, embedding_map=embedding_map)
+                       all_to_all=all_to_all, embedding_map=embedding_map, repulsion=repulsion)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -179,10 +187,11 @@ class Potential:
         scale, shift = self.statistics.scale, self.statistics.shift
         normalised = head_outputs["energy_members"] if "energy_members" in head_outputs else head_outputs["energy"]
         node_energy = jnp.where(graph.node_mask, scale * normalised + shift, 0.0)
-        if "long_range_energy" in head_outputs:
-            # In eV already: the Coulomb energy of the charges is not rescaled (and is
-            # shared by all readout members).
-            node_energy = node_energy + head_outputs["long_range_energy"]
+        for name in ("long_range_energy", "repulsion_energy"):
+            if name in head_outputs:
+                # In eV already: the Coulomb energy of the charges and the nuclear repulsion are
+                # not rescaled (and are shared by all readout members).
+                node_energy = node_energy + head_outputs[name]
         outputs = {"node_energy": node_energy}
         for name in ("charges", "magmoms"):  # per-atom outputs beside the energy, never differentiated
             if name in head_outputs:

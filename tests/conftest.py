@@ -22,12 +22,12 @@ TINY_BACKBONES = {"mace": TINY_BACKBONE,
 
 def make_potential(atomic_numbers, dtype="float64", e0=None, shift=0.0, scale=1.0,
                    avg_num_neighbors=8.0, long_range=None, magmoms=False, backbone_name="mace",
-                   all_to_all=None, **backbone):
+                   all_to_all=None, repulsion=None, **backbone):
     """A tiny potential (MACE, or the backbone named) with fixed statistics and its parameters.
 
     ``long_range``: a `model.long_range` mapping (e.g. ``{"name": "les"}``) or None;
-    ``magmoms``: add the magnetic-moment head; ``all_to_all``: a `model.all_to_all` mapping or
-    None; ``backbone``: settings over the tiny ones.
+    ``magmoms``: add the magnetic-moment head; ``all_to_all``, ``repulsion``: `model.all_to_all`
+    and `model.repulsion` mappings or None; ``backbone``: settings over the tiny ones.
     """
     from mlip.data.statistics import DatasetStatistics
     from mlip.potential import Potential
@@ -40,7 +40,7 @@ def make_potential(atomic_numbers, dtype="float64", e0=None, shift=0.0, scale=1.
                               avg_num_neighbors=avg_num_neighbors)
     config = ModelConfig.model_validate({"backbone": settings, "dtype": dtype,
                                          "long_range": long_range, "magmoms": magmoms,
-                                         "all_to_all": all_to_all})
+                                         "all_to_all": all_to_all, "repulsion": repulsion})
     potential = Potential(config, stats)
     params = jax.jit(potential.init)(jax.random.PRNGKey(0), dummy_graph(stats.atomic_numbers))
     # Random init leaves some paths tiny; scale up so invariance tests see real signal.

@@ -358,3 +358,41 @@ def test_les_on_a_particle_mesh_matches_the_direct_reciprocal_sum(les_model, mon
     # The smallest mesh (12 points a side for this 4-atom cell): spline errors of ~1e-4.
     np.testing.assert_allclose(mesh["forces"], direct["forces"], atol=5e-4 * np.abs(direct["forces"]).max())
     np.testing.assert_allclose(mesh["stress"], direct["stress"], atol=5e-4 * np.abs(direct["stress"]).max())
+
+
+def test_zbl_repulsion_is_the_screened_coulomb_energy_rises_steeply_and_forces_are_its_gradient():
+    from ase.data import covalent_radii
+
+    plain, params = make_potential([1, 8])
+    repulsive, _ = make_potential([1, 8], repulsion={"name": "zbl"})  # no parameters of its own
+
+    def energy_and_forces(potential, atoms):
+        out, _ = _apply(potential, params, [_frame(atoms)])
+        return out["energy"][0], out["forces"][:len(atoms)]
+
+    def dimer(distance, symbols="OH"):
+        return Atoms(symbols, positions=[[0, 0, 0], [distance, 0, 0]])
+
+    # An O–H pair at 0.5 Å: the added energy is the ZBL formula times the envelope (r_c = 0.97 Å).
+    r, z1, z2 = 0.5, 8, 1
+    a = 0.8854 * 0.52917721 / (z1**0.23 + z2**0.23)
+    phi = sum(c * math.exp(-e * r / a) for c, e in zip((0.1818, 0.5099, 0.2802, 0.02817), (3.2, 0.9423, 0.4029, 0.2016)))
+    x = r / (covalent_radii[8] + covalent_radii[1])
+    envelope = 1 - 28 * x**6 + 48 * x**7 - 21 * x**8  # p = 6
+    added = energy_and_forces(repulsive, dimer(r))[0] - energy_and_forces(plain, dimer(r))[0]
+    assert added == pytest.approx(COULOMB_CONSTANT * z1 * z2 / r * phi * envelope, rel=1e-10)
+    # Steep at short range, nothing beyond the covalent radii.
+    added = [energy_and_forces(repulsive, dimer(d, "OO"))[0] - energy_and_forces(plain, dimer(d, "OO"))[0]
+             for d in (0.3, 0.6, 0.9, 1.2, 1.4)]
+    assert added[0] > 100.0 and added[0] > 5 * added[1] > 0 and np.all(np.diff(added) <= 0) and added[-1] == 0.0
+    # Forces: minus the finite-difference gradient, on a squeezed water with pairs inside the radii.
+    water = molecule("H2O")
+    water.positions *= 0.6
+    forces = energy_and_forces(repulsive, water)[1]
+    h = 1e-5
+    for atom, component in ((0, 2), (1, 1)):
+        plus, minus = water.copy(), water.copy()
+        plus.positions[atom, component] += h
+        minus.positions[atom, component] -= h
+        derivative = (energy_and_forces(repulsive, plus)[0] - energy_and_forces(repulsive, minus)[0]) / (2 * h)
+        assert -derivative == pytest.approx(forces[atom, component], rel=1e-6)

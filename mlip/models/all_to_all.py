@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlip.geometry import edge_vectors
 from mlip.graph import AtomsGraph
-from mlip.models.mace import edge_vectors
 from mlip.models.transformer import cosine_cutoff, max_at_receivers, sum_at_receivers
 
 QUERY_BLOCK = 1024  # rows of the [queries, keys] attention computed at once

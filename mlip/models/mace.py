@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlip.geometry import edge_vectors
 from mlip.graph import AtomsGraph
 from mlip.models.embedding import ChargeSpinEmbedding
 from mlip.models.radial import radial_embedding
@@ -144,12 +145,6 @@ class RadialMLP(nn.Module):
                              param_dtype=x.dtype)
             x = act(x.shape[-1] ** -0.5 * dense(x))
         return _BlockDense(self.block_sizes, name=f"Dense_{len(self.hidden)}")(x)
-
-
-def edge_vectors(positions: jnp.ndarray, cell: jnp.ndarray, graph: AtomsGraph) -> jnp.ndarray:
-    """[E, 3] r_ij = r_j + S·cell − r_i, recomputed from positions so autodiff sees them."""
-    sender_offset = jnp.einsum("ea,eab->eb", graph.shifts.astype(positions.dtype), cell[graph.edge_graph])
-    return positions[graph.senders] + sender_offset - positions[graph.receivers]
 
 
 class MACEInteraction(nn.Module):

@@ -12,12 +12,7 @@ from __future__ import annotations
 import e3nn_jax as e3nn
 import jax.numpy as jnp
 
-
-def polynomial_envelope(x: jnp.ndarray, p: int) -> jnp.ndarray:
-    """u_p(x) for x = r / r_c, exactly zero for x >= 1."""
-    envelope = (1.0 - (p + 1.0) * (p + 2.0) / 2.0 * x**p + p * (p + 2.0) * x ** (p + 1)
-                - p * (p + 1.0) / 2.0 * x ** (p + 2))
-    return jnp.where(x < 1.0, envelope, 0.0)
+from mlip.geometry import polynomial_envelope
 
 
 def radial_embedding(lengths: jnp.ndarray, r_max: float, num_basis: int, envelope_p: int) -> jnp.ndarray:

@@ -40,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlip.geometry import edge_vectors
 from mlip.graph import AtomsGraph
 from mlip.models.embedding import ChargeSpinEmbedding
-from mlip.models.mace import edge_vectors, species_index_table
+from mlip.models.mace import species_index_table
 from mlip.physics.ewald_message_passing import EwaldBlock
 from mlip.registry import register_backbone
 

@@ -20,7 +20,7 @@ from mlip.errors import ConfigError
 # whole run's schema, so `from mlip.training.config import MACEConfig` keeps working.
 from mlip.model_config import (AllToAllConfig, BackboneConfig, EnergyHeadConfig, EwaldMessagePassingConfig,  # noqa: F401
                                HeadConfig, LatentEwaldConfig, LongRangeConfig, MACEConfig, TransformerConfig,
-                               TransIPConfig,
+                               TransIPConfig, ZBLConfig,
                                MeanVarianceHeadConfig, ModelConfig, ShallowEnsembleHeadConfig, StrictModel)
 
 
