@@ -38,6 +38,16 @@ def _apply(potential, params, frames):
     return jax.device_get(_COMPILED[potential](params, graph))
 
 
+def _energy_derivative(potential, params, atoms, atom, component, h=1e-5):
+    """Central finite difference of the energy along one coordinate."""
+    energies = []
+    for sign in (1, -1):
+        moved = atoms.copy()
+        moved.positions[atom, component] += sign * h
+        energies.append(_apply(potential, params, [_frame(moved)])["energy"][0])
+    return (energies[0] - energies[1]) / (2 * h)
+
+
 def _ethanol():
     atoms = molecule("CH3CH2OH")
     atoms.rattle(0.05, seed=0)
@@ -109,13 +119,8 @@ def test_all_to_all_beyond_max_atoms_attends_over_neighbours_with_a_warning():
     rotated = _apply(potential, params, [_frame(moved)])
     assert rotated["energy"][0] == pytest.approx(out["energy"][0], rel=1e-10)
     np.testing.assert_allclose(rotated["forces"][:n], out["forces"][:n] @ rotation.T, atol=1e-9)
-    h = 1e-5
-    plus, minus = atoms.copy(), atoms.copy()
-    plus.positions[2, 1] += h
-    minus.positions[2, 1] -= h
-    derivative = (_apply(potential, params, [_frame(plus)])["energy"][0]
-                  - _apply(potential, params, [_frame(minus)])["energy"][0]) / (2 * h)
-    assert -derivative == pytest.approx(out["forces"][2, 1], rel=1e-6, abs=1e-8)
+    assert -_energy_derivative(potential, params, atoms, 2, 1) == pytest.approx(out["forces"][2, 1], rel=1e-6,
+                                                                               abs=1e-8)
 
 
 def _transip(**settings):
@@ -139,13 +144,8 @@ def test_transip_is_translation_and_permutation_invariant_conservative_and_measu
     assert shifted["energy"][0] == pytest.approx(out["energy"][0], rel=1e-10)
     assert permuted["energy"][0] == pytest.approx(out["energy"][0], rel=1e-10)
     np.testing.assert_allclose(permuted["forces"][:n], out["forces"][:n][order], atol=1e-9)
-    h = 1e-5
-    plus, minus = atoms.copy(), atoms.copy()
-    plus.positions[4, 2] += h
-    minus.positions[4, 2] -= h
-    derivative = (_apply(potential, params, [_frame(plus)])["energy"][0]
-                  - _apply(potential, params, [_frame(minus)])["energy"][0]) / (2 * h)
-    assert -derivative == pytest.approx(out["forces"][4, 2], rel=1e-6, abs=1e-8)
+    assert -_energy_derivative(potential, params, atoms, 4, 2) == pytest.approx(out["forces"][4, 2], rel=1e-6,
+                                                                               abs=1e-8)
     # Not invariant by construction: the energy spreads over rotations (untrained: widely),
     # and averaging over fixed rotations narrows the spread.
     spreads = []
