@@ -42,3 +42,18 @@ def test_shipped_long_range_data_carries_charges_and_same_geometry_pairs():
     assert all(f.is_periodic and f.stress is not None for f in cells)
     assert {f.charge for f in cells} == {-1.0, 0.0, 1.0}
     assert set(load_e0_file(os.path.join(ROOT, "data", "long_range_gfn2_e0s.json"))) == {1, 8, 11, 17}
+
+
+def test_shipped_extrapolation_set_trains_in_trans_and_scans_every_barrier():
+    import ase.io
+
+    train = ase.io.read(os.path.join(ROOT, "data", "butane_gfn2_300K.extxyz"), ":")
+    assert len(train) == 600 and all(abs(a.get_dihedral(0, 1, 2, 3) - 180) < 60 for a in train)
+    scans = ase.io.read(os.path.join(ROOT, "data", "butane_gfn2_torsions.extxyz"), ":")
+    for name in ("scan_CCCC", "scan_HCCC"):
+        points = [a for a in scans if a.info["scan"] == name]
+        assert [a.info["dihedral"] for a in points] == list(range(0, 360, 10))
+        assert all("REF_energy" in a.info and a.arrays["REF_forces"].shape == (14, 3) for a in points)
+    cis = next(a for a in scans if a.info["scan"] == "scan_CCCC" and a.info["dihedral"] == 0)
+    assert abs(cis.get_dihedral(0, 1, 2, 3) % 360) < 1e-3 or abs(cis.get_dihedral(0, 1, 2, 3) - 360) < 1e-3
+    assert set(load_e0_file(os.path.join(ROOT, "data", "butane_gfn2_e0s.json"))) == {1, 6}

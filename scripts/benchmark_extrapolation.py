@@ -1,0 +1,151 @@
+"""Extrapolation figures of trained models on the n-butane set (data/README.md), and A/B runs of mlip.
+
+    python scripts/benchmark_extrapolation.py ab --budget-s 300 [--docs]
+    python scripts/benchmark_extrapolation.py evaluate RUN_DIR [RUN_DIR ...]
+
+Figures, for any model with an ASE calculator (`extrapolation_metrics` takes a calculator):
+  * force RMSE on held-out 300 K frames (in distribution), and on the 600 K and 1200 K MD;
+  * along each relaxed torsion scan, the RMSE of the energy relative to the scan's
+    reference minimum (both curves measured from the reference minimum's geometry), and
+    the highest barrier (max − min of the curve) against the reference's.
+
+``ab``: mlip on butane 300 K (train 0:500, valid 500:600; configs/quickstart.yaml's model
+and loss), with and without the ZBL repulsion term (``model.repulsion``), the two runs
+side by side, one CPU core each, the same wall-clock budget. Results go to
+docs/benchmark_extrapolation.json and, with --docs, into docs/benchmarks.md.
+
+The three-framework run (mace-torch and apax at the same budget) belongs in
+scripts/benchmark_accuracy.py and is still to be added (issue 19).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
+
+DATA = os.path.join(ROOT, "data")
+TEST_SETS = {"300K": "butane_gfn2_300K.extxyz@600:", "600K": "butane_gfn2_600K.extxyz",
+             "1200K": "butane_gfn2_1200K.extxyz"}
+SCANS = "butane_gfn2_torsions.extxyz"
+
+
+def extrapolation_metrics(calc) -> dict:
+    import ase.io
+
+    result = {}
+    for name, spec in TEST_SETS.items():
+        path, _, index = spec.partition("@")
+        errors = []
+        for atoms in ase.io.read(os.path.join(DATA, path), index=index or ":"):
+            reference = atoms.arrays["REF_forces"]
+            atoms.calc = calc
+            errors.append((atoms.get_forces() - reference).ravel())
+        result[f"forces_rmse_{name}_meV_A"] = 1e3 * float(np.sqrt(np.mean(np.concatenate(errors) ** 2)))
+    frames = ase.io.read(os.path.join(DATA, SCANS), ":")
+    for scan in sorted({atoms.info["scan"] for atoms in frames}):
+        points = [atoms for atoms in frames if atoms.info["scan"] == scan]
+        reference = np.array([atoms.info["REF_energy"] for atoms in points])
+        predicted = []
+        for atoms in points:
+            atoms.calc = calc
+            predicted.append(atoms.get_potential_energy())
+        predicted = np.array(predicted)
+        minimum = int(np.argmin(reference))
+        relative_reference, relative_predicted = reference - reference[minimum], predicted - predicted[minimum]
+        result[f"{scan}_relative_energy_rmse_meV"] = 1e3 * float(np.sqrt(np.mean(
+            (relative_predicted - relative_reference) ** 2)))
+        result[f"{scan}_barrier_meV"] = 1e3 * float(np.ptp(predicted))
+        result[f"{scan}_reference_barrier_meV"] = 1e3 * float(np.ptp(reference))
+    return result
+
+
+def evaluate(run_dir: str) -> dict:
+    from mlip.calculator import MLIPCalculator
+
+    return extrapolation_metrics(MLIPCalculator.from_run(run_dir))
+
+
+VARIANTS = {"mlip": {}, "mlip+zbl": {"repulsion": {"name": "zbl"}}}
+
+
+def ab(budget_s: float, work_dir: str) -> dict:
+    base = yaml.safe_load(open(os.path.join(ROOT, "configs", "quickstart.yaml")))
+    base["data"].update(train=os.path.join(DATA, "butane_gfn2_300K.extxyz@0:500"),
+                        valid=os.path.join(DATA, "butane_gfn2_300K.extxyz@500:600"),
+                        e0s=os.path.join(DATA, "butane_gfn2_e0s.json"))
+    base["training"].update(max_time=budget_s, max_epochs=100000, progress_bar=False)
+    os.makedirs(work_dir, exist_ok=True)
+    processes = {}
+    env = {**os.environ, "MLIP_COMPILATION_CACHE": "off"}
+    for core, (name, model) in enumerate(VARIANTS.items()):
+        config = copy.deepcopy(base)
+        config["model"].update(model)
+        config["run_dir"] = os.path.join(work_dir, name)
+        if os.path.exists(config["run_dir"]):
+            raise SystemExit(f"{config['run_dir']} exists: remove it or pass another --work-dir")
+        path = os.path.join(work_dir, f"{name}.yaml")
+        with open(path, "w") as stream:
+            yaml.safe_dump(config, stream)
+        # One core each, side by side: the same machine state for both.
+        log = open(os.path.join(work_dir, f"{name}.log"), "w")
+        processes[name] = subprocess.Popen(["taskset", "-c", str(core % os.cpu_count()), sys.executable, "-m",
+                                            "mlip.cli", "train", path], stdout=log, stderr=subprocess.STDOUT, env=env)
+    for name, process in processes.items():
+        if process.wait() != 0:
+            raise SystemExit(f"{name}: training failed, see {work_dir}/{name}.log")
+    return {name: evaluate(os.path.join(work_dir, name)) for name in VARIANTS}
+
+
+def table(results: dict) -> str:
+    names = list(results)
+    rows = [("force RMSE 300 K, held out (meV/Å)", "forces_rmse_300K_meV_A"),
+            ("force RMSE 600 K (meV/Å)", "forces_rmse_600K_meV_A"),
+            ("force RMSE 1200 K (meV/Å)", "forces_rmse_1200K_meV_A"),
+            ("C–C–C–C scan: relative-energy RMSE (meV)", "scan_CCCC_relative_energy_rmse_meV"),
+            ("C–C–C–C scan: highest barrier (meV)", "scan_CCCC_barrier_meV"),
+            ("H–C–C–C scan: relative-energy RMSE (meV)", "scan_HCCC_relative_energy_rmse_meV"),
+            ("H–C–C–C scan: highest barrier (meV)", "scan_HCCC_barrier_meV")]
+    lines = ["| figure | " + " | ".join(names) + " | reference |", "|---|" + "---|" * (len(names) + 1)]
+    for label, key in rows:
+        reference_key = key.replace("_barrier_meV", "_reference_barrier_meV")
+        reference = f"{results[names[0]][reference_key]:.0f}" if reference_key != key else ""
+        lines.append(f"| {label} | " + " | ".join(f"{results[n][key]:.1f}" for n in names) + f" | {reference} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["ab", "evaluate"])
+    parser.add_argument("run_dirs", nargs="*")
+    parser.add_argument("--budget-s", type=float, default=300.0)
+    parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "benchmark_extrapolation"))
+    parser.add_argument("--docs", action="store_true")
+    args = parser.parse_args(argv)
+    if args.part == "evaluate":
+        results = {run_dir: evaluate(run_dir) for run_dir in args.run_dirs}
+        print(table(results))
+        return 0
+    results = ab(args.budget_s, args.work_dir)
+    with open(os.path.join(ROOT, "docs", "benchmark_extrapolation.json"), "w") as stream:
+        json.dump({"machine": {"cpu": cpu_model(), "cores_per_run": 1}, "budget_s": args.budget_s,
+                   "results": results}, stream, indent=1)
+    text = table(results)
+    print(text)
+    if args.docs:
+        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- extrapolation-ab -->",
+                               "<!-- /extrapolation-ab -->", text, "Extrapolation (n-butane): levers, A/B")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
