@@ -154,8 +154,11 @@ def read_npz(path: str, index: str = ":") -> list:
                         f"(frames, {len(numbers)}, 3)")
     energies = np.asarray(data[energy_key], dtype=np.float64).reshape(-1) * to_ev if energy_key in data else None
     forces = np.asarray(data[forces_key], dtype=np.float64) * to_ev if forces_key in data else None
-    selection = string2index(index)
-    frames = range(len(positions))[selection] if isinstance(selection, slice) else [range(len(positions))[selection]]
+    try:
+        selection = string2index(index)
+        frames = range(len(positions))[selection] if isinstance(selection, slice) else [range(len(positions))[selection]]
+    except (ValueError, IndexError) as error:
+        raise DataError(f"{path}@{index}: not a selection of its {len(positions)} frames ({error})") from error
     images = []
     for frame in frames:
         atoms = Atoms(numbers=numbers, positions=positions[frame])
