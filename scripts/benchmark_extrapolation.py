@@ -78,7 +78,9 @@ def evaluate(run_dir: str) -> dict:
 # Levers, each a change of the quickstart config (merged key by key); run two at a time.
 VARIANTS = {"mlip": {}, "mlip+zbl": {"model": {"repulsion": {"name": "zbl"}}},
             "mlip+r_max6": {"model": {"backbone": {"r_max": 6.0}}},
-            "mlip+energy10": {"loss": {"energy_weight": 10.0}}}
+            "mlip+energy10": {"loss": {"energy_weight": 10.0}},
+            # Another seed of two of the above: how far a figure moves between runs.
+            "mlip+seed1": {"seed": 1}, "mlip+zbl+seed1": {"seed": 1, "model": {"repulsion": {"name": "zbl"}}}}
 
 
 def merged(base: dict, change: dict) -> dict:
