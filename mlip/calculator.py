@@ -92,7 +92,7 @@ class MLIPCalculator(Calculator):
                 charge[0], spin[0] = frame.charge, frame.spin
                 return dataclasses.replace(self._graph, positions=positions, charge=charge, spin=spin), len(frame.numbers)
         sample = build_sample(frame, self.potential.cutoff + self.skin, self.potential.k_cutoff,
-                              getattr(self.potential, "molecules_only", False))
+                              self.potential.molecules_only)
         self.neighbour_list_builds += 1
         self._neighbours = sample
         self._graph = jax.device_put(pack_samples([sample], sizes_for([sample], 2), None, self._dtype))

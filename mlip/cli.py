@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate.add_argument(f"--{name}-key", default=None, metavar="KEY",
                               help=f"label key of the {name} in DATA (default: the training run's data.{name}_key)")
     evaluate.add_argument("--rotation-average", type=int, default=None, metavar="K",
-                        help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
+                          help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.set_defaults(handler=command_evaluate)
 
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(default 5 x max(T, 300 K))")
     md.add_argument("--which", choices=["best", "last"], default="best")
     md.add_argument("--rotation-average", type=int, default=None, metavar="K",
-                        help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
+                    help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
     md.add_argument("--no-progress", action="store_true", help="no progress bar")
     md.set_defaults(handler=command_md)
 

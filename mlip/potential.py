@@ -40,10 +40,10 @@ import mlip.physics  # noqa: F401  (importing registers the long-range terms)
 from mlip.data.statistics import DatasetStatistics
 from mlip.graph import AtomsGraph
 from mlip.heads.magmoms import MagneticMomentHead
+from mlip.model_config import ModelConfig
 from mlip.models.all_to_all import AllToAllAttention
 from mlip.models.transip import EmbeddingMap
 from mlip.physics.repulsion import ZBLRepulsion
-from mlip.model_config import ModelConfig
 from mlip.registry import BACKBONES, HEADS, LONG_RANGE, lookup
 
 

@@ -26,6 +26,7 @@ class LennardJonesPotential:
     sigma: float = ARGON_SIGMA
     cutoff: float = 2.5 * ARGON_SIGMA
     k_cutoff = None  # no reciprocal-space term (the interface of mlip.potential.Potential)
+    molecules_only = False  # describes periodic cells too (same interface)
     config: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(dtype="float64"))
     statistics: DatasetStatistics = dataclasses.field(default_factory=lambda: DatasetStatistics(
         atomic_numbers=(18,), e0={18: 0.0}, shift=0.0, scale=1.0, avg_num_neighbors=1.0))

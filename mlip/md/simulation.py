@@ -188,7 +188,7 @@ class MolecularDynamics:
                       cell=np.asarray(cell, np.float64), pbc=self.pbc, charge=self.total_charge,
                       spin=self.total_spin)
         sample = build_sample(frame, self.potential.cutoff + self.skin, self.potential.k_cutoff,
-                              getattr(self.potential, "molecules_only", False))
+                              self.potential.molecules_only)
         # Dense edge layout (mlip.graph): K slots per atom, a capacity that only grows; so
         # does the k-index capacity of a long-range term (a barostat changes the cell).
         self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))

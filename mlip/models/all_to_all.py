@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlip.geometry import edge_vectors
+from mlip.geometry import max_at_receivers, padded_edge_vectors, sum_at_receivers
 from mlip.graph import AtomsGraph
-from mlip.models.transformer import cosine_cutoff, max_at_receivers, sum_at_receivers
+from mlip.models.transformer import cosine_cutoff
 
 QUERY_BLOCK = 1024  # rows of the [queries, keys] attention computed at once
 MASKED_LOGIT = -1e9  # not −inf: a padding row with every key masked stays finite
@@ -120,9 +120,7 @@ class AllToAllLayer(nn.Module):
     def _neighbours(self, query, key, value, bias, molecular, graph, positions, cell):
         n, heads, dim = query.shape
         senders, receivers = graph.senders, graph.receivers
-        vectors = edge_vectors(positions, cell, graph)
-        far = jnp.array([2.0 * self.cutoff, 0.0, 0.0], query.dtype)
-        vectors = jnp.where(graph.edge_mask[:, None], vectors, far)
+        vectors = padded_edge_vectors(positions, cell, graph, self.cutoff)
         squared = jnp.sum(vectors**2, axis=-1)
         phi = jnp.where(molecular[receivers][:, None], distance_features(squared, self.num_basis), 0.0)
         logits = jnp.sum(query[receivers] * key[senders], axis=-1) / math.sqrt(dim)  # [E, H]

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlip.geometry import edge_vectors
+from mlip.geometry import padded_edge_vectors
 from mlip.graph import AtomsGraph
 from mlip.models.embedding import ChargeSpinEmbedding
 from mlip.models.radial import radial_embedding
@@ -250,11 +250,7 @@ class MACE(nn.Module):
         """
         num_species = len(self.atomic_numbers)
         species_index = jnp.asarray(species_index_table(self.atomic_numbers))[graph.species]
-        vectors = edge_vectors(positions, cell, graph)
-        # Padding edges have zero length: give them a length beyond the cutoff, where the
-        # envelope is exactly zero, before any norm, so no NaN reaches the gradient.
-        far = jnp.array([2.0 * self.r_max, 0.0, 0.0], vectors.dtype)
-        vectors = jnp.where(graph.edge_mask[:, None], vectors, far)
+        vectors = padded_edge_vectors(positions, cell, graph, self.r_max)
         lengths = jnp.linalg.norm(vectors, axis=-1)
         edge_radial = radial_embedding(lengths, self.r_max, self.num_bessel, self.envelope_p)
         edge_sh = e3nn.spherical_harmonics(e3nn.Irreps.spherical_harmonics(self.max_ell), vectors,

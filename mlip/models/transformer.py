@@ -38,9 +38,8 @@ import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mlip.geometry import edge_vectors
+from mlip.geometry import max_at_receivers, padded_edge_vectors, sum_at_receivers
 from mlip.graph import AtomsGraph
 from mlip.models.embedding import ChargeSpinEmbedding
 from mlip.models.mace import species_index_table
@@ -70,21 +69,6 @@ class ExpNormalBasis(nn.Module):
         alpha = 5.0 / self.r_max
         expanded = jnp.exp(-betas * (jnp.exp(-alpha * lengths)[:, None] - means) ** 2)
         return cosine_cutoff(lengths, self.r_max)[:, None] * expanded
-
-
-def sum_at_receivers(edge_values: jnp.ndarray, graph: AtomsGraph, num_nodes: int) -> jnp.ndarray:
-    """Σ over each receiver's edges: a reshape in the dense [N, K] layout, a scatter otherwise."""
-    k = graph.neighbours_per_node
-    if k:
-        return edge_values.reshape((num_nodes, k) + edge_values.shape[1:]).sum(axis=1)
-    return jax.ops.segment_sum(edge_values, graph.receivers, num_nodes)
-
-
-def max_at_receivers(edge_values: jnp.ndarray, graph: AtomsGraph, num_nodes: int) -> jnp.ndarray:
-    k = graph.neighbours_per_node
-    if k:
-        return edge_values.reshape((num_nodes, k) + edge_values.shape[1:]).max(axis=1)
-    return jax.ops.segment_max(edge_values, graph.receivers, num_nodes)
 
 
 class NeighbourEmbedding(nn.Module):
@@ -186,10 +170,7 @@ class EquivariantTransformer(nn.Module):
         dtype = positions.dtype
         n = positions.shape[0]
         species_index = jnp.asarray(species_index_table(self.atomic_numbers))[graph.species]
-        vectors = edge_vectors(positions, cell, graph)
-        # Padding edges (zero length) get a length beyond the cutoff before any norm.
-        far = jnp.array([2.0 * self.r_max, 0.0, 0.0], dtype)
-        vectors = jnp.where(graph.edge_mask[:, None], vectors, far)
+        vectors = padded_edge_vectors(positions, cell, graph, self.r_max)
         lengths = jnp.linalg.norm(vectors, axis=-1)
         unit_vectors = vectors / lengths[:, None]
         edge_cutoff = cosine_cutoff(lengths, self.r_max)

@@ -18,11 +18,10 @@ Reference: Ziegler, Biersack & Littmark, The Stopping and Range of Ions in Solid
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from ase.data import covalent_radii
 
-from mlip.geometry import edge_vectors, polynomial_envelope
+from mlip.geometry import padded_edge_vectors, polynomial_envelope, sum_at_receivers
 from mlip.graph import AtomsGraph
 from mlip.physics.ewald import COULOMB_CONSTANT
 
@@ -54,10 +53,7 @@ class ZBLRepulsion(nn.Module):
     @nn.compact
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> jnp.ndarray:
         dtype = positions.dtype
-        vectors = edge_vectors(positions, cell, graph)
-        # Padding edges (zero length) get a length beyond every cutoff before the norm.
-        far = jnp.array([2.0 * self.r_max, 0.0, 0.0], dtype)
-        lengths = jnp.linalg.norm(jnp.where(graph.edge_mask[:, None], vectors, far), axis=-1)
+        lengths = jnp.linalg.norm(padded_edge_vectors(positions, cell, graph, self.r_max), axis=-1)
         z_i, z_j = graph.species[graph.receivers], graph.species[graph.senders]
         radii = jnp.asarray(covalent_radii, dtype)
         r_cut = jnp.minimum(radii[z_i] + radii[z_j], self.r_max)
@@ -65,10 +61,7 @@ class ZBLRepulsion(nn.Module):
         safe = jnp.where(inside, lengths, r_cut)  # no 1/r of a padding edge, even in the gradient
         pair = 0.5 * zbl_pair_energy(safe, jnp.maximum(z_i, 1), jnp.maximum(z_j, 1)) * polynomial_envelope(
             safe / r_cut, self.envelope_p)
-        pair = jnp.where(inside, pair, 0.0)
-        n = positions.shape[0]
-        k = graph.neighbours_per_node
-        energy = pair.reshape(n, k).sum(axis=1) if k else jax.ops.segment_sum(pair, graph.receivers, n)
+        energy = sum_at_receivers(jnp.where(inside, pair, 0.0), graph, positions.shape[0])
         return jnp.where(graph.node_mask, energy, 0.0)
 
 

@@ -78,17 +78,20 @@ def is_isolated_atom(frame) -> bool:
     return (frame.config_type or "").replace("_", "").lower() == "isolatedatom"
 
 
+def _without_isolated_atoms(frames: list, isolated: list) -> list:
+    """``frames`` less their isolated-atom frames, which are appended to ``isolated``."""
+    isolated.extend(frame for frame in frames if is_isolated_atom(frame))
+    return [frame for frame in frames if not is_isolated_atom(frame)]
+
+
 def load_split(config: RunConfig):
     """Train and validation frames (validation split off train when not given), and the
     isolated-atom frames found among them, taken out of both."""
     keys = label_keys(config)
-    train = read_frames(config.data.train, keys)
-    isolated = [frame for frame in train if is_isolated_atom(frame)]
-    train = [frame for frame in train if not is_isolated_atom(frame)]
+    isolated: list = []
+    train = _without_isolated_atoms(read_frames(config.data.train, keys), isolated)
     if config.data.valid:
-        valid = read_frames(config.data.valid, keys)
-        isolated += [frame for frame in valid if is_isolated_atom(frame)]
-        valid = [frame for frame in valid if not is_isolated_atom(frame)]
+        valid = _without_isolated_atoms(read_frames(config.data.valid, keys), isolated)
     else:
         if len(train) < 2:
             raise DataError(f"{config.data.train}: need at least 2 frames to split off a validation set "
