@@ -238,8 +238,8 @@ TRAINED_ATTENTION_MODELS = {
 @pytest.mark.parametrize("name", list(TRAINED_ATTENTION_MODELS))
 def test_attention_models_train_from_yaml_and_run_the_calculator_and_md(name, tmp_path):
     """The attention models through the user's entry points: train (an uncertainty method, a
-    long-range term), the calculator with charge and spin, and `mlip md` (evaluation runs the
-    calculator's PosteriorPotential path; test_uncertainty_heads covers it)."""
+    long-range term) and resume, the calculator with charge and spin, and `mlip md` (evaluation
+    runs the calculator's PosteriorPotential path; test_uncertainty_heads covers it)."""
     import yaml
 
     from mlip.calculator import MLIPCalculator
@@ -257,6 +257,13 @@ def test_attention_models_train_from_yaml_and_run_the_calculator_and_md(name, tm
     path.write_text(yaml.safe_dump(config))
     assert main(["train", str(path)]) == 0
     assert "forces_mae" in json.load(open(os.path.join(config["run_dir"], "summary.json")))["valid"]
+    if name == "transformer":  # a run of the new pieces resumes like any other
+        assert main(["train", "--resume", config["run_dir"], "--set", "training.max_epochs=2"]) == 0
+        assert json.load(open(os.path.join(config["run_dir"], "summary.json")))["epochs"] == 2
+        from mlip.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="rotation averaging applies to transip"):
+            MLIPCalculator.from_run(config["run_dir"], rotation_average=4)
 
     atoms = ase.io.read(data, 0)
     atoms.calc = MLIPCalculator.from_run(config["run_dir"], rotation_average=4 if name == "transip" else None)
