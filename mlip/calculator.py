@@ -100,13 +100,15 @@ class MLIPCalculator(Calculator):
 
     @classmethod
     def from_run(cls, run_dir: str, which: str = "best", rotation_average: Optional[int] = None,
-                 **kwargs) -> "MLIPCalculator":
+                 fidelity: Optional[str] = None, **kwargs) -> "MLIPCalculator":
         """Load the best (or ``which="last"``) parameters of a `mlip train` run directory.
 
-        ``rotation_average``: a TransIP model averaged over this many fixed rotations."""
+        ``rotation_average``: a TransIP model averaged over this many fixed rotations.
+        ``fidelity``: for a multi-fidelity model, the level of theory to predict (None: the
+        default, the last of ``model.fidelities``, as model.json records)."""
         from mlip.training.checkpoint import load_potential
 
-        potential, params = load_potential(run_dir, which, rotation_average)
+        potential, params = load_potential(run_dir, which, rotation_average, fidelity)
         return cls(potential, params, **kwargs)
 
     def check_state(self, atoms, tol=1e-15):
@@ -155,7 +157,7 @@ class MLIPCalculator(Calculator):
         want_stress = bool(pbc.all())
         outputs = jax.device_get(self._apply(self.params, graph, want_stress))
         energy = self.potential.reference_energy(numbers) + float(outputs["energy"][0])
-        e0 = self.potential.statistics.e0_per_species()[numbers]
+        e0 = self.potential.reference_energies(numbers)
         self.results = {
             "energy": energy,
             "free_energy": energy,

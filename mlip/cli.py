@@ -80,24 +80,32 @@ def command_evaluate(args) -> int:
     _enable_precision(metadata["model"].get("dtype", "float32"))
     _compilation_cache()
     from mlip.data.batching import build_samples
-    from mlip.data.reader import read_frames
+    from mlip.data.reader import assign_fidelities, read_frames
     from mlip.training.checkpoint import atomic_write_text, load_potential
     from mlip.training.config import load_config
-    from mlip.training.evaluation import Predictor, compute_metrics, parity_plot
+    from mlip.training.evaluation import Predictor, compute_metrics, metrics_by_fidelity, parity_plot
     from mlip.training.trainer import check_elements, label_keys
 
-    potential, params = load_potential(args.run_dir, args.which, args.rotation_average)
+    # Multi-fidelity: --fidelity predicts every frame at that level; otherwise each frame at its
+    # own tag (data.fidelity_key), untagged ones at the model's default.
+    potential, params = load_potential(args.run_dir, args.which, args.rotation_average, args.fidelity,
+                                       per_frame_fidelity=True)
     config = load_config(os.path.join(args.run_dir, "config.yaml"))
     keys = label_keys(config)
     # The evaluated file may name its labels differently from the training data.
     keys = dataclasses.replace(keys, **{name: getattr(args, f"{name}_key") for name in ("energy", "forces", "stress")
                                         if getattr(args, f"{name}_key") is not None})
     frames = read_frames(args.data, keys)
+    names = potential.config.fidelity_names
+    assign_fidelities(frames, names, args.fidelity, potential.fidelity_index(None), keys.fidelity)
     check_elements(frames, potential.statistics.atomic_numbers, "evaluated")
     samples = build_samples(frames, potential.cutoff, potential.k_cutoff, potential.molecules_only)
     predictor = Predictor(potential, compute_stress=any(s.frame.is_periodic for s in samples))
     predictions = predictor.predict(params, samples, args.batch_size)
     metrics = compute_metrics(samples, predictions)
+    metrics.update(metrics_by_fidelity(samples, predictions, names))
+    if names:
+        metrics["fidelity"] = args.fidelity or "per frame (untagged: " + names[-1] + ")"
     metrics["data"] = args.data
     metrics["run_dir"] = args.run_dir
     from mlip.uq import has_uncertainty
@@ -112,14 +120,12 @@ def command_evaluate(args) -> int:
 
         metrics.update(uncertainty_metrics(samples, predictions, read_interval_quantiles(args.run_dir)))
     rows = [("frames", str(metrics["n_frames"]))]
-    for key, label, factor, unit in (("energy_mae_per_atom", "energy MAE", 1000, "meV/atom"),
-                                     ("energy_rmse_per_atom", "energy RMSE", 1000, "meV/atom"),
-                                     ("forces_mae", "forces MAE", 1000, "meV/Å"),
-                                     ("forces_rmse", "forces RMSE", 1000, "meV/Å"),
-                                     ("stress_mae", "stress MAE", 1000, "meV/Å³"),
-                                     ("stress_rmse", "stress RMSE", 1000, "meV/Å³")):
-        if key in metrics:
-            rows.append((label, f"{factor * metrics[key]:.3f} {unit}"))
+    if names:
+        rows.append(("fidelity", metrics["fidelity"]))
+    rows += _error_rows(metrics)
+    for name, part in metrics.get("by_fidelity", {}).items():
+        rows += [(f"[{name}] {label}", value) for label, value in
+                 [("frames", str(part["n_frames"]))] + _error_rows(part)]
     if uncertain:
         rows += _uncertainty_rows(metrics)
     width = max(len(label) for label, _ in rows)
@@ -141,6 +147,19 @@ def command_evaluate(args) -> int:
             stem = os.path.splitext(args.plot)[0] if args.plot else os.path.splitext(args.json)[0]
             calibration_plot(samples, predictions, stem + "_calibration.png", f"{args.data}")
     return 0
+
+
+def _error_rows(metrics: dict) -> list:
+    rows = []
+    for key, label, factor, unit in (("energy_mae_per_atom", "energy MAE", 1000, "meV/atom"),
+                                     ("energy_rmse_per_atom", "energy RMSE", 1000, "meV/atom"),
+                                     ("forces_mae", "forces MAE", 1000, "meV/Å"),
+                                     ("forces_rmse", "forces RMSE", 1000, "meV/Å"),
+                                     ("stress_mae", "stress MAE", 1000, "meV/Å³"),
+                                     ("stress_rmse", "stress RMSE", 1000, "meV/Å³")):
+        if key in metrics:
+            rows.append((label, f"{factor * metrics[key]:.3f} {unit}"))
+    return rows
 
 
 def _uncertainty_rows(metrics: dict) -> list:
@@ -171,7 +190,7 @@ def command_md(args) -> int:
     from mlip.md.runner import read_structure, run_md
     from mlip.training.checkpoint import load_potential
 
-    potential, params = load_potential(args.run_dir, args.which, args.rotation_average)
+    potential, params = load_potential(args.run_dir, args.which, args.rotation_average, args.fidelity)
     atoms = read_structure(args.structure)
     summary = run_md(potential, params, atoms, trajectory=args.trajectory, steps=args.steps,
                      interval=args.interval, progress_bar=not args.no_progress, ensemble=args.ensemble,
@@ -225,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("energy", "forces", "stress"):
         evaluate.add_argument(f"--{name}-key", default=None, metavar="KEY",
                               help=f"label key of the {name} in DATA (default: the training run's data.{name}_key)")
+    evaluate.add_argument("--fidelity", default=None, metavar="NAME",
+                          help="multi-fidelity model: predict every frame at this level of theory (default: each "
+                               "frame at its own tag, untagged frames at the model's default, the last listed)")
     evaluate.add_argument("--rotation-average", type=int, default=None, metavar="K",
                           help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
     evaluate.add_argument("--batch-size", type=int, default=32)
@@ -254,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--max-temperature", type=float, help="stop above this temperature, K "
                                                           "(default 5 x max(T, 300 K))")
     md.add_argument("--which", choices=["best", "last"], default="best")
+    md.add_argument("--fidelity", default=None, metavar="NAME",
+                    help="multi-fidelity model: the level of theory to run at (default: the last listed)")
     md.add_argument("--rotation-average", type=int, default=None, metavar="K",
                     help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
     md.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -9,9 +9,13 @@ variants are picked by their ``name`` field, every default is written here.
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+
+
+FIDELITY_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 class StrictModel(BaseModel):
@@ -175,7 +179,33 @@ class ModelConfig(StrictModel):
         None, discriminator="name", description="a short-range repulsion term ({name: zbl}), or null")
     magmoms: bool = Field(False, description="predict per-atom magnetic moments |Linear(h_i)| (CHGNet's "
                                              "charge-informed head), trained on data.magmoms_key")
+    fidelities: Optional[list[str]] = Field(
+        None, description="levels of theory, lowest first: one shared backbone and one readout head (and E0, "
+                          "shift, scale) per name; the last is the default at inference. null: one fidelity")
+    fidelity_embedding: bool = Field(
+        False, description="with fidelities: also add a learned embedding of the frame's fidelity to every "
+                           "atom's initial features, so the backbone too can tell the levels apart")
     dtype: Literal["float32", "float64"] = "float32"
+
+    @property
+    def fidelity_names(self) -> tuple[str, ...]:
+        """The levels of theory; empty for a single-fidelity model."""
+        return tuple(self.fidelities or ())
+
+    @model_validator(mode="after")
+    def _fidelity_names(self):
+        names = self.fidelities
+        if names is not None:
+            if not names:
+                raise ValueError("fidelities: give at least one name, or null for a single-fidelity model")
+            bad = [n for n in names if not FIDELITY_NAME.fullmatch(n)]
+            if bad:
+                raise ValueError(f"fidelities: names are letters, digits, '_', '-' and '.', got {bad}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"fidelities: names must be distinct, got {names}")
+        elif self.fidelity_embedding:
+            raise ValueError("fidelity_embedding needs model.fidelities")
+        return self
 
     @property
     def k_cutoff(self) -> Optional[float]:

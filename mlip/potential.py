@@ -38,7 +38,9 @@ import mlip.heads  # noqa: F401  (importing registers the heads)
 import mlip.models  # noqa: F401  (importing registers the backbones)
 import mlip.physics  # noqa: F401  (importing registers the long-range terms)
 from mlip.data.statistics import DatasetStatistics
+from mlip.errors import ConfigError
 from mlip.graph import AtomsGraph
+from mlip.heads.fidelity import FidelityHeads
 from mlip.heads.magmoms import MagneticMomentHead
 from mlip.model_config import ModelConfig
 from mlip.models.all_to_all import AllToAllAttention
@@ -70,7 +72,10 @@ class EnergyModel(nn.Module):
             self.embedding_map(features.array, jnp.zeros((features.shape[0], 3, 3), features.dtype))
         if self.all_to_all is not None:
             features = self.all_to_all(features, graph, positions, cell)
-        outputs = self.head(features)
+        if isinstance(self.head, FidelityHeads):
+            outputs = self.head(features, graph.fidelity[graph.node_graph])
+        else:
+            outputs = self.head(features)
         if not isinstance(outputs, dict):
             outputs = {"energy": outputs}
         if self.long_range is not None:
@@ -98,10 +103,16 @@ def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyMo
     backbone_cls = lookup(BACKBONES, backbone_config.pop("name"), "model.backbone.name")
     if "radial_mlp" in backbone_config:
         backbone_config["radial_mlp"] = tuple(backbone_config["radial_mlp"])
+    if config.fidelity_embedding:
+        backbone_config["num_fidelities"] = len(config.fidelity_names)
     backbone = backbone_cls(atomic_numbers=tuple(statistics.atomic_numbers),
                             avg_num_neighbors=statistics.avg_num_neighbors, **backbone_config)
     head_config = config.head.model_dump()
-    head = lookup(HEADS, head_config.pop("name"), "model.head.name")(**head_config)
+    head_cls = lookup(HEADS, head_config.pop("name"), "model.head.name")
+    if config.fidelities:
+        head = FidelityHeads(head_cls, tuple(sorted(head_config.items())), config.fidelity_names)
+    else:
+        head = head_cls(**head_config)
     long_range = None
     if config.long_range is not None:
         long_range_config = config.long_range.model_dump()
@@ -122,10 +133,32 @@ def build_module(config: ModelConfig, statistics: DatasetStatistics) -> EnergyMo
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Potential:
-    """A model with its normalisation; pure functions of (params, graph)."""
+    """A model with its normalisation; pure functions of (params, graph).
+
+    A multi-fidelity model reads each graph's level of theory from ``graph.fidelity``
+    (training, evaluation of tagged data); with ``fidelity`` set (an index into
+    ``config.fidelities``; `with_fidelity`) every graph is predicted at that level instead,
+    as the calculator and MD do.
+    """
 
     config: ModelConfig
     statistics: DatasetStatistics
+    fidelity: Optional[int] = None
+
+    def fidelity_index(self, name: Optional[str]) -> int:
+        """Index of fidelity ``name`` (None: the default, the last listed); a clear error for a bad name."""
+        names = self.config.fidelity_names
+        if name is None:
+            return max(len(names) - 1, 0)
+        if not names:
+            raise ConfigError(f"fidelity '{name}' asked of a single-fidelity model (it has no model.fidelities)")
+        if name not in names:
+            raise ConfigError(f"fidelity '{name}' is not one of this model's fidelities {list(names)}")
+        return names.index(name)
+
+    def with_fidelity(self, name: Optional[str]) -> "Potential":
+        """This model predicting every structure at fidelity ``name`` (None: the default)."""
+        return dataclasses.replace(self, fidelity=self.fidelity_index(name) if self.config.fidelities else None)
 
     @functools.cached_property
     def module(self) -> EnergyModel:
@@ -166,9 +199,15 @@ class Potential:
                                      method=EnergyModel.equivariance_residual)
         return residual.sum() / jnp.maximum(graph.node_mask.sum(), 1)
 
-    def reference_energy(self, numbers: np.ndarray) -> float:
-        """Σ_i E0(Z_i) in float64 for one structure, eV (host side)."""
-        return float(np.sum(self.statistics.e0_per_species()[np.asarray(numbers)]))
+    def reference_energy(self, numbers: np.ndarray, fidelity: Optional[int] = None) -> float:
+        """Σ_i E0(Z_i) in float64 for one structure, eV (host side), at the fixed fidelity of this
+        potential, else at index ``fidelity`` (the structure's tag), else at the default."""
+        return float(np.sum(self.reference_energies(numbers, fidelity)))
+
+    def reference_energies(self, numbers: np.ndarray, fidelity: Optional[int] = None) -> np.ndarray:
+        """[n] E0(Z_i) of each atom, float64, eV (fidelity as `reference_energy`)."""
+        fidelity = self.fidelity if self.fidelity is not None else fidelity
+        return self.statistics.e0_per_species(fidelity)[np.asarray(numbers)]
 
     @property
     def ensemble_members(self) -> int:
@@ -183,8 +222,14 @@ class Potential:
         for a mean-variance head ``energy_variance`` [N] (eV²) and ``forces_variance`` [N]
         ((eV/Å)²), each scale² times the head's normalised variance plus the floor.
         """
+        if self.fidelity is not None:
+            graph = dataclasses.replace(graph, fidelity=jnp.full_like(graph.fidelity, self.fidelity))
         head_outputs = self.module.apply({"params": params}, graph, positions, cell)
         scale, shift = self.statistics.scale, self.statistics.shift
+        if self.statistics.fidelities:  # E0, shift and scale of each atom's level of theory
+            node_fidelity = graph.fidelity[graph.node_graph]
+            scale = jnp.asarray(self.statistics.scales(), positions.dtype)[node_fidelity]
+            shift = jnp.asarray(self.statistics.shifts(), positions.dtype)[node_fidelity]
         normalised = head_outputs["energy_members"] if "energy_members" in head_outputs else head_outputs["energy"]
         node_energy = jnp.where(graph.node_mask, scale * normalised + shift, 0.0)
         for name in ("long_range_energy", "repulsion_energy"):

@@ -5,6 +5,10 @@
   * data/ethanol_gfn2_e0s.json      isolated-atom GFN2-xTB energies of H, C, O
   * data/cuau_emt.extxyz            250 periodic Cu/Au frames (triclinic, strained), ASE EMT,
                                     with stress
+  * data/ethanol_gfn1_500K.extxyz   the 1000 frames of the 500 K set relabelled with GFN1-xTB
+                                    (tagged ``level_of_theory=gfn1``): the cheap fidelity of the
+                                    multi-fidelity examples
+  * data/ethanol_gfn1_e0s.json      isolated-atom GFN1-xTB energies of H, C, O
 
 Labels follow MACE's convention: ``REF_energy`` (eV, absolute) and ``REF_stress``
 (3x3, eV/Å³, ASE sign) in ``atoms.info``, ``REF_forces`` (eV/Å) in ``atoms.arrays``.
@@ -26,7 +30,10 @@ tblite returns: C and O come out 0.049 eV higher than with the default (closed
 shell for even electron counts); H is a doublet either way. We keep the physical
 multiplicities.
 
-    python scripts/make_datasets.py [--out-dir data] [--sets ethanol,ood,e0s,cuau]
+    python scripts/make_datasets.py [--out-dir data] [--sets ethanol,ood,e0s,cuau,gfn1]
+
+The ``gfn1`` set reads ``ethanol_gfn2_500K.extxyz`` from the output directory (make ``ethanol``
+first); it takes about 20 s.
 """
 
 from __future__ import annotations
@@ -83,10 +90,22 @@ def labelled_copy(atoms, config_type: str, stress: bool = False) -> Atoms:
     return frame
 
 
-def xtb():
+def xtb(method: str = "GFN2-xTB"):
     from tblite.ase import TBLite
 
-    return TBLite(method="GFN2-xTB", verbosity=0)
+    return TBLite(method=method, verbosity=0)
+
+
+def relabelled(frames: list, method: str, tag: str) -> list:
+    """The same geometries labelled by another method (a second level of theory)."""
+    out = []
+    for frame in frames:
+        atoms = Atoms(frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
+        atoms.calc = xtb(method)
+        copy = labelled_copy(atoms, frame.info.get("config_type", ""))
+        copy.info["level_of_theory"] = tag
+        out.append(copy)
+    return out
 
 
 def ethanol_md(temperature: float, n_frames: int, equilibration_steps: int, seed: int,
@@ -125,8 +144,8 @@ def summarize(path: str, frames: list) -> None:
           f"{np.linalg.norm(forces, axis=1).max():.2f} eV/Å, {os.path.getsize(path) / 1e6:.2f} MB")
 
 
-def isolated_atom_energies() -> dict:
-    """GFN2-xTB energies of single H, C, O atoms in their ground-state multiplicity.
+def isolated_atom_energies(method: str = "GFN2-xTB") -> dict:
+    """GFN2-xTB (or ``method``) energies of single H, C, O atoms in their ground-state multiplicity.
 
     See the module docstring: with GFN2-xTB the multiplicity only moves C and O by the
     0.049 eV electronic-entropy term; H is the same either way.
@@ -136,7 +155,7 @@ def isolated_atom_energies() -> dict:
     energies = {}
     for symbol, multiplicity in (("H", 2), ("C", 3), ("O", 3)):
         atom = Atoms(symbol, positions=[[0, 0, 0]])
-        atom.calc = TBLite(method="GFN2-xTB", verbosity=0, multiplicity=multiplicity)
+        atom.calc = TBLite(method=method, verbosity=0, multiplicity=multiplicity)
         energies[str(atom.numbers[0])] = float(atom.get_potential_energy())
     return energies
 
@@ -170,12 +189,12 @@ def cuau_frames(n_frames: int, seed: int) -> list:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="data", help="where to write the files (default: data)")
-    parser.add_argument("--sets", default="ethanol,ood,e0s,cuau",
-                        help="comma-separated subset of: ethanol, ood, e0s, cuau")
+    parser.add_argument("--sets", default="ethanol,ood,e0s,cuau,gfn1",
+                        help="comma-separated subset of: ethanol, ood, e0s, cuau, gfn1")
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     wanted = set(args.sets.split(","))
-    unknown = wanted - {"ethanol", "ood", "e0s", "cuau"}
+    unknown = wanted - {"ethanol", "ood", "e0s", "cuau", "gfn1"}
     if unknown:
         parser.error(f"unknown set(s): {', '.join(sorted(unknown))}")
     if "ethanol" in wanted:
@@ -209,6 +228,20 @@ def main(argv=None) -> None:
         write_frames_atomically(path, frames)
         summarize(path, frames)
         print(f"CuAu EMT: {len(frames)} frames in {time.time() - start:.0f} s")
+    if "gfn1" in wanted:
+        start = time.time()
+        source = ase.io.read(os.path.join(args.out_dir, "ethanol_gfn2_500K.extxyz"), index=":")
+        frames = relabelled(source, "GFN1-xTB", "gfn1")
+        path = os.path.join(args.out_dir, "ethanol_gfn1_500K.extxyz")
+        write_frames_atomically(path, frames)
+        summarize(path, frames)
+        energies = isolated_atom_energies("GFN1-xTB")
+        e0_path = os.path.join(args.out_dir, "ethanol_gfn1_e0s.json")
+        with open(e0_path + ".tmp", "w") as stream:
+            json.dump(energies, stream, indent=2)
+            stream.write("\n")
+        os.replace(e0_path + ".tmp", e0_path)
+        print(f"ethanol GFN1: {len(frames)} frames in {time.time() - start:.0f} s; isolated atoms {energies}")
 
 
 if __name__ == "__main__":

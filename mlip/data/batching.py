@@ -220,7 +220,8 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
         samples: the structures, at most ``sizes.n_graph - 1`` of them.
         sizes: padded sizes; by default the bucket that fits ``samples`` with one
             padding graph.
-        e0_per_species: [119] reference energy per element, eV. The energy target is
+        e0_per_species: [119] reference energy per element, eV, or [F, 119] one row per
+            fidelity (a frame takes its ``frame.fidelity``'s row). The energy target is
             the label minus the sum of reference energies, computed here in float64
             so large absolute DFT energies lose no precision before the cast.
         dtype: float dtype of positions, cell and targets.
@@ -294,7 +295,11 @@ def pack_samples(samples: Sequence[GraphSample], sizes: Optional[PaddedSizes] = 
         if not sizes.mesh_shape:
             k_indices[g, :len(sample.k_indices)] = sample.k_indices
         if frame.energy is not None:
-            reference = 0.0 if e0_per_species is None else float(np.sum(e0_per_species[frame.numbers]))
+            if e0_per_species is None:
+                reference = 0.0
+            else:
+                table = e0_per_species[frame.fidelity] if np.ndim(e0_per_species) == 2 else e0_per_species
+                reference = float(np.sum(table[frame.numbers]))
             energy[g] = frame.energy - reference
             energy_mask[g] = 1.0
         if frame.forces is not None:
@@ -342,27 +347,40 @@ class BatchIterator:
     All batches share ``n_graph = batch_size + 1`` and the data set's `SharedCapacity`;
     node and edge counts come from the bucket ladder, so the number of distinct shapes
     (compilations) stays small.
+
+    ``replay = (pool, count)``: every shuffled pass also draws ``count`` structures of
+    ``pool`` (old data rehearsed while fine-tuning), a fresh draw per seed; their
+    indices in the yielded lists are ``len(samples) + index in pool``.
     """
 
     def __init__(self, samples: Sequence[GraphSample], batch_size: int,
-                 e0_per_species: Optional[np.ndarray] = None, dtype=np.float32, layout: str = "auto"):
+                 e0_per_species: Optional[np.ndarray] = None, dtype=np.float32, layout: str = "auto",
+                 replay: Optional[tuple[Sequence[GraphSample], int]] = None):
         self.samples = list(samples)
         self.batch_size = int(batch_size)
         self.e0_per_species = e0_per_species
         self.dtype = dtype
         self.layout = layout
-        self.shared = SharedCapacity.of(self.samples)
+        self.replay_pool = list(replay[0]) if replay else []
+        self.replay_count = min(int(replay[1]), len(self.replay_pool)) if replay else 0
+        self.shared = SharedCapacity.of(self.samples + self.replay_pool)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.samples) / self.batch_size)
+        return math.ceil((len(self.samples) + self.replay_count) / self.batch_size)
 
     def batches(self, shuffle_seed: Optional[int] = None) -> Iterator[tuple[AtomsGraph, list[int]]]:
-        """Yield (batch, indices of its samples); order fixed by ``shuffle_seed`` (None: in order)."""
+        """Yield (batch, indices of its samples); order fixed by ``shuffle_seed`` (None: in order,
+        without replay)."""
+        pool = self.samples + self.replay_pool
         order = np.arange(len(self.samples))
         if shuffle_seed is not None:
-            order = np.random.default_rng(shuffle_seed).permutation(order)
+            rng = np.random.default_rng(shuffle_seed)
+            if self.replay_count:
+                drawn = rng.choice(len(self.replay_pool), self.replay_count, replace=False) + len(self.samples)
+                order = np.concatenate([order, drawn])
+            order = rng.permutation(order)
         for start in range(0, len(order), self.batch_size):
             indices = order[start:start + self.batch_size].tolist()
-            chosen = [self.samples[i] for i in indices]
+            chosen = [pool[i] for i in indices]
             sizes = sizes_for(chosen, self.batch_size + 1, self.layout, self.shared)
             yield pack_samples(chosen, sizes, self.e0_per_species, self.dtype), indices

@@ -55,7 +55,10 @@ class Frame:
         stress: [3, 3] eV/Å³ in ASE's sign convention, or None.
         charge: total charge, e.
         spin: spin multiplicity.
-        fidelity: index of the level of theory.
+        fidelity: index of the level of theory in the model's ``fidelities`` (set by
+            `assign_fidelities`; 0 for a single-fidelity model).
+        fidelity_tag: the frame's own level-of-theory tag, ``atoms.info[keys.fidelity]``
+            (a name or an index), or None.
         magmoms: [n] magnitudes of per-atom magnetic moments, μ_B, or None.
         config_type: ``atoms.info["config_type"]`` (e.g. MACE's ``IsolatedAtom``), or None.
         source: ``file@frame`` for error messages.
@@ -71,6 +74,7 @@ class Frame:
     charge: float = 0.0
     spin: float = 1.0
     fidelity: int = 0
+    fidelity_tag: Optional[str] = None
     magmoms: Optional[np.ndarray] = None
     config_type: Optional[str] = None
     source: str = ""
@@ -283,7 +287,7 @@ def atoms_to_frame(atoms, keys: LabelKeys, source: str, require_energy: bool = T
     if keys.spin is not None and keys.spin in atoms.info:
         frame.spin = float(atoms.info[keys.spin])
     if keys.fidelity is not None and keys.fidelity in atoms.info:
-        frame.fidelity = int(atoms.info[keys.fidelity])
+        frame.fidelity_tag = str(atoms.info[keys.fidelity]).strip()
     if keys.magmoms is not None:
         value = _lookup(atoms, keys.magmoms, per_atom=True)
         if value is not None:
@@ -333,3 +337,38 @@ def _frame_numbers(path: str, index: str, count: int) -> Sequence:
     except ValueError:
         pass
     return [f"{index}[{i}]" for i in range(count)]
+
+
+def assign_fidelities(frames: Sequence[Frame], names: Sequence[str], source_fidelity: Optional[str] = None,
+                      default: Optional[int] = None, tag_key: Optional[str] = None) -> None:
+    """Set each frame's ``fidelity`` index into ``names`` (a multi-fidelity model's levels of theory).
+
+    The level is the source's (``{source: ..., fidelity: NAME}`` in the config), else the
+    frame's own tag (a name, or an index into ``names``), else ``default``; with one or no
+    name every frame is at index 0 (a single-fidelity model ignores tags).
+
+    Raises:
+        DataError: an unknown name or index, or a frame with no level and no default; the
+            message names the frame.
+    """
+    for frame in frames:
+        if not names or (len(names) == 1 and source_fidelity is None and frame.fidelity_tag is None):
+            frame.fidelity = 0
+            continue
+        tag = source_fidelity if source_fidelity is not None else frame.fidelity_tag
+        if tag is None:
+            if default is None:
+                hint = (f"tag the frame with atoms.info['{tag_key}']" if tag_key else
+                        "set data.fidelity_key to the atoms.info key that tags frames")
+                raise DataError(f"{frame.source}: no level of theory for this multi-fidelity model "
+                                f"(fidelities {list(names)}): give the data source one "
+                                f"({{source: ..., fidelity: NAME}}) or {hint}")
+            frame.fidelity = int(default)
+        elif tag in names:
+            frame.fidelity = list(names).index(tag)
+        elif tag.lstrip("-").isdigit() and 0 <= int(tag) < len(names):
+            frame.fidelity = int(tag)
+        else:
+            where = "its data source's fidelity" if source_fidelity is not None else f"atoms.info['{tag_key}']"
+            raise DataError(f"{frame.source}: fidelity '{tag}' ({where}) is not one of the model's fidelities "
+                            f"{list(names)} (nor an index 0..{max(len(names) - 1, 0)})")

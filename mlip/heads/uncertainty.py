@@ -66,12 +66,14 @@ def reset_variance_offset(params: Any, energy_variance: float, forces_variance: 
     start near the current training error, not near 0 or far above it). Values are in
     the head's normalised units² (energy: per atom). Works on stacked parameters too.
     """
-    head = params["head"]
-    offset = head["variance_offset"]
-    target = jnp.asarray([inverse_softplus(max(energy_variance, 1e-12)),
-                          inverse_softplus(max(forces_variance, 1e-12))], offset.dtype)
-    new_head = {**head, "variance_offset": jnp.broadcast_to(target, offset.shape)}
-    return {**params, "head": new_head}
+    from mlip.heads.fidelity import head_paths, tree_at, tree_with
+
+    for path in head_paths(params):  # every fidelity's head of a multi-fidelity model
+        offset = tree_at(params, path + ("variance_offset",))
+        target = jnp.asarray([inverse_softplus(max(energy_variance, 1e-12)),
+                              inverse_softplus(max(forces_variance, 1e-12))], offset.dtype)
+        params = tree_with(params, path + ("variance_offset",), jnp.broadcast_to(target, offset.shape))
+    return params
 
 
 @register_head("shallow_ensemble")

@@ -1,4 +1,4 @@
-"""Embedding of a graph's total charge and spin into its atoms' features, for any backbone.
+"""Embeddings of a graph's total charge and spin, and of its level of theory, into its atoms' features.
 
 A local model sees only geometry, so a cation and the neutral molecule of the same
 geometry look alike to it. With the embedding every atom of graph g adds
@@ -31,3 +31,17 @@ class ChargeSpinEmbedding(nn.Module):
                                       name="hidden")(per_graph))
         out = nn.Dense(self.num_channels, use_bias=False, param_dtype=dtype, name="out")(hidden)
         return out[graph.node_graph]
+
+
+class FidelityEmbedding(nn.Module):
+    """[N, num_channels] a learned vector per level of theory (``graph.fidelity``), for a
+    multi-fidelity model with ``model.fidelity_embedding`` (added to the initial features)."""
+
+    num_fidelities: int
+    num_channels: int
+
+    @nn.compact
+    def __call__(self, graph: AtomsGraph, dtype) -> jnp.ndarray:
+        table = nn.Embed(self.num_fidelities, self.num_channels, param_dtype=dtype,
+                         embedding_init=nn.initializers.normal(stddev=0.1), name="table")
+        return table(graph.fidelity)[graph.node_graph].astype(dtype)

@@ -26,7 +26,7 @@ import numpy as np
 
 from mlip.geometry import padded_edge_vectors
 from mlip.graph import AtomsGraph
-from mlip.models.embedding import ChargeSpinEmbedding
+from mlip.models.embedding import ChargeSpinEmbedding, FidelityEmbedding
 from mlip.models.radial import radial_embedding
 from mlip.models.symmetric_contraction import SymmetricContraction, irreps_up_to
 from mlip.physics.ewald_message_passing import EwaldBlock
@@ -217,6 +217,8 @@ class MACE(nn.Module):
             spin to the atoms' initial features.
         ewald_message_passing: settings of an `EwaldBlock` that updates the invariant
             channels after every interaction, or None.
+        num_fidelities: >0 adds a `FidelityEmbedding` of the graph's level of theory to the
+            atoms' initial features (multi-fidelity models with ``fidelity_embedding``).
     """
 
     atomic_numbers: tuple[int, ...]
@@ -232,6 +234,7 @@ class MACE(nn.Module):
     radial_mlp: tuple[int, ...] = (64, 64, 64)
     charge_spin_embedding: bool = False
     ewald_message_passing: Optional[dict] = None  # EwaldBlock settings, or None
+    num_fidelities: int = 0
 
     @property
     def feature_irreps(self) -> e3nn.Irreps:
@@ -262,6 +265,9 @@ class MACE(nn.Module):
         if self.charge_spin_embedding:
             state = ChargeSpinEmbedding(self.num_channels, name="charge_spin")(graph, positions.dtype)
             node_features = node_features + e3nn.IrrepsArray(node_features.irreps, state)
+        if self.num_fidelities:
+            level = FidelityEmbedding(self.num_fidelities, self.num_channels, name="fidelity")(graph, positions.dtype)
+            node_features = node_features + e3nn.IrrepsArray(node_features.irreps, level)
         # With the charge/spin embedding the initial features are part of the output too:
         # the first interaction has no skip, so an atom with no neighbour within the cutoff
         # (an ion far from the rest) would otherwise leave it with zero features, the same

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from mlip.geometry import max_at_receivers, padded_edge_vectors, sum_at_receivers
 from mlip.graph import AtomsGraph
-from mlip.models.embedding import ChargeSpinEmbedding
+from mlip.models.embedding import ChargeSpinEmbedding, FidelityEmbedding
 from mlip.models.mace import species_index_table
 from mlip.physics.ewald_message_passing import EwaldBlock
 from mlip.registry import register_backbone
@@ -146,6 +146,8 @@ class EquivariantTransformer(nn.Module):
             initial scalars.
         ewald_message_passing: `EwaldBlock` settings for a long-range update of x after
             every layer, or None.
+        num_fidelities: >0 adds a `FidelityEmbedding` of the graph's level of theory to the
+            initial scalars.
     """
 
     atomic_numbers: tuple[int, ...]
@@ -158,6 +160,7 @@ class EquivariantTransformer(nn.Module):
     attention: str = "silu"
     charge_spin_embedding: bool = True
     ewald_message_passing: Optional[dict] = None
+    num_fidelities: int = 0
 
     @property
     def feature_irreps(self) -> e3nn.Irreps:
@@ -180,6 +183,8 @@ class EquivariantTransformer(nn.Module):
             species_index, edge_basis, edge_cutoff, graph, dtype)
         if self.charge_spin_embedding:
             x = x + ChargeSpinEmbedding(self.num_channels, name="charge_spin")(graph, dtype)
+        if self.num_fidelities:
+            x = x + FidelityEmbedding(self.num_fidelities, self.num_channels, name="fidelity")(graph, dtype)
         v = jnp.zeros((n, 3, self.num_channels), dtype)
         for layer in range(self.num_layers):
             normed = nn.LayerNorm(param_dtype=dtype, name=f"norm_{layer}")(x)

@@ -36,7 +36,7 @@ import numpy as np
 
 from mlip.graph import AtomsGraph
 from mlip.models.all_to_all import AllToAllLayer
-from mlip.models.embedding import ChargeSpinEmbedding
+from mlip.models.embedding import ChargeSpinEmbedding, FidelityEmbedding
 from mlip.models.mace import species_index_table
 from mlip.registry import register_backbone
 
@@ -75,6 +75,7 @@ class TokenTransformer(nn.Module):
     distance_basis: int
     charge_spin_embedding: bool
     max_atoms: int
+    num_fidelities: int = 0
 
     @nn.compact
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> jnp.ndarray:
@@ -90,6 +91,8 @@ class TokenTransformer(nn.Module):
         tokens = tokens + nn.Dense(self.num_channels, param_dtype=dtype, name="position_embedding")(coordinates)
         if self.charge_spin_embedding:
             tokens = tokens + ChargeSpinEmbedding(self.num_channels, name="charge_spin")(graph, dtype)
+        if self.num_fidelities:
+            tokens = tokens + FidelityEmbedding(self.num_fidelities, self.num_channels, name="fidelity")(graph, dtype)
         for layer in range(self.num_layers):
             tokens = AllToAllLayer(self.num_heads, self.head_dim, self.distance_basis, self.max_atoms, self.r_max,
                                    name=f"layer_{layer}")(tokens, graph, positions, cell)
@@ -128,6 +131,7 @@ class TransIP(nn.Module):
     rotation_average: int = 0
     max_atoms: int = 4096
     equivariance_objective: float = 0.0  # a loss weight, read by the potential (EnergyModel.embedding_map)
+    num_fidelities: int = 0  # >0: a FidelityEmbedding added to the tokens
 
     @nn.compact
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> e3nn.IrrepsArray:
@@ -135,7 +139,7 @@ class TransIP(nn.Module):
                         num_heads=self.num_heads, head_dim=self.head_dim, num_layers=self.num_layers,
                         num_frequencies=self.num_frequencies, frequency_scale=self.frequency_scale,
                         distance_basis=self.distance_basis, charge_spin_embedding=self.charge_spin_embedding,
-                        max_atoms=self.max_atoms)
+                        max_atoms=self.max_atoms, num_fidelities=self.num_fidelities)
         if self.rotation_average > 1:
             # One set of parameters applied to K turned copies (the same names as without).
             rotations = jnp.asarray(fixed_rotations(self.rotation_average), positions.dtype)

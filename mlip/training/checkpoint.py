@@ -75,6 +75,14 @@ def write_json(path: str, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str) -> Any:
+    """A JSON file written by `write_json`, or None where there is none."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as stream:
+        return json.load(stream)
+
+
 def save_pytree(path: str, tree: Any) -> None:
     host_tree = jax.tree.map(np.asarray, tree)
     atomic_write_bytes(path, flax.serialization.to_bytes(host_tree))
@@ -137,6 +145,8 @@ def model_metadata(potential, uncertainty: dict | None = None) -> dict:
     metadata = {"format_version": 1 if uncertainty is None else FORMAT_VERSION, "mlip_version": __version__,
                 "model": potential.config.model_dump(mode="json"),
                 "statistics": potential.statistics.to_json()}
+    if potential.config.fidelities:  # what the calculator and MD predict unless told otherwise
+        metadata["default_fidelity"] = potential.config.fidelities[-1]
     if uncertainty is not None:
         metadata["uncertainty"] = dict(uncertainty)
     return metadata
@@ -189,11 +199,17 @@ def parameter_template(potential) -> Any:
     return jax.eval_shape(potential.init, jax.random.PRNGKey(0), graph)
 
 
-def load_potential(run_dir: str, which: str = "best", rotation_average: Optional[int] = None):
+def load_potential(run_dir: str, which: str = "best", rotation_average: Optional[int] = None,
+                   fidelity: Optional[str] = None, per_frame_fidelity: bool = False):
     """The `Potential` of a run and its parameters (``best`` or ``last``).
 
     ``rotation_average``: for a TransIP model, average its features over this many fixed
     rotations at inference (the parameters are the same; 0 or 1: none).
+
+    ``fidelity``: a multi-fidelity model predicts every structure at this level of theory
+    (None: the default one model.json names, the last of ``model.fidelities``); with
+    ``per_frame_fidelity`` and no ``fidelity`` it reads each graph's own level instead
+    (evaluation of tagged data).
 
     For a run with uncertainty (model.json names a method) the potential is a
     `mlip.uq.PosteriorPotential` carrying the run's recalibration, and the parameters are
@@ -215,6 +231,8 @@ def load_potential(run_dir: str, which: str = "best", rotation_average: Optional
                               f"{model['backbone'].get('name')} (equivariant by construction)")
         model = {**model, "backbone": {**model["backbone"], "rotation_average": int(rotation_average)}}
     potential = Potential(ModelConfig.model_validate(model), DatasetStatistics.from_json(metadata["statistics"]))
+    if fidelity is not None or not per_frame_fidelity:
+        potential = potential.with_fidelity(fidelity if fidelity is not None else metadata.get("default_fidelity"))
     template = parameter_template(potential)
     uncertainty = metadata.get("uncertainty")
     if uncertainty is not None:

@@ -24,27 +24,73 @@ from mlip.model_config import (AllToAllConfig, BackboneConfig, EnergyHeadConfig,
                                MeanVarianceHeadConfig, ModelConfig, ShallowEnsembleHeadConfig, StrictModel)
 
 
-class DataConfig(StrictModel):
-    """Data sources are ``path@index`` strings (ASE index syntax, e.g. ``file.xyz@0:450``)."""
+class DataSource(StrictModel):
+    """One entry of a list of data sources: ``{source: cheap.xyz@0:500, fidelity: gfn1}``."""
 
-    train: str
-    valid: Optional[str] = None
+    source: str = Field(description="path@index (ASE index syntax)")
+    fidelity: Optional[str] = Field(
+        None, description="the level of theory of all its frames (a name in model.fidelities); null: each "
+                          "frame's own tag under data.fidelity_key")
+
+
+# A data source: one ``path@index`` string, or a list of strings and {source, fidelity} entries.
+DataSources = Union[str, list[Union[str, DataSource]]]
+
+
+def source_list(spec: Optional[DataSources]) -> list[DataSource]:
+    """The entries of a data-source setting as `DataSource` records (none for null)."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [DataSource(source=spec)]
+    return [DataSource(source=item) if isinstance(item, str) else item for item in spec]
+
+
+def describe_sources(spec: Optional[DataSources]) -> str:
+    """The sources in words for messages: ``a.xyz@0:5`` or ``a.xyz@0:5 (gfn1) + b.xyz (gfn2)``."""
+    return " + ".join(entry.source + (f" ({entry.fidelity})" if entry.fidelity else "")
+                      for entry in source_list(spec)) or "(none)"
+
+
+class ReplayConfig(StrictModel):
+    """Rehearsal while fine-tuning: every epoch mixes a fresh random draw of old frames into the
+    new training frames, so the model does not forget the old task (METHODS.md §6.3)."""
+
+    fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each epoch's training frames that are old")
+    source: Optional[DataSources] = Field(
+        None, description="the old frames; null: the training data of training.init_from's run")
+
+
+# Reference energies: 'fit', a file, or an element -> eV mapping.
+E0Spec = Union[Literal["fit"], str, dict[str, float]]
+
+
+class DataConfig(StrictModel):
+    """Data sources are ``path@index`` strings (ASE index syntax, e.g. ``file.xyz@0:450``), or lists of
+    them and of ``{source, fidelity}`` entries (multi-fidelity data)."""
+
+    train: DataSources
+    valid: Optional[DataSources] = None
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0,
                                   description="split off train when `valid` is not given")
-    test: Optional[str] = None
+    test: Optional[DataSources] = None
     energy_key: Optional[str] = "REF_energy"
     forces_key: Optional[str] = "REF_forces"
     stress_key: Optional[str] = "REF_stress"
     charge_key: Optional[str] = "total_charge"
     spin_key: Optional[str] = "total_spin"
-    fidelity_key: Optional[str] = None
+    fidelity_key: Optional[str] = Field(
+        None, description="atoms.info key of each frame's level of theory (a name in model.fidelities or an "
+                          "index into it), for frames whose data source names none")
     magmoms_key: Optional[str] = Field(
         None, description="atoms.arrays key of per-atom magnetic moments (μ_B; |m| of 3-vectors), the target "
                           "of model.magmoms; frames without it are masked")
-    e0s: Union[Literal["fit"], str, dict[str, float]] = Field(
+    e0s: Union[E0Spec, dict[str, E0Spec]] = Field(
         "fit", description="'fit' (least squares; or the energies of config_type=IsolatedAtom frames where the "
                            "data hold them, MACE's convention), a JSON file of isolated-atom energies, a structure "
-                           "file (e.g. extxyz) of one isolated atom per frame, or a mapping element -> eV")
+                           "file (e.g. extxyz) of one isolated atom per frame, or a mapping element -> eV; for a "
+                           "multi-fidelity model also a mapping fidelity name -> one of these (others: fit)")
+    replay: Optional[ReplayConfig] = Field(None, description="rehearsal of old data while fine-tuning, or null")
     scaling: Literal["rms_forces", "std_energy"] = "rms_forces"
     edge_layout: Literal["auto", "dense", "list"] = Field(
         "auto", description="edges of a batch as K slots per atom ('dense', a matrix product per "
@@ -70,6 +116,9 @@ class LossConfig(StrictModel):
     stage_two_start: Optional[float] = Field(None, gt=0.0, lt=1.0)
     stage_two_energy_weight: NonNegativeFloat = 1000.0
     stage_two_forces_weight: NonNegativeFloat = 100.0
+    fidelity_weights: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict, description="multi-fidelity: a factor on every loss term of frames at that "
+                                          "fidelity (names of model.fidelities; unnamed: 1)")
 
     def weights_at(self, progress: float) -> dict:
         """Loss weights at a given fraction of the run."""
@@ -114,6 +163,12 @@ class TrainingConfig(StrictModel):
         False, description="turn every training structure by a fresh random rotation each step (positions, "
                            "cell, force and stress labels): how a non-equivariant model (transip) learns the "
                            "symmetry; no use for equivariant backbones")
+    init_from: Optional[str] = Field(
+        None, description="fine-tune: start from this run directory's best parameters and statistics; new "
+                          "elements and new fidelities are allowed (their parameters start fresh)")
+    freeze_backbone_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="with init_from: train only the readout heads for this fraction of "
+                                         "the run, then everything")
     progress_bar: bool = True
     plots: bool = True
 
@@ -329,6 +384,33 @@ class RunConfig(StrictModel):
             raise ValueError(f"uncertainty.method '{method}' needs model.head.name '{needed}', got '{head}'")
         if needed is None and head in METHOD_HEADS.values():
             raise ValueError(f"model.head.name '{head}' needs uncertainty.method '{head}', got '{method}'")
+        return self
+
+    @model_validator(mode="after")
+    def _fidelities_known(self):
+        known = self.model.fidelity_names
+        named = {entry.fidelity: f"data.{split}" for split in ("train", "valid", "test")
+                 for entry in source_list(getattr(self.data, split)) if entry.fidelity is not None}
+        if self.data.replay is not None:
+            named.update({entry.fidelity: "data.replay.source" for entry in source_list(self.data.replay.source)
+                          if entry.fidelity is not None})
+        named.update({name: "loss.fidelity_weights" for name in self.loss.fidelity_weights})
+        if isinstance(self.data.e0s, dict) and self.data.e0s and all(isinstance(v, (str, dict))
+                                                                     for v in self.data.e0s.values()):
+            named.update({name: "data.e0s" for name in self.data.e0s})
+        for name, where in named.items():
+            if not known and self.training.init_from:
+                break  # the model section comes from the source run; checked again once merged
+            if not known:
+                raise ValueError(f"{where} names fidelity '{name}', but model.fidelities is not set (list the "
+                                 "levels of theory there, lowest first)")
+            if name not in known:
+                raise ValueError(f"{where} names fidelity '{name}', not one of model.fidelities {list(known)}")
+        if self.training.freeze_backbone_fraction and not self.training.init_from:
+            raise ValueError("training.freeze_backbone_fraction needs training.init_from (a trained backbone)")
+        if self.data.replay is not None and self.data.replay.source is None and not self.training.init_from:
+            raise ValueError("data.replay needs data.replay.source or training.init_from (whose training data "
+                             "it replays)")
         return self
 
     @field_validator("run_dir")

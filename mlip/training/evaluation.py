@@ -47,7 +47,7 @@ class Predictor:
             offset = 0
             for g, sample in enumerate(chunk):
                 n = sample.n_atoms
-                reference = self.potential.reference_energy(sample.frame.numbers)
+                reference = self.potential.reference_energy(sample.frame.numbers, sample.frame.fidelity)
                 result = {"energy": reference + float(outputs["energy"][g]),
                           "forces": np.asarray(outputs["forces"][offset:offset + n], np.float64),
                           "stress": None}
@@ -101,6 +101,18 @@ def compute_metrics(samples: Sequence[GraphSample], predictions: Sequence[dict])
         metrics.update(magmoms_mae=float(np.mean(np.abs(magmoms))),
                        magmoms_rmse=float(np.sqrt(np.mean(magmoms**2))))
     return metrics
+
+
+def metrics_by_fidelity(samples: Sequence[GraphSample], predictions: Sequence[dict], names: Sequence[str]) -> dict:
+    """``{"by_fidelity": {name: metrics}}`` where the samples hold more than one fidelity, else {}."""
+    present = sorted({sample.frame.fidelity for sample in samples})
+    if len(names) < 2 or len(present) < 2:
+        return {}
+    groups = {}
+    for index in present:
+        chosen = [k for k, sample in enumerate(samples) if sample.frame.fidelity == index]
+        groups[names[index]] = compute_metrics([samples[k] for k in chosen], [predictions[k] for k in chosen])
+    return {"by_fidelity": groups}
 
 
 def loss_from_metrics(metrics: dict, weights: dict) -> float:

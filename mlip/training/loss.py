@@ -32,23 +32,37 @@ def _masked_mean(values: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def loss_terms(outputs: dict, graph: AtomsGraph, config: LossConfig) -> dict:
-    """Per-term losses (unweighted) for one batch."""
+def fidelity_factors(graph: AtomsGraph, fidelity_weights, dtype) -> tuple:
+    """[G] and [N] loss factors of each graph's and atom's fidelity (ones without weights)."""
+    if fidelity_weights is None:
+        return 1.0, 1.0
+    per_graph = jnp.asarray(fidelity_weights, dtype)[graph.fidelity]
+    return per_graph, per_graph[graph.node_graph]
+
+
+def loss_terms(outputs: dict, graph: AtomsGraph, config: LossConfig, fidelity_weights=None) -> dict:
+    """Per-term losses (unweighted) for one batch.
+
+    ``fidelity_weights`` [F] (multi-fidelity, ``loss.fidelity_weights``) scales every
+    frame's contributions by its fidelity's factor; the means stay over all labels, so a
+    factor of 0.5 halves that fidelity's share whatever the batch's mix.
+    """
     targets = graph.targets
     n_atoms = jnp.maximum(graph.n_node, 1).astype(outputs["energy"].dtype)
     graph_mask = graph.graph_mask.astype(outputs["energy"].dtype)
+    graph_factor, node_factor = fidelity_factors(graph, fidelity_weights, outputs["energy"].dtype)
     energy_error = (outputs["energy"] - targets["energy"]) / n_atoms
-    terms = {"energy": _masked_mean(_penalty(energy_error, config), targets["energy_mask"] * graph_mask)}
+    terms = {"energy": _masked_mean(graph_factor * _penalty(energy_error, config), targets["energy_mask"] * graph_mask)}
     if "forces" in outputs:
         force_mask = targets["forces_mask"] * graph.node_mask
         per_atom = jnp.mean(_penalty(outputs["forces"] - targets["forces"], config), axis=-1)
-        terms["forces"] = _masked_mean(per_atom, force_mask)
+        terms["forces"] = _masked_mean(node_factor * per_atom, force_mask)
     if "stress" in outputs:
         per_graph = jnp.mean(_penalty(outputs["stress"] - targets["stress"], config), axis=(-1, -2))
-        terms["stress"] = _masked_mean(per_graph, targets["stress_mask"] * graph_mask)
+        terms["stress"] = _masked_mean(graph_factor * per_graph, targets["stress_mask"] * graph_mask)
     if "magmoms" in outputs and "magmoms" in targets:
         mask = targets["magmoms_mask"] * graph.node_mask
-        terms["magmoms"] = _masked_mean(_penalty(outputs["magmoms"] - targets["magmoms"], config), mask)
+        terms["magmoms"] = _masked_mean(node_factor * _penalty(outputs["magmoms"] - targets["magmoms"], config), mask)
     return terms
 
 
@@ -92,26 +106,28 @@ def predicted_gaussians(outputs: dict) -> dict:
     return gaussians
 
 
-def gaussian_nll_terms(outputs: dict, graph: AtomsGraph, beta: float) -> dict:
+def gaussian_nll_terms(outputs: dict, graph: AtomsGraph, beta: float, fidelity_weights=None) -> dict:
     """``energy_nll`` (per structure, divided by its atom count) and ``forces_nll`` (per component).
 
     Only the outputs with a predicted variance get a term. Padding is masked; its
     variance is replaced by 1 before the logarithm so no NaN reaches the gradient.
+    ``fidelity_weights`` as in `loss_terms`.
     """
     targets = graph.targets
     terms = {}
     gaussians = predicted_gaussians(outputs)
+    graph_factor, node_factor = fidelity_factors(graph, fidelity_weights, outputs["energy"].dtype)
     if "energy" in gaussians:
         mean, variance = gaussians["energy"]
         mask = targets["energy_mask"] * graph.graph_mask.astype(mean.dtype)
         variance = jnp.where(mask > 0, variance, 1.0)
         n_atoms = jnp.maximum(graph.n_node, 1).astype(mean.dtype)
         per_graph = beta_nll(mean - targets["energy"], variance, beta) / n_atoms
-        terms["energy_nll"] = _masked_mean(per_graph, mask)
+        terms["energy_nll"] = _masked_mean(graph_factor * per_graph, mask)
     if "forces" in gaussians:
         mean, variance = gaussians["forces"]
         mask = targets["forces_mask"] * graph.node_mask
         variance = jnp.where(mask[:, None] > 0, variance, 1.0)
         per_atom = jnp.mean(beta_nll(mean - targets["forces"], variance, beta), axis=-1)
-        terms["forces_nll"] = _masked_mean(per_atom, mask)
+        terms["forces_nll"] = _masked_mean(node_factor * per_atom, mask)
     return terms

@@ -46,14 +46,16 @@ import numpy as np
 import optax
 
 from mlip.data.batching import BatchIterator, build_samples
-from mlip.data.reader import LabelKeys, read_frames
-from mlip.data.statistics import DatasetStatistics, compute_statistics, isolated_atom_energies, load_e0_file
+from mlip.data.reader import LabelKeys, assign_fidelities, read_frames
+from mlip.data.statistics import (DatasetStatistics, compute_statistics, extend_statistics, isolated_atom_energies,
+                                  load_e0_file)
 from mlip.errors import CheckpointError, ConfigError, DataError
 from mlip.graph import random_rotations, rotate_graph
 from mlip.potential import Potential
 from mlip.training import checkpoint
-from mlip.training.config import RunConfig, save_config
-from mlip.training.evaluation import Predictor, compute_metrics, loss_from_metrics, parity_plot
+from mlip.training import finetune
+from mlip.training.config import RunConfig, config_from_dict, describe_sources, save_config, source_list
+from mlip.training.evaluation import Predictor, compute_metrics, loss_from_metrics, metrics_by_fidelity, parity_plot
 from mlip.training.loss import gaussian_nll_terms, loss_terms, total_loss
 from mlip.uq import ensemble
 from mlip.uq.evaluation import (fit_interval_recalibration, fit_recalibration, recalibrate_predictions,
@@ -61,9 +63,13 @@ from mlip.uq.evaluation import (fit_interval_recalibration, fit_recalibration, r
 from mlip.uq.methods import hooks_for
 from mlip.uq.posterior import PosteriorPotential, sample_count
 
+# Parameters held still while ``training.freeze_backbone_fraction`` lasts (top-level modules).
+FROZEN_MODULES = ("backbone", "all_to_all", "embedding_map")
+
 METRIC_COLUMNS = ["epoch", "step", "time_s", "learning_rate", "train_loss", "valid_loss",
                   "valid_energy_mae_per_atom", "valid_energy_rmse_per_atom", "valid_forces_mae",
-                  "valid_forces_rmse", "valid_stress_mae"]
+                  "valid_forces_rmse", "valid_stress_mae", "old_valid_energy_mae_per_atom", "old_valid_forces_mae"]
+OLD_TASK_BEFORE = "old_task_before.json"  # a fine-tuning run's old-task errors before its first step
 
 
 def label_keys(config: RunConfig) -> LabelKeys:
@@ -84,24 +90,36 @@ def _without_isolated_atoms(frames: list, isolated: list) -> list:
     return [frame for frame in frames if not is_isolated_atom(frame)]
 
 
+def read_data(config: RunConfig, spec, default_fidelity: Optional[int] = None) -> list:
+    """The frames of a data-source setting (a ``path@index`` string or a list of sources), each
+    with its fidelity index into ``model.fidelities`` (from its source, else its tag, else
+    ``default_fidelity``)."""
+    keys = label_keys(config)
+    frames = []
+    for entry in source_list(spec):
+        part = read_frames(entry.source, keys)
+        assign_fidelities(part, config.model.fidelity_names, entry.fidelity, default_fidelity, config.data.fidelity_key)
+        frames += part
+    return frames
+
+
 def load_split(config: RunConfig):
     """Train and validation frames (validation split off train when not given), and the
     isolated-atom frames found among them, taken out of both."""
-    keys = label_keys(config)
     isolated: list = []
-    train = _without_isolated_atoms(read_frames(config.data.train, keys), isolated)
+    train = _without_isolated_atoms(read_data(config, config.data.train), isolated)
     if config.data.valid:
-        valid = _without_isolated_atoms(read_frames(config.data.valid, keys), isolated)
+        valid = _without_isolated_atoms(read_data(config, config.data.valid), isolated)
     else:
         if len(train) < 2:
-            raise DataError(f"{config.data.train}: need at least 2 frames to split off a validation set "
-                            "(or give data.valid)")
+            raise DataError(f"{describe_sources(config.data.train)}: need at least 2 frames to split off a "
+                            "validation set (or give data.valid)")
         order = np.random.default_rng(config.seed).permutation(len(train))
         n_valid = max(1, int(round(config.data.valid_fraction * len(train))))
         valid = [train[i] for i in order[:n_valid]]
         train = [train[i] for i in sorted(order[n_valid:])]
     if not train:
-        raise DataError(f"{config.data.train}: no training frames besides the isolated atoms")
+        raise DataError(f"{describe_sources(config.data.train)}: no training frames besides the isolated atoms")
     return train, valid, isolated
 
 
@@ -124,10 +142,29 @@ def resolve_e0s(config: RunConfig, isolated: Sequence = ()) -> tuple[Optional[di
     ``config_type=IsolatedAtom``) takes their energies; a JSON or structure file, or a
     mapping, wins over such frames.
     """
-    e0s = config.data.e0s
+    return _resolve_e0_spec(config, config.data.e0s, isolated)
+
+
+def resolve_fidelity_e0s(config: RunConfig, isolated: Sequence = ()) -> tuple[list, str]:
+    """Per fidelity of a multi-fidelity model: its reference energies (None: fit) and, in words,
+    where they all come from. ``data.e0s`` may map fidelity names to specs (others: fit); one
+    spec applies to every fidelity; isolated-atom frames count for their own fidelity."""
+    spec = config.data.e0s
+    per_name = isinstance(spec, dict) and bool(spec) and all(isinstance(v, (str, dict)) for v in spec.values())
+    e0s, sources = [], []
+    for index, name in enumerate(config.model.fidelity_names):
+        own_spec = spec.get(name, "fit") if per_name else spec
+        own_isolated = [frame for frame in isolated if frame.fidelity == index]
+        e0, where = _resolve_e0_spec(config, own_spec, own_isolated, f" (fidelity '{name}')")
+        e0s.append(e0)
+        sources.append(f"{name}: {where}")
+    return e0s, "; ".join(sources)
+
+
+def _resolve_e0_spec(config: RunConfig, e0s, isolated: Sequence = (), label: str = "") -> tuple[Optional[dict], str]:
     if isolated and e0s != "fit":
-        print(f"notice: {len(isolated)} isolated-atom frame(s) (config_type=IsolatedAtom) left out of training; "
-              f"the reference energies come from data.e0s", file=sys.stderr)
+        print(f"notice: {len(isolated)} isolated-atom frame(s) (config_type=IsolatedAtom){label} left out of "
+              f"training; the reference energies come from data.e0s", file=sys.stderr)
     if isinstance(e0s, dict):
         from ase.data import atomic_numbers
 
@@ -135,7 +172,7 @@ def resolve_e0s(config: RunConfig, isolated: Sequence = ()) -> tuple[Optional[di
         for key, value in e0s.items():
             z = int(key) if str(key).isdigit() else atomic_numbers.get(key)
             if z is None:
-                raise ConfigError(f"data.e0s: '{key}' is neither an atomic number nor an element symbol")
+                raise ConfigError(f"data.e0s{label}: '{key}' is neither an atomic number nor an element symbol")
             resolved[z] = float(value)
         return resolved, "data.e0s mapping"
     if e0s == "fit":
@@ -162,8 +199,9 @@ def describe_data(train: Sequence, valid: Sequence, statistics: DatasetStatistic
     labelled = [f for f in train if f.energy is not None]
     if labelled:
         per_frame = np.array([f.energy for f in labelled])
-        e0 = statistics.e0_per_species()
-        above = np.array([(f.energy - e0[f.numbers].sum()) / f.n_atoms for f in labelled])
+        e0 = statistics.e0_tables()
+        above = np.array([(f.energy - e0[min(f.fidelity, len(e0) - 1)][f.numbers].sum()) / f.n_atoms
+                          for f in labelled])
         lines.append(f"  energy   {per_frame.min():.6g} … {per_frame.max():.6g} eV per frame; above the references "
                      f"{above.min():.4g} … {above.max():.4g} eV/atom (shift {statistics.shift:.4g})")
     forces = [f.forces for f in train if f.forces is not None]
@@ -174,10 +212,14 @@ def describe_data(train: Sequence, valid: Sequence, statistics: DatasetStatistic
     periodic = sum(f.is_periodic for f in train)
     stressed = sum(f.stress is not None for f in train)
     lines.append(f"  cells    {periodic} periodic, {len(train) - periodic} non-periodic; stress on {stressed} frames")
-    lines.append(f"  charge   {counts(f.charge for f in train)}; spin multiplicity {counts(f.spin for f in train)}; "
-                 f"fidelity {counts(f.fidelity for f in train)}")
-    lines.append(f"  E0 ({e0_source}): " + ", ".join(f"{chemical_symbols[z]} {statistics.e0[z]:.6g}"
-                                                     for z in statistics.atomic_numbers) + " eV")
+    lines.append(f"  charge   {counts(f.charge for f in train)}; spin multiplicity {counts(f.spin for f in train)}")
+    lines.append(f"  E0 ({e0_source})")
+    for entry in statistics.fidelities or [statistics]:
+        name = getattr(entry, "name", None)
+        label = (f"fidelity {name}: {sum(f.fidelity == statistics.fidelity_names.index(name) for f in train)} "
+                 f"frames, shift {entry.shift:.4g}, scale {entry.scale:.4g}; E0 ") if name else "E0 "
+        lines.append(f"  {label}" + ", ".join(f"{chemical_symbols[z]} {entry.e0[z]:.6g}"
+                                              for z in statistics.atomic_numbers) + " eV")
     return "\n".join(lines)
 
 
@@ -218,6 +260,15 @@ class Trainer:
     """Holds the data, the model and the state of one training run."""
 
     def __init__(self, config: RunConfig):
+        # Fine-tuning: the source run's model section, overridden by this config's own model keys.
+        self.source = None
+        if config.training.init_from:
+            self.source = finetune.load_source_run(config.training.init_from)
+            finetune.check_source_run(self.source, config.run_dir)
+            model = finetune.merged_model_config(self.source.model, config.model,
+                                                 config.model.model_dump(mode="json", exclude_unset=True))
+            config = config_from_dict({**config.model_dump(mode="json"), "model": model.model_dump(mode="json")},
+                                      f"config (model merged from {config.training.init_from})")
         self.config = config
         self.run_dir = config.run_dir
         self.dtype = np.float64 if config.model.dtype == "float64" else np.float32
@@ -226,10 +277,25 @@ class Trainer:
         molecules_only = config.model.molecules_only
         self.train_samples = build_samples(train_frames, cutoff, k_cutoff, molecules_only)
         self.valid_samples = build_samples(valid_frames, cutoff, k_cutoff, molecules_only)
-        e0, e0_source = resolve_e0s(config, isolated)
-        self.statistics: DatasetStatistics = compute_statistics(self.train_samples, e0, config.data.scaling)
+        names = config.model.fidelity_names
+        if names:
+            e0s, e0_source = resolve_fidelity_e0s(config, isolated)
+        else:
+            e0, e0_source = resolve_e0s(config, isolated)
+        if self.source is not None:
+            self.statistics: DatasetStatistics = extend_statistics(
+                self.source.statistics, self.source.model.fidelity_names, self.train_samples, names,
+                e0s if names else [e0], config.data.scaling)
+            e0_source = f"{self.source.run_dir} (init_from), new ones: {e0_source}"
+        elif names:
+            self.statistics = compute_statistics(self.train_samples, None, config.data.scaling, names, e0s)
+        else:
+            self.statistics = compute_statistics(self.train_samples, e0, config.data.scaling)
         print(describe_data(train_frames, valid_frames, self.statistics, e0_source), file=sys.stderr, flush=True)
         check_elements(valid_frames, self.statistics.atomic_numbers, "validation")
+        # The old task of a fine-tuning run: replayed training frames, and validation frames
+        # whose errors are recorded before and during fine-tuning.
+        self.replay_samples, self.old_valid_samples = self._old_task(cutoff, k_cutoff, molecules_only)
         self.potential = Potential(config.model, self.statistics)
         # Ensemble members share the statistics (data, not parameters) and the batches.
         # A model that predicts a Gaussian (mve, shallow_ensemble) is a posterior of one sample.
@@ -244,15 +310,36 @@ class Trainer:
                       if self.members else self.potential)
         self.use_stress = any(s.frame.stress is not None for s in self.train_samples) \
             and config.loss.stress_weight > 0
-        e0_table = self.statistics.e0_per_species()
-        self.train_batches = BatchIterator(self.train_samples, config.training.batch_size, e0_table, self.dtype,
-                                           config.data.edge_layout)
+        replay = None
+        if config.data.replay is not None:
+            replay = (self.replay_samples, finetune.replay_count(len(self.train_samples), config.data.replay.fraction))
+        self.train_batches = BatchIterator(self.train_samples, config.training.batch_size, self.statistics.e0_tables(),
+                                           self.dtype, config.data.edge_layout, replay=replay)
         # Extra-argument support: the step passes key and learning_rate to every update.
         self.optimizer = optax.with_extra_args_support(self.hooks.optimizer(make_optimizer(config)))
         # Stress needs a second derivative direction; skip it for all-molecule data.
-        any_periodic = any(s.frame.is_periodic for s in self.train_samples + self.valid_samples)
+        any_periodic = any(s.frame.is_periodic for s in self.train_samples + self.valid_samples
+                           + self.old_valid_samples)
         self.predictor = Predictor(self.model, compute_stress=any_periodic, layout=config.data.edge_layout)
         self._train_step = jax.jit(self._make_train_step())
+
+    def _old_task(self, cutoff, k_cutoff, molecules_only) -> tuple[list, list]:
+        """Replay pool and old validation samples of a fine-tuning run (empty lists otherwise)."""
+        config, source = self.config, self.source
+        replay_frames, old_valid = [], []
+        if config.data.replay is not None and config.data.replay.source is not None:
+            replay_frames = read_data(config, config.data.replay.source)
+        if source is not None:
+            old_train, old_valid, _ = load_split(source.config)
+            names = config.model.fidelity_names
+            finetune.old_task_fidelity(source, names, old_valid)
+            if config.data.replay is not None and config.data.replay.source is None:
+                finetune.old_task_fidelity(source, names, old_train)
+                replay_frames = old_train
+        for frames, split in ((replay_frames, "replayed"), (old_valid, "old validation")):
+            check_elements(frames, self.statistics.atomic_numbers, split)
+        return (build_samples(replay_frames, cutoff, k_cutoff, molecules_only),
+                build_samples(old_valid, cutoff, k_cutoff, molecules_only))
 
     # ---------------------------------------------------------------- state
     def initial_state(self) -> dict:
@@ -260,10 +347,14 @@ class Trainer:
         first_batch, _ = next(self.train_batches.batches(None))
         if self.members:
             params = ensemble.init_members(self.potential, key, first_batch, self.members)
-            opt_state = jax.vmap(self.optimizer.init)(params)
         else:
             params = self.potential.init(key, first_batch)
-            opt_state = self.optimizer.init(params)
+        if self.source is not None:
+            params, counts = finetune.initial_parameters(params, self.source, self.statistics.atomic_numbers,
+                                                         self.config.model.fidelity_names, self.members)
+            params = jax.tree.map(jnp.asarray, params)
+            print(finetune.describe_transplant(self.source, counts), file=sys.stderr, flush=True)
+        opt_state = jax.vmap(self.optimizer.init)(params) if self.members else self.optimizer.init(params)
         return {"params": params, "opt_state": opt_state,
                 "ema_params": params if self.ema_decay is not None else None,
                 "collection": self.hooks.initial_collection(params),  # SWAG moments, MCMC samples
@@ -306,8 +397,12 @@ class Trainer:
 
         augment = self.config.training.rotation_augmentation
         equivariance_weight = float(getattr(self.config.model.backbone, "equivariance_objective", 0.0))
+        fidelity_weights = None
+        if self.config.loss.fidelity_weights:
+            fidelity_weights = np.array([self.config.loss.fidelity_weights.get(name, 1.0)
+                                         for name in self.config.model.fidelity_names])
 
-        def step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights):
+        def step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights, heads_only):
             if augment:  # its own stream: the samplers' noise keys are unchanged
                 graph = rotate_graph(graph, random_rotations(jax.random.fold_in(key, 0x5EED), graph.n_graph,
                                                              graph.positions.dtype))
@@ -315,9 +410,9 @@ class Trainer:
             def loss_fn(p):
                 outputs = potential.apply(p, graph, compute_forces=True, compute_stress=use_stress,
                                           member_derivatives=member_derivatives)
-                terms = loss_terms(outputs, graph, loss_config)
+                terms = loss_terms(outputs, graph, loss_config, fidelity_weights)
                 if gaussian_nll:
-                    terms.update(gaussian_nll_terms(outputs, graph, uq.beta))
+                    terms.update(gaussian_nll_terms(outputs, graph, uq.beta, fidelity_weights))
                 loss = total_loss(terms, loss_weights)
                 if equivariance_weight:
                     rotations = random_rotations(jax.random.fold_in(key, 0xE0), graph.n_graph, graph.positions.dtype)
@@ -340,6 +435,9 @@ class Trainer:
                 grads, update_args = hooks.combine_draws(grads, draw_args)
             updates, opt_state = optimizer.update(grads, opt_state, params, key=key,
                                                   learning_rate=learning_rate, **update_args)
+            # Fine-tuning's first phase: the backbone stays as trained, the readouts adapt.
+            updates = {name: (jax.tree.map(lambda u: u * (1.0 - heads_only), value) if name in FROZEN_MODULES
+                              else value) for name, value in updates.items()}
             params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
             if ema_params is not None:
                 # torch_ema's warm-up: the decay grows with the number of updates.
@@ -355,14 +453,15 @@ class Trainer:
             mapped = ensemble.map_over_members(step_fn, n_member_args=4,
                                                parallel=getattr(self.config.uncertainty, "parallel_members", None))
 
-            def member_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights):
+            def member_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights, heads_only):
                 keys = jax.random.split(jax.random.fold_in(base_key, step.astype(jnp.uint32)), members)
-                return mapped(params, opt_state, ema_params, keys, graph, learning_rate, step, loss_weights)
+                return mapped(params, opt_state, ema_params, keys, graph, learning_rate, step, loss_weights,
+                              heads_only)
             return member_step
 
-        def single_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights):
+        def single_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights, heads_only):
             key = jax.random.fold_in(base_key, step.astype(jnp.uint32))
-            return step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights)
+            return step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights, heads_only)
         return single_step
 
     # ---------------------------------------------------------------- run
@@ -379,6 +478,9 @@ class Trainer:
                                       f"{self.run_dir}` to continue it, or choose another run_dir")
             state = self.initial_state()
             rows = []
+            if self.old_valid_samples:
+                params = state["ema_params"] if state["ema_params"] is not None else state["params"]
+                checkpoint.write_json(os.path.join(self.run_dir, OLD_TASK_BEFORE), self._old_task_metrics(params))
         save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
         uncertainty = ({"method": self.config.uncertainty.method, "members": self.members, "ddof": 1}
                        if self.members else None)
@@ -403,9 +505,11 @@ class Trainer:
                                               progress)
                 weights = {name: jnp.asarray(value, self.dtype)
                            for name, value in self.loss_weights(progress).items()}
+                heads_only = float(progress < self.config.training.freeze_backbone_fraction)
                 params, opt_state, ema, loss, _ = self._train_step(
                     state["params"], state["opt_state"], state["ema_params"], graph,
-                    jnp.asarray(lr, self.dtype), jnp.asarray(state["step"], self.dtype), weights)
+                    jnp.asarray(lr, self.dtype), jnp.asarray(state["step"], self.dtype), weights,
+                    jnp.asarray(heads_only, self.dtype))
                 state.update(params=params, opt_state=opt_state, ema_params=ema, step=state["step"] + 1)
                 state["collection"] = self.hooks.after_step(state["collection"], state, progress)
                 epoch_losses.append(loss)
@@ -490,10 +594,19 @@ class Trainer:
                 if state["plateau_bad_epochs"] > schedule.plateau_patience:
                     state["plateau_factor"] *= schedule.plateau_factor
                     state["plateau_bad_epochs"] = 0
-        return {"epoch": state["epoch"], "step": state["step"], "time_s": round(state["elapsed"], 2),
-                "learning_rate": lr, "train_loss": train_loss, "valid_loss": valid_loss,
-                **{f"valid_{name}": metrics.get(name, "") for name in
-                   ("energy_mae_per_atom", "energy_rmse_per_atom", "forces_mae", "forces_rmse", "stress_mae")}}
+        row = {"epoch": state["epoch"], "step": state["step"], "time_s": round(state["elapsed"], 2),
+               "learning_rate": lr, "train_loss": train_loss, "valid_loss": valid_loss,
+               **{f"valid_{name}": metrics.get(name, "") for name in
+                  ("energy_mae_per_atom", "energy_rmse_per_atom", "forces_mae", "forces_rmse", "stress_mae")}}
+        if self.old_valid_samples:
+            old = self._old_task_metrics(params)
+            row.update({f"old_valid_{name}": old.get(name, "") for name in ("energy_mae_per_atom", "forces_mae")})
+        return row
+
+    def _old_task_metrics(self, params) -> dict:
+        """Errors on the source run's validation frames (fine-tuning's old task)."""
+        predictions = self.predictor.predict(params, self.old_valid_samples, self.config.training.eval_batch_size)
+        return compute_metrics(self.old_valid_samples, predictions)
 
     def _validation_nll(self, predictions: list, weights: dict) -> float:
         """The NLL terms of the training loss on the validation set (β = 0, i.e. the plain NLL)."""
@@ -532,6 +645,13 @@ class Trainer:
         valid_predictions = self.predictor.predict(best_params, self.valid_samples,
                                                    self.config.training.eval_batch_size)
         summary["valid"] = compute_metrics(self.valid_samples, valid_predictions)
+        summary["valid"].update(metrics_by_fidelity(self.valid_samples, valid_predictions,
+                                                    self.config.model.fidelity_names))
+        if self.old_valid_samples:  # fine-tuning: the old task's errors before and after
+            summary["old_task_valid"] = {
+                "before": checkpoint.read_json(os.path.join(self.run_dir, OLD_TASK_BEFORE)),
+                "after": compute_metrics(self.old_valid_samples, self.predictor.predict(
+                    best_params, self.old_valid_samples, self.config.training.eval_batch_size))}
         predictor = self.predictor
         if has_uncertainty:
             if self.config.uncertainty.recalibrate:
@@ -550,7 +670,9 @@ class Trainer:
                                       predictor.layout)
             summary["valid"].update(uncertainty_metrics(self.valid_samples, valid_predictions))
         if self.config.data.test:
-            test_frames = read_frames(self.config.data.test, label_keys(self.config))
+            # Untagged test frames of a multi-fidelity model are at its default (last) fidelity.
+            test_frames = read_data(self.config, self.config.data.test,
+                                    default_fidelity=max(len(self.config.model.fidelity_names) - 1, 0))
             check_elements(test_frames, self.statistics.atomic_numbers, "test")
             test_samples = build_samples(test_frames, self.potential.cutoff, self.potential.k_cutoff,
                                          self.potential.molecules_only)
@@ -559,6 +681,7 @@ class Trainer:
             test_predictions = predictor.predict(best_params, test_samples,
                                                  self.config.training.eval_batch_size)
             summary["test"] = compute_metrics(test_samples, test_predictions)
+            summary["test"].update(metrics_by_fidelity(test_samples, test_predictions, self.config.model.fidelity_names))
             if has_uncertainty:
                 summary["test"].update(uncertainty_metrics(test_samples, test_predictions,
                                                            checkpoint.read_interval_quantiles(self.run_dir)))

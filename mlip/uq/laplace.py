@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlip.errors import ConfigError, DataError
+from mlip.heads.fidelity import head_paths, tree_at, tree_with
 from mlip.uq.methods import MethodHooks, Posterior, register_hooks
 from mlip.uq.posterior import stack_samples
 
@@ -60,15 +61,20 @@ class LastLayer:
 
     @classmethod
     def of(cls, params: Any) -> "LastLayer":
-        """The linear readout and the MLP's last layer of an `EnergyHead` (``params["head"]``)."""
-        head = params.get("head", {}) if isinstance(params, dict) else {}
-        if "linear" not in head or "mlp" not in head:
-            raise ConfigError("uncertainty.method 'laplace' needs model.head.name 'energy' (a linear readout "
-                              f"plus an MLP); the head's parameters are {sorted(head)}")
-        paths = [("head", "linear", name) for name in sorted(head["linear"])]
-        last_dense = max(head["mlp"], key=lambda name: int(name.rsplit("_", 1)[-1]))
-        paths.append(("head", "mlp", last_dense, "kernel"))
-        shapes = tuple(tuple(_at(params, path).shape) for path in paths)
+        """The linear readout and the MLP's last layer of an `EnergyHead` (``params["head"]``; of
+        every fidelity's head for a multi-fidelity model, in one vector)."""
+        if not isinstance(params, dict) or "head" not in params:
+            raise ConfigError("uncertainty.method 'laplace' needs a model with a readout head")
+        paths = []
+        for head_path in head_paths(params):
+            head = tree_at(params, head_path)
+            if "linear" not in head or "mlp" not in head:
+                raise ConfigError("uncertainty.method 'laplace' needs model.head.name 'energy' (a linear readout "
+                                  f"plus an MLP); the head's parameters are {sorted(head)}")
+            paths += [head_path + ("linear", name) for name in sorted(head["linear"])]
+            last_dense = max(head["mlp"], key=lambda name: int(name.rsplit("_", 1)[-1]))
+            paths.append(head_path + ("mlp", last_dense, "kernel"))
+        shapes = tuple(tuple(tree_at(params, path).shape) for path in paths)
         return cls(tuple(paths), shapes)
 
     @property
@@ -77,28 +83,16 @@ class LastLayer:
 
     def vector(self, params: Any) -> jnp.ndarray:
         """[d] the weights, flattened."""
-        return jnp.concatenate([jnp.ravel(_at(params, path)) for path in self.paths])
+        return jnp.concatenate([jnp.ravel(tree_at(params, path)) for path in self.paths])
 
     def with_vector(self, params: Any, vector: jnp.ndarray) -> Any:
         """``params`` with the last-layer weights replaced by ``vector`` [d]."""
         offset = 0
         for path, shape in zip(self.paths, self.shapes):
             size = int(np.prod(shape))
-            params = _replace(params, path, vector[offset:offset + size].reshape(shape))
+            params = tree_with(params, path, vector[offset:offset + size].reshape(shape))
             offset += size
         return params
-
-
-def _at(tree: Any, path: tuple) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _replace(tree: dict, path: tuple, value: Any) -> dict:
-    if len(path) == 1:
-        return {**tree, path[0]: value}
-    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
 
 
 def batch_statistics(potential, params: Any, layer: LastLayer, graph, basis_chunk: int = 16) -> dict:
@@ -218,8 +212,9 @@ def readout_ensemble(params: Any, layer: LastLayer, draws: np.ndarray) -> Any:
     """Parameters of a K-readout (shallow-ensemble) head: the energy head K times, last layer from ``draws`` [K, d]."""
     dtype = layer.vector(params).dtype
     members = [layer.with_vector(params, jnp.asarray(w, dtype)) for w in draws]
-    stacked_heads = stack_samples([member["head"] for member in members])
-    return {**params, "head": {"readouts": stacked_heads}}
+    for path in head_paths(params):  # one K-readout head per fidelity
+        params = tree_with(params, path, {"readouts": stack_samples([tree_at(member, path) for member in members])})
+    return params
 
 
 def shallow_head_config(model_config, members: int):

@@ -221,8 +221,22 @@ class PosteriorPotential:
     def molecules_only(self) -> bool:
         return self.potential.molecules_only
 
-    def reference_energy(self, numbers) -> float:
-        return self.potential.reference_energy(numbers)
+    @property
+    def fidelity(self):
+        return self.potential.fidelity
+
+    def reference_energy(self, numbers, fidelity=None) -> float:
+        return self.potential.reference_energy(numbers, fidelity)
+
+    def reference_energies(self, numbers, fidelity=None):
+        return self.potential.reference_energies(numbers, fidelity)
+
+    def fidelity_index(self, name) -> int:
+        return self.potential.fidelity_index(name)
+
+    def with_fidelity(self, name) -> "PosteriorPotential":
+        """Every sample predicting at fidelity ``name`` (see `Potential.with_fidelity`)."""
+        return dataclasses.replace(self, potential=self.potential.with_fidelity(name))
 
     def prediction_count(self, posterior_params: Any) -> int:
         """Predictions the moments are taken over: parameter samples × readout members (shallow ensemble)."""
