@@ -57,3 +57,18 @@ def test_shipped_extrapolation_set_trains_in_trans_and_scans_every_barrier():
     cis = next(a for a in scans if a.info["scan"] == "scan_CCCC" and a.info["dihedral"] == 0)
     assert abs(cis.get_dihedral(0, 1, 2, 3) % 360) < 1e-3 or abs(cis.get_dihedral(0, 1, 2, 3) - 360) < 1e-3
     assert set(load_e0_file(os.path.join(ROOT, "data", "butane_gfn2_e0s.json"))) == {1, 6}
+
+
+def test_shipped_gfn1_labels_are_the_same_geometries_at_another_level():
+    from mlip.data.reader import LabelKeys, assign_fidelities
+
+    keys = LabelKeys(fidelity="level_of_theory")
+    cheap = read_frames(os.path.join(ROOT, "data", "ethanol_gfn1_500K.extxyz@0:20"), keys)
+    dear = read_frames(os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz@0:20"))
+    assert len(read_frames(os.path.join(ROOT, "data", "ethanol_gfn1_500K.extxyz"))) == 1000
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(cheap, dear))
+    difference = np.concatenate([a.forces - b.forces for a, b in zip(cheap, dear)])
+    assert 0.02 < np.abs(difference).mean() < 0.3  # another method, not a copy
+    assign_fidelities(cheap, ("gfn1", "gfn2"), tag_key="level_of_theory")  # tagged in atoms.info
+    assert {f.fidelity for f in cheap} == {0}
+    assert set(load_e0_file(os.path.join(ROOT, "data", "ethanol_gfn1_e0s.json"))) == {1, 6, 8}

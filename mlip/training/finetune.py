@@ -122,21 +122,33 @@ def transplant(fresh: Any, source: Any, source_numbers: Sequence[int], numbers: 
             by_name.setdefault(_normalised(key), []).append(key)
     result = {}
     for key, value in fresh.items():
-        if isinstance(source, dict) and key in source:
-            match = source[key]
-        else:
+        source_key = key
+        if not (isinstance(source, dict) and key in source):
             candidates = by_name.get(_normalised(key), [])
-            match = source[candidates[0]] if len(candidates) == 1 else None
-        if match is None:
+            source_key = candidates[0] if len(candidates) == 1 else None
+        if source_key is None:
             leaves = len(_leaves(value))
             counts["fresh"] += leaves
             result[key] = value
             continue
+        match = source[source_key]
+        if source_key != key and not isinstance(value, dict):
+            match = np.asarray(match) * _fan_in_factor(source_key, key)
         result[key], sub_counts = transplant(value, match, source_numbers, numbers, source_fidelities, fidelities,
                                              path + (key,))
         for name in counts:
             counts[name] += sub_counts[name]
     return result, counts
+
+
+def _fan_in_factor(source_key: str, key: str) -> float:
+    """e3nn's linear layers divide by √(fan-in), the input multiplicity in the weight's name
+    (``w[0,0] 2x0e,8x0e``: 2 elements in); with another element count the copied weights are
+    rescaled so the known elements' outputs stay the same."""
+    old, new = (_IRREPS_COUNT.search(str(name)) for name in (source_key, key))
+    if old is None or new is None:
+        return 1.0
+    return float(np.sqrt(int(new.group(0)[:-1]) / int(old.group(0)[:-1])))
 
 
 def _leaves(tree: Any) -> list:

@@ -1,0 +1,204 @@
+"""Multi-fidelity training: many cheap GFN1-xTB labels plus few GFN2-xTB labels, against the few alone.
+
+    python scripts/benchmark_multifidelity.py run --budget-s 150 [--labels 25 50 100] [--docs]
+    python scripts/benchmark_multifidelity.py table [--docs]
+
+Data (shipped; scripts/make_datasets.py): the 1000 ethanol frames of data/ethanol_gfn2_500K.extxyz
+and the same geometries relabelled with GFN1-xTB (data/ethanol_gfn1_500K.extxyz).
+  * held-out test: GFN2 labels of frames 800:1000 (never trained on, at either level);
+  * validation (best-checkpoint choice, the same for every arm): GFN2 labels of frames 750:800;
+  * N expensive labels: GFN2 labels of frames 0:N, for N in --labels;
+  * cheap labels: GFN1 labels of frames 0:700.
+Arms, at every N, each trained for the same wall-clock budget on one CPU core, one after another:
+  * ``gfn2_only``: a single-fidelity model on the N GFN2 frames;
+  * ``multi``: one backbone, heads [gfn1, gfn2] (per-fidelity E0 from the isolated atoms), trained
+    jointly on the 700 GFN1 and the N GFN2 frames;
+  * ``transfer``: a [gfn1] model pretrained once on the 700 GFN1 frames (its own budget, reported),
+    then fine-tuned (`training.init_from`, a fresh gfn2 head, backbone frozen for the first 10 %)
+    on the N GFN2 frames for the budget.
+The model and loss are configs/quickstart.yaml's. Test errors are of the gfn2 head (the
+default fidelity). Results: docs/benchmark_multifidelity.json, the table (and a plot,
+docs/benchmark_multifidelity.png) with --docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
+
+DATA = os.path.join(ROOT, "data")
+GFN2 = os.path.join(DATA, "ethanol_gfn2_500K.extxyz")
+GFN1 = os.path.join(DATA, "ethanol_gfn1_500K.extxyz")
+E0S = {"gfn1": os.path.join(DATA, "ethanol_gfn1_e0s.json"), "gfn2": os.path.join(DATA, "ethanol_gfn2_e0s.json")}
+TEST, VALID, CHEAP = f"{GFN2}@800:1000", f"{GFN2}@750:800", f"{GFN1}@0:700"
+RESULTS = os.path.join(ROOT, "docs", "benchmark_multifidelity.json")
+
+
+def base_config(budget_s: float, seed: int) -> dict:
+    config = yaml.safe_load(open(os.path.join(ROOT, "configs", "quickstart.yaml")))
+    config["seed"] = seed
+    config["training"].update(max_time=budget_s, max_epochs=100000, progress_bar=False, plots=False)
+    return config
+
+
+def arm_config(arm: str, labels: int, budget_s: float, seed: int, work_dir: str) -> dict:
+    config = base_config(budget_s, seed)
+    expensive = f"{GFN2}@0:{labels}"
+    config["run_dir"] = os.path.join(work_dir, f"{arm}_{labels}_seed{seed}")
+    if arm == "gfn2_only":
+        config["data"].update(train=expensive, valid=VALID, e0s=E0S["gfn2"])
+    elif arm == "multi":
+        config["data"].update(train=[{"source": CHEAP, "fidelity": "gfn1"}, {"source": expensive, "fidelity": "gfn2"}],
+                              valid=[{"source": VALID, "fidelity": "gfn2"}], e0s=E0S)
+        config["model"]["fidelities"] = ["gfn1", "gfn2"]
+    elif arm == "transfer":
+        config["data"].update(train=[{"source": expensive, "fidelity": "gfn2"}],
+                              valid=[{"source": VALID, "fidelity": "gfn2"}], e0s={"gfn2": E0S["gfn2"]})
+        config["model"] = {"fidelities": ["gfn1", "gfn2"]}  # the rest from the pretrained run
+        config["training"].update(init_from=os.path.join(work_dir, f"pretrain_gfn1_seed{seed}"),
+                                  freeze_backbone_fraction=0.1)
+    elif arm == "pretrain_gfn1":
+        config["run_dir"] = os.path.join(work_dir, f"pretrain_gfn1_seed{seed}")
+        config["data"].update(train=[{"source": CHEAP, "fidelity": "gfn1"}],
+                              valid=[{"source": f"{GFN1}@750:800", "fidelity": "gfn1"}], e0s={"gfn1": E0S["gfn1"]})
+        config["model"]["fidelities"] = ["gfn1"]
+    else:
+        raise ValueError(arm)
+    return config
+
+
+def train(config: dict, work_dir: str, core: int) -> float:
+    """Train one arm on one core; returns the wall time."""
+    name = os.path.basename(config["run_dir"])
+    if os.path.exists(os.path.join(config["run_dir"], "summary.json")):
+        print(f"{name}: done before, reused")
+        return float("nan")
+    path = os.path.join(work_dir, f"{name}.yaml")
+    with open(path, "w") as stream:
+        yaml.safe_dump(config, stream)
+    start = time.monotonic()
+    with open(os.path.join(work_dir, f"{name}.log"), "w") as log:
+        code = subprocess.call(["taskset", "-c", str(core), sys.executable, "-m", "mlip.cli", "train", path],
+                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLIP_COMPILATION_CACHE": "off"})
+    if code != 0:
+        raise SystemExit(f"{name}: training failed, see {work_dir}/{name}.log")
+    return time.monotonic() - start
+
+
+def test_errors(run_dir: str) -> dict:
+    """Energy and force errors of the run's gfn2 (default) predictions on the held-out GFN2 frames."""
+    from mlip.data.batching import build_samples
+    from mlip.data.reader import read_frames
+    from mlip.training.checkpoint import load_potential
+    from mlip.training.evaluation import Predictor, compute_metrics
+
+    potential, params = load_potential(run_dir)
+    samples = build_samples(read_frames(TEST), potential.cutoff)
+    metrics = compute_metrics(samples, Predictor(potential, compute_stress=False).predict(params, samples))
+    return {"forces_mae_meV_A": 1e3 * metrics["forces_mae"], "forces_rmse_meV_A": 1e3 * metrics["forces_rmse"],
+            "energy_mae_meV_atom": 1e3 * metrics["energy_mae_per_atom"]}
+
+
+def run(budget_s: float, labels: list[int], seeds: list[int], work_dir: str, core: int) -> dict:
+    os.makedirs(work_dir, exist_ok=True)
+    recorded = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {"results": {}}
+    for seed in seeds:
+        pretrain = arm_config("pretrain_gfn1", 0, budget_s, seed, work_dir)
+        wall = train(pretrain, work_dir, core)
+        recorded.setdefault("pretrain_wall_s", {})[str(seed)] = round(wall, 1) if wall == wall else \
+            recorded.get("pretrain_wall_s", {}).get(str(seed))
+        for n in labels:
+            for arm in ("gfn2_only", "multi", "transfer"):
+                config = arm_config(arm, n, budget_s, seed, work_dir)
+                train(config, work_dir, core)
+                errors = test_errors(config["run_dir"])
+                recorded["results"][f"{arm}/{n}/seed{seed}"] = errors
+                print(f"{arm:10s} N={n:4d} seed {seed}: F MAE {errors['forces_mae_meV_A']:.1f} meV/Å, "
+                      f"E MAE {errors['energy_mae_meV_atom']:.2f} meV/atom", flush=True)
+                recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1}, budget_s=budget_s)
+                with open(RESULTS, "w") as stream:
+                    json.dump(recorded, stream, indent=1)
+    return recorded
+
+
+def table(recorded: dict) -> str:
+    import numpy as np
+
+    results = recorded["results"]
+    labels = sorted({int(key.split("/")[1]) for key in results})
+    lines = ["| GFN2 labels | GFN2 only: F MAE (meV/Å) | multi-fidelity (+700 GFN1) | ratio | "
+             "GFN1 pretrain → GFN2 fine-tune | ratio | E MAE (meV/atom): only / multi / transfer |",
+             "|---|---|---|---|---|---|---|"]
+    for n in labels:
+        def mean(arm, key="forces_mae_meV_A"):
+            values = [v[key] for k, v in results.items() if k.startswith(f"{arm}/{n}/")]
+            return float(np.mean(values)) if values else float("nan"), len(values)
+        only, seeds = mean("gfn2_only")
+        multi, _ = mean("multi")
+        transfer, _ = mean("transfer")
+        energies = " / ".join(f"{mean(arm, 'energy_mae_meV_atom')[0]:.2f}" for arm in ("gfn2_only", "multi", "transfer"))
+        lines.append(f"| {n} ({seeds} seed{'s' if seeds > 1 else ''}) | {only:.1f} | {multi:.1f} | "
+                     f"{only / multi:.2f}× | {transfer:.1f} | {only / transfer:.2f}× | {energies} |")
+    return "\n".join(lines)
+
+
+def plot(recorded: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = recorded["results"]
+    labels = sorted({int(key.split("/")[1]) for key in results})
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    for arm, label in (("gfn2_only", "GFN2 only"), ("multi", "multi-fidelity (+700 GFN1)"),
+                       ("transfer", "GFN1 pretrain → GFN2 fine-tune")):
+        values = [np.mean([v["forces_mae_meV_A"] for k, v in results.items() if k.startswith(f"{arm}/{n}/")])
+                  for n in labels]
+        axis.loglog(labels, values, "o-", label=label)
+    axis.set_xlabel("GFN2 training labels")
+    axis.set_ylabel("GFN2 test force MAE (meV/Å)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["run", "table"])
+    parser.add_argument("--budget-s", type=float, default=150.0)
+    parser.add_argument("--labels", type=int, nargs="+", default=[25, 50, 100])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--core", type=int, default=1, help="the CPU core every run is pinned to")
+    parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "benchmark_multifidelity"))
+    parser.add_argument("--docs", action="store_true")
+    args = parser.parse_args(argv)
+    if args.part == "run":
+        recorded = run(args.budget_s, args.labels, args.seeds, args.work_dir, args.core)
+    else:
+        recorded = json.load(open(RESULTS))
+    text = table(recorded)
+    print(text)
+    if args.docs:
+        plot(recorded, os.path.join(ROOT, "docs", "benchmark_multifidelity.png"))
+        text += (f"\n\n![GFN2 test force MAE against GFN2 labels](benchmark_multifidelity.png)\n\n"
+                 f"Budget {recorded['budget_s']:.0f} s per run on one core of {recorded['machine']['cpu']}; "
+                 f"the GFN1 pretraining took {recorded.get('pretrain_wall_s')} s more (once per seed).")
+        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- multifidelity -->",
+                               "<!-- /multifidelity -->", text, "Multi-fidelity: GFN1 + GFN2 ethanol")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
