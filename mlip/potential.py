@@ -5,6 +5,10 @@
                                                 repulsion, both in eV)
     F_i = −∂E/∂r_i,     σ_g = (1/V_g) ∂E_g/∂ε |_{ε=0}   (ASE convention, eV/Å³)
 
+A multi-fidelity model (``config.fidelities``) has one head per level of theory and E0, s, μ
+per level; each graph is predicted at ``graph.fidelity`` (or at the potential's fixed
+``fidelity``, see `Potential.with_fidelity`).
+
 Heads that predict uncertainty add outputs without changing the energy path: a
 mean-variance head adds ``energy_variance`` [G] = Σ_i s² v_i + floor and ``forces_variance``
 [N, 3] (per atom, the same for the three components), read as aleatoric variances by
@@ -158,7 +162,8 @@ class Potential:
 
     def with_fidelity(self, name: Optional[str]) -> "Potential":
         """This model predicting every structure at fidelity ``name`` (None: the default)."""
-        return dataclasses.replace(self, fidelity=self.fidelity_index(name) if self.config.fidelities else None)
+        index = self.fidelity_index(name)  # a clear error for a bad name, or any name to a single-fidelity model
+        return dataclasses.replace(self, fidelity=index if self.config.fidelities else None)
 
     @functools.cached_property
     def module(self) -> EnergyModel:

@@ -41,7 +41,7 @@ GFN2 = os.path.join(DATA, "ethanol_gfn2_500K.extxyz")
 GFN1 = os.path.join(DATA, "ethanol_gfn1_500K.extxyz")
 E0S = {"gfn1": os.path.join(DATA, "ethanol_gfn1_e0s.json"), "gfn2": os.path.join(DATA, "ethanol_gfn2_e0s.json")}
 TEST, VALID, CHEAP = f"{GFN2}@800:1000", f"{GFN2}@750:800", f"{GFN1}@0:700"
-RESULTS = os.path.join(ROOT, "docs", "benchmark_multifidelity.json")
+RESULTS = os.environ.get("MLIP_BENCHMARK_RESULTS", os.path.join(ROOT, "docs", "benchmark_multifidelity.json"))
 
 
 def base_config(budget_s: float, seed: int) -> dict:
@@ -51,10 +51,42 @@ def base_config(budget_s: float, seed: int) -> dict:
     return config
 
 
-def arm_config(arm: str, labels: int, budget_s: float, seed: int, work_dir: str) -> dict:
+# Levers of the multi-fidelity arm (``multi+<lever>``), each a change merged into its config.
+LEVERS = {"w10": {"loss": {"fidelity_weights": {"gfn2": 10.0}}},
+          "w3": {"loss": {"fidelity_weights": {"gfn2": 3.0}}},
+          "emb": {"model": {"fidelity_embedding": True}},
+          "head64": {"model": {"head": {"mlp_hidden": 64}}},
+          "rep10": {"data": {"train": [{"source": CHEAP, "fidelity": "gfn1"},
+                                       {"source": "EXPENSIVE", "fidelity": "gfn2", "repeat": 10}]}}}
+
+
+def merged(base: dict, change: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in change.items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) and value else copy.deepcopy(value)
+    return out
+
+
+def expensive_frames(labels: int, selection: str) -> str:
+    """The N GFN2 frames: the first N of the trajectory, or N spread evenly over the 700 GFN1 frames."""
+    return f"{GFN2}@0:{labels}" if selection == "first" else f"{GFN2}@0:700:{700 // labels}"
+
+
+def arm_config(arm: str, labels: int, budget_s: float, seed: int, work_dir: str, selection: str = "first") -> dict:
+    arm, *levers = arm.split("+")
+    config = _arm_config(arm, labels, budget_s, seed, work_dir, expensive_frames(labels, selection))
+    for lever in levers:
+        change = json.loads(json.dumps(LEVERS[lever]).replace('"EXPENSIVE"',
+                                                              json.dumps(expensive_frames(labels, selection))))
+        config = merged(config, change)
+    if arm != "pretrain_gfn1":
+        prefix = "" if selection == "first" else f"{selection}_"
+        config["run_dir"] = os.path.join(work_dir, f"{prefix}{'+'.join([arm] + levers)}_{labels}_seed{seed}")
+    return config
+
+
+def _arm_config(arm: str, labels: int, budget_s: float, seed: int, work_dir: str, expensive: str) -> dict:
     config = base_config(budget_s, seed)
-    expensive = f"{GFN2}@0:{labels}"
-    config["run_dir"] = os.path.join(work_dir, f"{arm}_{labels}_seed{seed}")
     if arm == "gfn2_only":
         config["data"].update(train=expensive, valid=VALID, e0s=E0S["gfn2"])
     elif arm == "multi":
@@ -109,64 +141,93 @@ def test_errors(run_dir: str) -> dict:
             "energy_mae_meV_atom": 1e3 * metrics["energy_mae_per_atom"]}
 
 
-def run(budget_s: float, labels: list[int], seeds: list[int], work_dir: str, core: int) -> dict:
+def run(budget_s: float, labels: list[int], seeds: list[int], work_dir: str, core: int,
+        arms: list[str] = ("gfn2_only", "multi", "transfer"), selection: str = "first") -> dict:
     os.makedirs(work_dir, exist_ok=True)
     recorded = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {"results": {}}
     for seed in seeds:
-        pretrain = arm_config("pretrain_gfn1", 0, budget_s, seed, work_dir)
-        wall = train(pretrain, work_dir, core)
-        recorded.setdefault("pretrain_wall_s", {})[str(seed)] = round(wall, 1) if wall == wall else \
-            recorded.get("pretrain_wall_s", {}).get(str(seed))
+        if any(arm.startswith("transfer") for arm in arms):
+            pretrain = arm_config("pretrain_gfn1", 0, budget_s, seed, work_dir)
+            wall = train(pretrain, work_dir, core)
+            if wall == wall:  # not reused
+                recorded.setdefault("pretrain_wall_s", {})[str(seed)] = round(wall, 1)
         for n in labels:
-            for arm in ("gfn2_only", "multi", "transfer"):
-                config = arm_config(arm, n, budget_s, seed, work_dir)
+            for arm in arms:
+                config = arm_config(arm, n, budget_s, seed, work_dir, selection)
                 train(config, work_dir, core)
                 errors = test_errors(config["run_dir"])
-                recorded["results"][f"{arm}/{n}/seed{seed}"] = errors
-                print(f"{arm:10s} N={n:4d} seed {seed}: F MAE {errors['forces_mae_meV_A']:.1f} meV/Å, "
+                print(f"{arm:16s} N={n:4d} seed {seed}: F MAE {errors['forces_mae_meV_A']:.1f} meV/Å, "
                       f"E MAE {errors['energy_mae_meV_atom']:.2f} meV/atom", flush=True)
+                # Re-read before writing: another invocation (other arms, another core) may have added results.
+                if os.path.exists(RESULTS):
+                    on_disk = json.load(open(RESULTS))
+                    recorded = {**on_disk, "pretrain_wall_s": {**on_disk.get("pretrain_wall_s", {}),
+                                                               **recorded.get("pretrain_wall_s", {})}}
+                recorded["results"][f"{selection}/{arm}/{n}/seed{seed}"] = errors
                 recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1}, budget_s=budget_s)
                 with open(RESULTS, "w") as stream:
                     json.dump(recorded, stream, indent=1)
     return recorded
 
 
-def table(recorded: dict) -> str:
+ARM_LABELS = {"gfn2_only": "GFN2 only", "multi": "multi-fidelity", "transfer": "GFN1 pretrain → GFN2"}
+
+
+def _mean(results: dict, prefix: str, key: str = "forces_mae_meV_A") -> tuple[float, int]:
     import numpy as np
 
+    values = [v[key] for k, v in results.items() if k.rsplit("/", 1)[0] == prefix]
+    return (float(np.mean(values)) if values else float("nan")), len(values)
+
+
+def _arms(results: dict, selection: str) -> list[str]:
+    arms = []
+    for key in results:
+        chosen, arm, _, _ = key.split("/")
+        if chosen == selection and arm not in arms:
+            arms.append(arm)
+    return sorted(arms, key=lambda arm: (arm != "gfn2_only", arm.startswith("transfer"), arm))
+
+
+def table(recorded: dict) -> str:
+    """Per frame selection: GFN2 test force MAE of every arm, and its ratio to GFN2 only."""
     results = recorded["results"]
-    labels = sorted({int(key.split("/")[1]) for key in results})
-    lines = ["| GFN2 labels | GFN2 only: F MAE (meV/Å) | multi-fidelity (+700 GFN1) | ratio | "
-             "GFN1 pretrain → GFN2 fine-tune | ratio | E MAE (meV/atom): only / multi / transfer |",
-             "|---|---|---|---|---|---|---|"]
-    for n in labels:
-        def mean(arm, key="forces_mae_meV_A"):
-            values = [v[key] for k, v in results.items() if k.startswith(f"{arm}/{n}/")]
-            return float(np.mean(values)) if values else float("nan"), len(values)
-        only, seeds = mean("gfn2_only")
-        multi, _ = mean("multi")
-        transfer, _ = mean("transfer")
-        energies = " / ".join(f"{mean(arm, 'energy_mae_meV_atom')[0]:.2f}" for arm in ("gfn2_only", "multi", "transfer"))
-        lines.append(f"| {n} ({seeds} seed{'s' if seeds > 1 else ''}) | {only:.1f} | {multi:.1f} | "
-                     f"{only / multi:.2f}× | {transfer:.1f} | {only / transfer:.2f}× | {energies} |")
-    return "\n".join(lines)
+    lines = []
+    for selection in ("spread", "first"):
+        arms = _arms(results, selection)
+        if not arms:
+            continue
+        what = ("spread evenly over frames 0:700" if selection == "spread"
+                else "the first N frames of the trajectory (0.5 ps for 50)")
+        lines += [f"GFN2 labels {what}: GFN2 test force MAE in meV/Å (ratio to GFN2 only), energy MAE in meV/atom",
+                  "", "| GFN2 labels | " + " | ".join(ARM_LABELS.get(arm, arm) for arm in arms) + " |",
+                  "|---|" + "---|" * len(arms)]
+        labels = sorted({int(key.split("/")[2]) for key in results if key.startswith(selection + "/")})
+        for n in labels:
+            only, _ = _mean(results, f"{selection}/gfn2_only/{n}")
+            cells = []
+            for arm in arms:
+                forces, seeds = _mean(results, f"{selection}/{arm}/{n}")
+                energy, _ = _mean(results, f"{selection}/{arm}/{n}", "energy_mae_meV_atom")
+                ratio = "" if arm == "gfn2_only" else f" ({only / forces:.2f}×)"
+                cells.append(f"{forces:.1f}{ratio}, E {energy:.2f}" if seeds else "–")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
-def plot(recorded: dict, path: str) -> None:
+def plot(recorded: dict, path: str, selection: str = "spread") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     results = recorded["results"]
-    labels = sorted({int(key.split("/")[1]) for key in results})
     figure, axis = plt.subplots(figsize=(5, 3.6))
-    for arm, label in (("gfn2_only", "GFN2 only"), ("multi", "multi-fidelity (+700 GFN1)"),
-                       ("transfer", "GFN1 pretrain → GFN2 fine-tune")):
-        values = [np.mean([v["forces_mae_meV_A"] for k, v in results.items() if k.startswith(f"{arm}/{n}/")])
-                  for n in labels]
-        axis.loglog(labels, values, "o-", label=label)
+    for arm in _arms(results, selection):
+        labels = sorted({int(key.split("/")[2]) for key in results if key.startswith(f"{selection}/{arm}/")})
+        axis.loglog(labels, [_mean(results, f"{selection}/{arm}/{n}")[0] for n in labels], "o-",
+                    label=ARM_LABELS.get(arm, arm))
     axis.set_xlabel("GFN2 training labels")
     axis.set_ylabel("GFN2 test force MAE (meV/Å)")
     axis.legend(fontsize=8)
@@ -181,11 +242,15 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", type=int, nargs="+", default=[25, 50, 100])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--core", type=int, default=1, help="the CPU core every run is pinned to")
+    parser.add_argument("--arms", nargs="+", default=["gfn2_only", "multi", "transfer"],
+                        help=f"gfn2_only, multi, transfer, each optionally +lever ({', '.join(LEVERS)})")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "benchmark_multifidelity"))
+    parser.add_argument("--selection", choices=["first", "spread"], default="spread",
+                        help="the N GFN2 frames: the first N of the trajectory, or N spread over frames 0:700")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
     if args.part == "run":
-        recorded = run(args.budget_s, args.labels, args.seeds, args.work_dir, args.core)
+        recorded = run(args.budget_s, args.labels, args.seeds, args.work_dir, args.core, args.arms, args.selection)
     else:
         recorded = json.load(open(RESULTS))
     text = table(recorded)

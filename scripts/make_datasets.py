@@ -75,6 +75,13 @@ def write_frames_atomically(path: str, frames: list) -> None:
     os.replace(temporary, path)
 
 
+def write_json_atomically(path: str, data: dict) -> None:
+    with open(path + ".tmp", "w") as stream:
+        json.dump(data, stream, indent=2)
+        stream.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 def labelled_copy(atoms, config_type: str, stress: bool = False) -> Atoms:
     """A copy carrying only REF_* labels (no calculator attached)."""
     frame = atoms.copy()
@@ -215,11 +222,7 @@ def main(argv=None) -> None:
         print(f"ethanol 1200 K: {len(frames)} frames in {time.time() - start:.0f} s")
     if "e0s" in wanted:
         energies = isolated_atom_energies()
-        path = os.path.join(args.out_dir, "ethanol_gfn2_e0s.json")
-        with open(path + ".tmp", "w") as stream:
-            json.dump(energies, stream, indent=2)
-            stream.write("\n")
-        os.replace(path + ".tmp", path)
+        write_json_atomically(os.path.join(args.out_dir, "ethanol_gfn2_e0s.json"), energies)
         print(f"isolated atoms: {energies}")
     if "cuau" in wanted:
         start = time.time()
@@ -236,11 +239,7 @@ def main(argv=None) -> None:
         write_frames_atomically(path, frames)
         summarize(path, frames)
         energies = isolated_atom_energies("GFN1-xTB")
-        e0_path = os.path.join(args.out_dir, "ethanol_gfn1_e0s.json")
-        with open(e0_path + ".tmp", "w") as stream:
-            json.dump(energies, stream, indent=2)
-            stream.write("\n")
-        os.replace(e0_path + ".tmp", e0_path)
+        write_json_atomically(os.path.join(args.out_dir, "ethanol_gfn1_e0s.json"), energies)
         print(f"ethanol GFN1: {len(frames)} frames in {time.time() - start:.0f} s; isolated atoms {energies}")
 
 

@@ -131,7 +131,7 @@ def test_bad_fidelity_names_and_missing_tags_are_clear_errors():
     assert potential.with_fidelity(None).fidelity == 1  # the default is the last listed
 
 
-def test_replay_mixes_in_the_configured_fraction_with_fresh_draws():
+def test_replay_mixes_in_the_configured_fraction_and_repeat_oversamples():
     from mlip.training.finetune import replay_count
 
     new, old = build_samples(labelled_frames(6), 3.0), build_samples(labelled_frames(10, seed=7), 3.0)
@@ -144,6 +144,10 @@ def test_replay_mixes_in_the_configured_fraction_with_fresh_draws():
         assert indices[:6] == list(range(6))  # every new frame once
         assert len(indices) == 8 and all(i >= 6 for i in indices[6:])  # and 2 old ones: 25 %
     assert len({tuple(indices[6:]) for indices in epochs}) > 1  # a fresh draw each epoch
+    new[0].frame.repeat = 3  # a data source's `repeat`: oversampled, in every epoch
+    batches = BatchIterator(new, 4, None, np.float64)
+    indices = sorted(i for _, chosen in batches.batches(1) for i in chosen)
+    assert indices == [0, 0, 0, 1, 2, 3, 4, 5] and len(batches) == 2
 
 
 def test_transplant_keeps_predictions_with_a_new_element_and_a_new_fidelity():
@@ -182,7 +186,8 @@ def _two_fidelity_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A two-fidelity run, and a run fine-tuned from it with a third fidelity and replay."""
+    """A two-fidelity run (with a Laplace posterior), and a run fine-tuned from it with a third
+    fidelity and replay."""
     from mlip.cli import main
 
     tmp_path = tmp_path_factory.mktemp("multifidelity")
@@ -195,7 +200,9 @@ def runs(tmp_path_factory):
                        "fidelity_key": "level", "e0s": {"low": {"Cu": 250.0, "Au": 251.0}}},
               "model": {"backbone": {"num_channels": 4, "max_ell": 2, "correlation": 2, "radial_mlp": [8],
                                      "r_max": 3.0}, "fidelities": ["low", "high"], "fidelity_embedding": True},
-              "loss": {"fidelity_weights": {"low": 0.5}}, "training": training}
+              "loss": {"fidelity_weights": {"low": 0.5}}, "training": training,
+              # Laplace over both heads' last layers; its posterior mean is the trained model.
+              "uncertainty": {"method": "laplace", "samples": 4}}
     (tmp_path / "source.yaml").write_text(yaml.safe_dump(source))
     assert main(["train", str(tmp_path / "source.yaml")]) == 0
     finetuned = {"run_dir": str(tmp_path / "finetuned"), "seed": 2,
@@ -226,6 +233,12 @@ def test_multifidelity_run_records_fidelities_and_each_use_picks_one(runs, capsy
         atoms.calc = MLIPCalculator.from_run(source, fidelity=fidelity)
         energies[fidelity] = atoms.get_potential_energy()
     assert energies[None] == energies["high"] and abs(energies["low"] - energies["high"]) > 1.0
+    assert atoms.calc.results["forces_std"].shape == (len(atoms), 3)  # σ of the Laplace posterior, per level
+    # MD at a chosen level: its first frame is the calculator's energy at that level.
+    trajectory = os.path.join(source, "md_low.extxyz")
+    assert main(["md", source, "--structure", f"{high}@14", "--steps", "4", "--interval", "4", "--block-steps", "4",
+                 "--trajectory", trajectory, "--fidelity", "low", "--no-progress"]) == 0
+    assert ase.io.read(trajectory, index=0).get_potential_energy() == pytest.approx(energies["low"], abs=1e-4)
     # evaluate: tagged frames (data.fidelity_key 'level') each at their own level, or all at --fidelity.
     assert main(["evaluate", source, f"{low}@12:16", "--json", str(os.path.join(source, "low.json"))]) == 0
     tagged = json.load(open(os.path.join(source, "low.json")))

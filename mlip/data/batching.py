@@ -350,7 +350,8 @@ class BatchIterator:
 
     ``replay = (pool, count)``: every shuffled pass also draws ``count`` structures of
     ``pool`` (old data rehearsed while fine-tuning), a fresh draw per seed; their
-    indices in the yielded lists are ``len(samples) + index in pool``.
+    indices in the yielded lists are ``len(samples) + index in pool``. A sample whose
+    ``frame.repeat`` is k appears k times in every shuffled pass (oversampling).
     """
 
     def __init__(self, samples: Sequence[GraphSample], batch_size: int,
@@ -366,7 +367,11 @@ class BatchIterator:
         self.shared = SharedCapacity.of(self.samples + self.replay_pool)
 
     def __len__(self) -> int:
-        return math.ceil((len(self.samples) + self.replay_count) / self.batch_size)
+        return math.ceil((len(self._epoch_indices()) + self.replay_count) / self.batch_size)
+
+    def _epoch_indices(self) -> np.ndarray:
+        """Every sample's index, as often as its frame's ``repeat`` asks."""
+        return np.repeat(np.arange(len(self.samples)), [max(int(s.frame.repeat), 1) for s in self.samples])
 
     def batches(self, shuffle_seed: Optional[int] = None) -> Iterator[tuple[AtomsGraph, list[int]]]:
         """Yield (batch, indices of its samples); order fixed by ``shuffle_seed`` (None: in order,
@@ -374,6 +379,7 @@ class BatchIterator:
         pool = self.samples + self.replay_pool
         order = np.arange(len(self.samples))
         if shuffle_seed is not None:
+            order = self._epoch_indices()
             rng = np.random.default_rng(shuffle_seed)
             if self.replay_count:
                 drawn = rng.choice(len(self.replay_pool), self.replay_count, replace=False) + len(self.samples)

@@ -59,6 +59,7 @@ class Frame:
             `assign_fidelities`; 0 for a single-fidelity model).
         fidelity_tag: the frame's own level-of-theory tag, ``atoms.info[keys.fidelity]``
             (a name or an index), or None.
+        repeat: times the frame is drawn per training epoch (its data source's ``repeat``).
         magmoms: [n] magnitudes of per-atom magnetic moments, μ_B, or None.
         config_type: ``atoms.info["config_type"]`` (e.g. MACE's ``IsolatedAtom``), or None.
         source: ``file@frame`` for error messages.
@@ -75,6 +76,7 @@ class Frame:
     spin: float = 1.0
     fidelity: int = 0
     fidelity_tag: Optional[str] = None
+    repeat: int = 1
     magmoms: Optional[np.ndarray] = None
     config_type: Optional[str] = None
     source: str = ""

@@ -31,6 +31,8 @@ class DataSource(StrictModel):
     fidelity: Optional[str] = Field(
         None, description="the level of theory of all its frames (a name in model.fidelities); null: each "
                           "frame's own tag under data.fidelity_key")
+    repeat: PositiveInt = Field(1, description="times each of its frames is drawn per training epoch "
+                                               "(oversampling scarce labels, e.g. the few high-fidelity ones)")
 
 
 # A data source: one ``path@index`` string, or a list of strings and {source, fidelity} entries.

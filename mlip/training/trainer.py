@@ -99,6 +99,8 @@ def read_data(config: RunConfig, spec, default_fidelity: Optional[int] = None) -
     for entry in source_list(spec):
         part = read_frames(entry.source, keys)
         assign_fidelities(part, config.model.fidelity_names, entry.fidelity, default_fidelity, config.data.fidelity_key)
+        for frame in part:
+            frame.repeat = entry.repeat
         frames += part
     return frames
 
@@ -312,7 +314,8 @@ class Trainer:
             and config.loss.stress_weight > 0
         replay = None
         if config.data.replay is not None:
-            replay = (self.replay_samples, finetune.replay_count(len(self.train_samples), config.data.replay.fraction))
+            epoch_frames = sum(sample.frame.repeat for sample in self.train_samples)
+            replay = (self.replay_samples, finetune.replay_count(epoch_frames, config.data.replay.fraction))
         self.train_batches = BatchIterator(self.train_samples, config.training.batch_size, self.statistics.e0_tables(),
                                            self.dtype, config.data.edge_layout, replay=replay)
         # Extra-argument support: the step passes key and learning_rate to every update.
