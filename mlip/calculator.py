@@ -37,7 +37,7 @@ from ase.calculators.calculator import Calculator, all_changes, equal
 
 from mlip.compilation_cache import enable_compilation_cache
 from mlip.data.batching import GraphSample, build_sample, pack_samples, sizes_for
-from mlip.data.reader import Frame
+from mlip.data.reader import Frame, frame_from_atoms
 from mlip.errors import DataError
 from mlip.graph import AtomsGraph
 
@@ -149,10 +149,7 @@ class MLIPCalculator(Calculator):
             raise DataError(f"atom {atom} is {chemical_symbols[unknown[0]]}; this model knows only "
                             f"{[chemical_symbols[z] for z in sorted(self._known)]}")
         pbc = np.asarray(atoms.pbc, bool)
-        frame = Frame(positions=np.asarray(atoms.positions, np.float64), numbers=numbers,
-                      cell=np.asarray(atoms.cell.array, np.float64), pbc=pbc,
-                      charge=float(atoms.info.get(self.charge_key, 0.0)),
-                      spin=float(atoms.info.get(self.spin_key, 1.0)))
+        frame = frame_from_atoms(atoms, self.charge_key, self.spin_key)
         graph, n = self._graph_for(frame)
         want_stress = bool(pbc.all())
         outputs = jax.device_get(self._apply(self.params, graph, want_stress))

@@ -208,10 +208,42 @@ def command_md(args) -> int:
     return 0
 
 
+def command_active_learn(args) -> int:
+    _compilation_cache()
+    from mlip.active.learner import ActiveLearner
+
+    if args.resume:
+        learner = ActiveLearner.resume(args.resume)
+    elif args.config:
+        learner = ActiveLearner.from_file(args.config, args.set or ())
+        if os.path.exists(os.path.join(learner.dir, "state.json")):
+            raise MLIPError(f"{learner.dir}: already holds an active-learning run; continue it with "
+                            f"`mlip active-learn --resume {learner.dir}` or choose another al_dir")
+    else:
+        raise MLIPError("mlip active-learn: give a CONFIG.yaml or --resume AL_DIR")
+    _enable_precision(learner.run_config(0).get("model", {}).get("dtype", "float32"))
+    state = learner.run()
+    print(f"active learning: {state['stop_reason']}; report: {os.path.join(learner.dir, 'report.csv')}")
+    return 0
+
+
 def command_validate(args) -> int:
     from mlip.training.config import load_config
 
-    config = load_config(args.config, args.set or ())
+    import yaml
+
+    tree = None
+    try:
+        with open(args.config) as stream:
+            tree = yaml.safe_load(stream)
+    except (OSError, yaml.YAMLError):
+        pass  # load_config says what is wrong
+    if isinstance(tree, dict) and "oracle" in tree:  # an active-learning config
+        from mlip.active.config import load_active_learning_config
+
+        config = load_active_learning_config(args.config, args.set or ())
+    else:
+        config = load_config(args.config, args.set or ())
     print(f"{args.config}: valid")
     if args.show:
         import yaml
@@ -282,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
     md.add_argument("--no-progress", action="store_true", help="no progress bar")
     md.set_defaults(handler=command_md)
+
+    active = commands.add_parser("active-learn", help="explore with MD, label uncertain structures, retrain")
+    active.add_argument("config", nargs="?", help="YAML active-learning config")
+    active.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value")
+    active.add_argument("--resume", metavar="AL_DIR", help="continue a stopped run where it stopped")
+    active.set_defaults(handler=command_active_learn)
 
     validate = commands.add_parser("validate", help="check a config without running anything")
     validate.add_argument("config")

@@ -91,6 +91,13 @@ class EnergyModel(nn.Module):
             outputs = {**outputs, "repulsion_energy": self.repulsion(graph, positions, cell)}
         return outputs
 
+    def invariant_features(self, graph: AtomsGraph) -> jnp.ndarray:
+        """[N, F] the invariant node features the heads read (after any all-to-all block)."""
+        features = self.backbone(graph, graph.positions, graph.cell)
+        if self.all_to_all is not None:
+            features = self.all_to_all(features, graph, graph.positions, graph.cell)
+        return features.filter(keep="0e").array if hasattr(features, "filter") else features
+
     def equivariance_residual(self, graph: AtomsGraph, rotations: jnp.ndarray) -> jnp.ndarray:
         """[N] mean over channels of (T(z(x), g) − z(g·x))², zero on padding; rotations [G, 3, 3]."""
         per_node = rotations[graph.node_graph]
@@ -203,6 +210,17 @@ class Potential:
         residual = self.module.apply({"params": params}, graph, rotations.astype(self.dtype),
                                      method=EnergyModel.equivariance_residual)
         return residual.sum() / jnp.maximum(graph.node_mask.sum(), 1)
+
+    def structure_features(self, params: Any, graph: AtomsGraph) -> jnp.ndarray:
+        """[G, F] the mean of each structure's invariant node features: a descriptor of the structure
+        in the model's own terms (diversity in active-learning selection)."""
+        graph = _cast_graph(graph, self.dtype)
+        if self.fidelity is not None:
+            graph = dataclasses.replace(graph, fidelity=jnp.full_like(graph.fidelity, self.fidelity))
+        features = self.module.apply({"params": params}, graph, method=EnergyModel.invariant_features)
+        features = jnp.where(graph.node_mask[:, None], features, 0.0)
+        totals = jax.ops.segment_sum(features, graph.node_graph, graph.n_node.shape[0])
+        return totals / jnp.maximum(graph.n_node, 1)[:, None].astype(features.dtype)
 
     def reference_energy(self, numbers: np.ndarray, fidelity: Optional[int] = None) -> float:
         """Σ_i E0(Z_i) in float64 for one structure, eV (host side), at the fixed fidelity of this

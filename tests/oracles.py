@@ -10,12 +10,16 @@ from ase.calculators.emt import EMT
 class CountingEMT(EMT):
     """EMT that appends one line per calculation to ``log`` (to count the oracle's calls across processes)."""
 
-    def __init__(self, log: str, fail_above_x: float = None, sleep_above_x: float = None, **kwargs):
+    def __init__(self, log: str, fail_above_x: float = None, sleep_above_x: float = None, fail_ids=(), **kwargs):
         super().__init__(**kwargs)
         self.log, self.fail_above_x, self.sleep_above_x = log, fail_above_x, sleep_above_x
+        self.fail_ids = set(fail_ids)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         x = float(atoms.positions[0, 0])
+        identifier = atoms.info.get("candidate_id")
+        if identifier in self.fail_ids:
+            raise RuntimeError(f"SCF did not converge (candidate {identifier} is in fail_ids)")
         if self.sleep_above_x is not None and x > self.sleep_above_x:
             time.sleep(60)
         if self.fail_above_x is not None and x > self.fail_above_x:

@@ -90,6 +90,13 @@ class Frame:
         return bool(np.any(self.pbc))
 
 
+def frame_from_atoms(atoms, charge_key: str = "total_charge", spin_key: str = "total_spin") -> Frame:
+    """An unlabelled `Frame` of ASE atoms, to predict on (total charge and spin from ``atoms.info``)."""
+    return Frame(positions=np.asarray(atoms.positions, np.float64), numbers=np.asarray(atoms.numbers),
+                 cell=np.asarray(atoms.cell.array, np.float64), pbc=np.asarray(atoms.pbc, bool),
+                 charge=float(atoms.info.get(charge_key, 0.0)), spin=float(atoms.info.get(spin_key, 1.0)))
+
+
 def split_data_spec(spec: str) -> tuple[str, str]:
     """Split ``path@index`` into the path and an ASE index string (``":"`` if absent)."""
     spec = os.fspath(spec)

@@ -1,0 +1,105 @@
+"""The active-learning configuration (`mlip active-learn CONFIG.yaml`): pydantic, like the run config.
+
+Unknown keys are errors naming their dotted path; every default is written here. The
+training run of each iteration is an ordinary run config (a path or inline), whose
+data sources the loop replaces with the labelled set.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from mlip.errors import ConfigError
+from mlip.model_config import StrictModel
+from mlip.training.config import DataSources, apply_override, format_validation_error
+
+
+class OracleConfig(StrictModel):
+    """The reference method: any ASE calculator by import path, with its keyword arguments."""
+
+    calculator: str = Field(description="import path, e.g. ase.calculators.emt.EMT or tblite.ase.TBLite")
+    kwargs: dict = Field(default_factory=dict, description="keyword arguments of the calculator")
+    workers: PositiveInt = Field(1, description="labels computed at once, each in its own process")
+    timeout_s: PositiveFloat = Field(3600.0, description="a label running longer is a failure (its process "
+                                                         "is terminated)")
+
+
+class ExplorationConfig(StrictModel):
+    """MD from every seed structure at every temperature, with the current model (posterior mean forces)."""
+
+    ensemble: Literal["nve", "langevin", "nose-hoover", "npt", "npt-aniso"] = "langevin"
+    temperatures: list[PositiveFloat] = Field(default_factory=lambda: [300.0], description="K, one run each")
+    steps: PositiveInt = Field(1000, description="MD steps per trajectory at most")
+    timestep_fs: PositiveFloat = 1.0
+    friction_per_fs: PositiveFloat = 0.01
+    pressure_GPa: float = 0.0
+    check_every: PositiveInt = Field(50, description="steps between snapshots whose σ is evaluated")
+    sigma_stop: Optional[PositiveFloat] = Field(
+        None, description="stop a trajectory once a snapshot's max force σ passes this (eV/Å); null: "
+                          "selection.sigma_high")
+
+
+class SelectionConfig(StrictModel):
+    """Uncertain and diverse: σ_low < max force σ <= σ_high, then farthest-point sampling on features."""
+
+    batch_size: PositiveInt = Field(10, description="labels bought per iteration at most")
+    sigma_low: NonNegativeFloat = Field(0.05, description="eV/Å: below this a structure is already known")
+    sigma_high: PositiveFloat = Field(1.0, description="eV/Å: above this it is probably unphysical")
+    diversity: bool = Field(True, description="farthest-point sampling on the model's features (σ-weighted); "
+                                              "false: the most uncertain")
+
+
+class BudgetConfig(StrictModel):
+    max_labels: PositiveInt = Field(100, description="labels bought in all (failed ones do not count)")
+    max_iterations: PositiveInt = Field(5, description="explore–select–label rounds")
+
+
+class ActiveLearningConfig(StrictModel):
+    al_dir: str = "runs/active_learning"
+    seed: int = 0
+    training: Union[str, dict] = Field(description="the run config of each iteration's training: a YAML path or "
+                                                   "a mapping; its model must have uncertainty "
+                                                   "(e.g. uncertainty: deep_ensemble)")
+    initial: DataSources = Field(description="the labelled structures to start from")
+    seeds: str = Field(description="structures MD starts from, path@index")
+    oracle: OracleConfig
+    exploration: ExplorationConfig = Field(default_factory=ExplorationConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    finetune: bool = Field(True, description="iterations after the first start from the previous model "
+                                             "(training.init_from); false: train from scratch every time")
+    test: Optional[DataSources] = Field(None, description="a held-out labelled set, evaluated every iteration")
+
+    @model_validator(mode="after")
+    def _thresholds(self):
+        if self.selection.sigma_low >= self.selection.sigma_high:
+            raise ValueError(f"selection.sigma_low ({self.selection.sigma_low}) must be below sigma_high "
+                             f"({self.selection.sigma_high})")
+        return self
+
+    @property
+    def sigma_stop(self) -> float:
+        return self.exploration.sigma_stop or self.selection.sigma_high
+
+
+def load_active_learning_config(path: str, overrides=()) -> ActiveLearningConfig:
+    """Read and validate an active-learning YAML file (``key.path=value`` overrides applied first)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path) as stream:
+            tree = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return ActiveLearningConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, path)) from None

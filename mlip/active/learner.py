@@ -1,0 +1,414 @@
+"""`ActiveLearner`: the explore–select–label–retrain loop behind `mlip active-learn` (METHODS.md §6.2).
+
+Each iteration k, in ``al_dir/iter_<k>/``:
+
+1. **train** (``run/``): an ordinary `mlip train` run of the configured training config on
+   the initial set plus every label bought so far; from iteration 1 on it starts from the
+   previous iteration's model (``training.init_from``) unless ``finetune: false``. Its
+   validation (and the optional held-out test) errors go to the report.
+2. **explore** (``explored.extxyz``): MD with the model's mean forces from every seed at
+   every temperature; every ``check_every`` steps the snapshot's force σ (the largest
+   over its atoms) is evaluated, and a trajectory stops once σ passes ``sigma_stop`` or
+   the MD becomes unstable.
+3. **select** (``candidates.extxyz``): σ_low < σ <= σ_high, farthest-point sampling on
+   the model's features (`mlip.active.selection`), at most the batch size and what is
+   left of the label budget. No candidate: the loop has converged and stops.
+4. **label**: the oracle's worker processes label the candidates; every label is written
+   at once, atomically, as its own file ``labels/<id>.extxyz`` (REF_energy, REF_forces,
+   REF_stress, and the iteration and the oracle in ``atoms.info``); a failure goes to
+   ``failed.jsonl`` with its error and is skipped. Then ``labelled.extxyz`` is rebuilt
+   from the label files, and the next iteration trains on it.
+
+Nothing is lost: ``state.json`` (written atomically) holds the iteration and phase;
+``mlip active-learn --resume AL_DIR`` goes on from there: a killed training run resumes
+from its last epoch, and a killed labelling round labels only the candidates that have
+neither a label file nor a failure record, so no label is bought twice. The loop stops
+on the label budget, the iteration count, or when no explored structure is uncertain.
+``report.csv`` has one row per iteration (labels, errors, exploration σ, seconds per
+phase) and ``learning_curve.png`` the test (else validation) force error against labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import yaml
+
+from mlip.active.config import ActiveLearningConfig, load_active_learning_config
+from mlip.active.oracle import LabelResult, Oracle, labelled_atoms
+from mlip.active.selection import candidate_mask, select_batch
+from mlip.errors import ConfigError, DataError
+from mlip.training.checkpoint import atomic_write_text, read_json, write_json
+from mlip.training.config import config_from_dict, source_list
+
+REPORT_COLUMNS = ["iteration", "labels_total", "labels_bought", "labels_failed", "valid_forces_mae",
+                  "test_forces_mae", "test_energy_mae_per_atom", "explored", "uncertain_fraction", "sigma_median",
+                  "sigma_max", "train_s", "explore_s", "label_s"]
+
+
+class ActiveLearner:
+    """The active-learning loop of one ``al_dir`` (see the module docstring)."""
+
+    def __init__(self, config: ActiveLearningConfig, config_dir: str = "."):
+        self.config = config
+        self.dir = config.al_dir
+        self.training_tree = self._training_tree(config.training, config_dir)
+        self.oracle = Oracle(config.oracle.calculator, config.oracle.kwargs, config.oracle.workers,
+                             config.oracle.timeout_s)
+        self.seeds = _read_seeds(config.seeds)
+
+    @classmethod
+    def from_file(cls, path: str, overrides=()) -> "ActiveLearner":
+        return cls(load_active_learning_config(path, overrides), os.path.dirname(os.path.abspath(path)))
+
+    @classmethod
+    def resume(cls, al_dir: str) -> "ActiveLearner":
+        path = os.path.join(al_dir, "config.yaml")
+        if not os.path.exists(path):
+            raise ConfigError(f"{al_dir}: no config.yaml; is this a directory of `mlip active-learn`?")
+        return cls.from_file(path)
+
+    # ------------------------------------------------------------------ configuration
+    def _training_tree(self, training, config_dir: str) -> dict:
+        """The training run config as a tree, checked: it validates and its model has uncertainty."""
+        if isinstance(training, str):
+            path = training if os.path.isabs(training) or os.path.exists(training) else \
+                os.path.join(config_dir, training)
+            if not os.path.exists(path):
+                raise ConfigError(f"training: config file '{training}' not found")
+            with open(path) as stream:
+                tree = yaml.safe_load(stream) or {}
+        else:
+            tree = copy.deepcopy(training)
+        tree.setdefault("data", {})
+        tree["data"]["train"] = self.config.initial
+        checked = config_from_dict(tree, "training")
+        if checked.uncertainty.method == "none":
+            raise ConfigError("training: active learning needs a model that reports its uncertainty; set "
+                              "uncertainty (e.g. uncertainty: deep_ensemble)")
+        return tree
+
+    def run_config(self, iteration: int) -> dict:
+        """The training config of iteration ``iteration``."""
+        tree = copy.deepcopy(self.training_tree)
+        labelled = os.path.join(self.dir, "labelled.extxyz")
+        sources = [entry.model_dump(exclude_defaults=True) for entry in source_list(self.config.initial)]
+        if os.path.exists(labelled):
+            sources.append({"source": labelled})
+        tree["data"]["train"] = sources
+        if self.config.test is not None:
+            tree["data"]["test"] = self.config.test
+        tree["run_dir"] = self._run_dir(iteration)
+        tree["seed"] = self.config.seed
+        training = tree.setdefault("training", {})
+        training["progress_bar"] = False
+        if iteration > 0 and self.config.finetune:
+            training["init_from"] = self._run_dir(iteration - 1)
+        return tree
+
+    def _run_dir(self, iteration: int) -> str:
+        return os.path.join(self.dir, f"iter_{iteration:03d}", "run")
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        return read_json(os.path.join(self.dir, "state.json")) or {"iteration": 0, "phase": "train", "rows": []}
+
+    def _save(self, state: dict) -> None:
+        write_json(os.path.join(self.dir, "state.json"), state)
+
+    def labels_bought(self) -> int:
+        folder = os.path.join(self.dir, "labels")
+        return len([name for name in os.listdir(folder) if name.endswith(".extxyz")]) if os.path.isdir(folder) else 0
+
+    def failures(self) -> dict:
+        """candidate id -> error of every failed label."""
+        path = os.path.join(self.dir, "failed.jsonl")
+        if not os.path.exists(path):
+            return {}
+        records = [json.loads(line) for line in open(path) if line.strip()]
+        return {record["id"]: record["error"] for record in records}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        os.makedirs(self.dir, exist_ok=True)
+        config_path = os.path.join(self.dir, "config.yaml")
+        if not os.path.exists(config_path):
+            atomic_write_text(config_path, yaml.safe_dump({**self.config.model_dump(mode="json"),
+                                                           "training": self.training_tree}, sort_keys=False))
+        state = self._state()
+        while state["phase"] != "done":
+            iteration, phase = state["iteration"], state["phase"]
+            timings = state.setdefault("seconds", {})
+            start = time.monotonic()
+            if phase == "train":
+                row = self._train(iteration)
+                timings["train_s"] = round(time.monotonic() - start, 1)
+                state["row"] = row
+                stop = self._stop_reason(iteration)
+                state["phase"] = "explore" if stop is None else "done"
+                if stop is not None:
+                    state["stop_reason"] = stop
+                    self._record(state)
+            elif phase == "explore":
+                exploration = self._explore_and_select(iteration)
+                timings["explore_s"] = round(time.monotonic() - start, 1)
+                state["row"].update(exploration)
+                if not exploration["selected"]:
+                    state.update(phase="done", stop_reason="no explored structure is uncertain")
+                    self._record(state)
+                else:
+                    state["phase"] = "label"
+            elif phase == "label":
+                failed = self._label(iteration)
+                timings["label_s"] = round(time.monotonic() - start, 1)
+                state["row"]["labels_failed"] = failed
+                self._record(state)
+                state.update(iteration=iteration + 1, phase="train", seconds={})
+            self._save(state)
+        print(f"active learning stopped: {state['stop_reason']} ({self.labels_bought()} labels bought, "
+              f"{len(self.failures())} failed)", file=sys.stderr, flush=True)
+        return state
+
+    def _stop_reason(self, iteration: int) -> Optional[str]:
+        if self.labels_bought() >= self.config.budget.max_labels:
+            return f"label budget spent ({self.config.budget.max_labels})"
+        if iteration >= self.config.budget.max_iterations:
+            return f"{self.config.budget.max_iterations} iterations done"
+        return None
+
+    def _record(self, state: dict) -> None:
+        """Append the iteration's row to the report (once), and redraw the learning curve."""
+        row = {**state.get("row", {}), **state.get("seconds", {})}
+        rows = [r for r in state["rows"] if r["iteration"] != row.get("iteration")] + [row]
+        state["rows"] = rows
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(os.path.join(self.dir, "report.csv"), buffer.getvalue())
+        _plot_learning_curve(rows, os.path.join(self.dir, "learning_curve.png"))
+
+    # ------------------------------------------------------------------ phases
+    def _train(self, iteration: int) -> dict:
+        from mlip.training.trainer import Trainer
+
+        run_dir = self._run_dir(iteration)
+        summary_path = os.path.join(run_dir, "summary.json")
+        print(f"[iteration {iteration}] train on {self._labelled_count()} structures -> {run_dir}",
+              file=sys.stderr, flush=True)
+        if not os.path.exists(summary_path):
+            config = config_from_dict(self.run_config(iteration), f"training (iteration {iteration})")
+            resume = os.path.exists(os.path.join(run_dir, "last.msgpack"))
+            Trainer(config).run(resume=resume)
+        summary = read_json(summary_path)
+        test = summary.get("test", {})
+        return {"iteration": iteration, "labels_total": self._labelled_count(), "labels_bought": self.labels_bought(),
+                "valid_forces_mae": summary["valid"].get("forces_mae"), "test_forces_mae": test.get("forces_mae"),
+                "test_energy_mae_per_atom": test.get("energy_mae_per_atom")}
+
+    def _labelled_count(self) -> int:
+        from mlip.data.reader import read_atoms
+
+        initial = sum(len(read_atoms(entry.source)) for entry in source_list(self.config.initial))
+        return initial + self.labels_bought()
+
+    def _explore_and_select(self, iteration: int) -> dict:
+        import ase.io
+
+        from mlip.training.checkpoint import load_potential
+
+        potential, params = load_potential(self._run_dir(iteration))
+        explored, scores, features = self._explore(potential, params, iteration)
+        folder = os.path.dirname(self._run_dir(iteration))
+        for atoms, score in zip(explored, scores):
+            atoms.info["max_force_sigma"] = float(score)
+        ase.io.write(os.path.join(folder, "explored.extxyz"), explored)
+        known = self._known_features(potential, params)
+        left = self.config.budget.max_labels - self.labels_bought()
+        selection = self.config.selection
+        chosen = select_batch(scores, features, min(selection.batch_size, left), selection.sigma_low,
+                              selection.sigma_high, known, selection.diversity)
+        candidates = []
+        for rank, index in enumerate(chosen):
+            atoms = explored[index].copy()
+            atoms.info.update(candidate_id=f"{iteration:03d}-{rank:04d}", al_iteration=iteration)
+            candidates.append(atoms)
+        _write_atomically(os.path.join(folder, "candidates.extxyz"), candidates)
+        uncertain = candidate_mask(scores, selection.sigma_low, np.inf)
+        print(f"[iteration {iteration}] explored {len(explored)} snapshots, {int(uncertain.sum())} above σ_low; "
+              f"{len(candidates)} selected", file=sys.stderr, flush=True)
+        return {"explored": len(explored), "selected": len(candidates),
+                "uncertain_fraction": float(uncertain.mean()) if len(explored) else 0.0,
+                "sigma_median": float(np.median(scores)) if len(scores) else None,
+                "sigma_max": float(np.max(scores)) if len(scores) else None}
+
+    def _explore(self, potential, params, iteration: int):
+        """Snapshots of MD from every seed at every temperature, with their max force σ and features."""
+        from mlip.md.simulation import MDStabilityError, MolecularDynamics
+
+        exploration = self.config.exploration
+        scorer = _Scorer(potential, params)
+        explored, scores, features = [], [], []
+        for seed_index, seed_atoms in enumerate(self.seeds):
+            for t_index, temperature in enumerate(exploration.temperatures):
+                md = MolecularDynamics(potential, params, seed_atoms, ensemble=exploration.ensemble,
+                                       timestep_fs=exploration.timestep_fs, temperature_K=temperature,
+                                       friction_per_fs=exploration.friction_per_fs,
+                                       pressure_GPa=exploration.pressure_GPa,
+                                       seed=self.config.seed + 1000 * iteration + 100 * seed_index + t_index)
+                for _ in range(exploration.steps // exploration.check_every):
+                    try:
+                        md.run(exploration.check_every)
+                    except MDStabilityError as error:
+                        print(f"  seed {seed_index} at {temperature:g} K stopped: {error}", file=sys.stderr)
+                        break
+                    snapshot = md.atoms
+                    snapshot.calc = None
+                    snapshot.info.update(seed_structure=seed_index, temperature_K=temperature,
+                                         md_step=md.steps_done)
+                    sigma, feature = scorer(snapshot)
+                    explored.append(snapshot)
+                    scores.append(sigma)
+                    features.append(feature)
+                    if sigma > self.config.sigma_stop:
+                        break  # left the trusted region: later snapshots would be unphysical
+        return explored, np.asarray(scores), np.asarray(features)
+
+    def _known_features(self, potential, params) -> np.ndarray:
+        """Features of the labelled structures (so candidates near them count as covered)."""
+        import ase.io
+
+        scorer = _Scorer(potential, params)
+        structures = []
+        for entry in source_list(self.config.initial):
+            from mlip.data.reader import read_atoms
+            structures += read_atoms(entry.source)
+        labelled = os.path.join(self.dir, "labelled.extxyz")
+        if os.path.exists(labelled):
+            structures += ase.io.read(labelled, ":")
+        return np.asarray([scorer.features(atoms) for atoms in structures])
+
+    def _label(self, iteration: int) -> int:
+        """Label this iteration's candidates that have neither a label nor a failure; the failures."""
+        import ase.io
+
+        folder = os.path.dirname(self._run_dir(iteration))
+        candidates = ase.io.read(os.path.join(folder, "candidates.extxyz"), ":")
+        labels_dir = os.path.join(self.dir, "labels")
+        os.makedirs(labels_dir, exist_ok=True)
+        failures = self.failures()
+        todo = [atoms for atoms in candidates if atoms.info["candidate_id"] not in failures
+                and not os.path.exists(os.path.join(labels_dir, f"{atoms.info['candidate_id']}.extxyz"))]
+        print(f"[iteration {iteration}] labelling {len(todo)} structures with {self.oracle.name} "
+              f"({len(candidates) - len(todo)} done before)", file=sys.stderr, flush=True)
+
+        def store(result: LabelResult) -> None:
+            atoms = todo[result.index]
+            identifier = atoms.info["candidate_id"]
+            if result.ok:
+                labelled = labelled_atoms(atoms, result, {"oracle": self.oracle.name, "al_iteration": iteration,
+                                                          "label_seconds": round(result.seconds, 3)})
+                _write_atomically(os.path.join(labels_dir, f"{identifier}.extxyz"), [labelled])
+            else:
+                _append_line(os.path.join(self.dir, "failed.jsonl"),
+                             json.dumps({"id": identifier, "iteration": iteration, "error": result.error}))
+                print(f"  label {identifier} failed: {result.error}", file=sys.stderr, flush=True)
+
+        self.oracle.label(todo, on_result=store)
+        self._rebuild_labelled_set()
+        failures = self.failures()
+        return sum(1 for atoms in candidates if atoms.info["candidate_id"] in failures)
+
+    def _rebuild_labelled_set(self) -> None:
+        import ase.io
+
+        folder = os.path.join(self.dir, "labels")
+        frames = [ase.io.read(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+                  if name.endswith(".extxyz")]
+        if frames:
+            _write_atomically(os.path.join(self.dir, "labelled.extxyz"), frames)
+
+
+class _Scorer:
+    """Max force σ and mean features of single structures with a model that has uncertainty."""
+
+    def __init__(self, potential, params):
+        import jax
+
+        from mlip.training.evaluation import Predictor
+
+        self.potential, self.params = potential, params
+        self.predictor = Predictor(potential, compute_stress=False)
+        inner = getattr(potential, "potential", potential)
+        first = jax.tree.map(lambda x: x[0], params) if inner is not potential else params
+        self._features = jax.jit(lambda graph: inner.structure_features(first, graph))
+
+    def _sample(self, atoms):
+        from mlip.data.batching import build_sample
+        from mlip.data.reader import frame_from_atoms
+
+        return build_sample(frame_from_atoms(atoms), self.potential.cutoff, self.potential.k_cutoff,
+                            self.potential.molecules_only)
+
+    def features(self, atoms) -> np.ndarray:
+        from mlip.data.batching import pack_samples
+
+        graph = pack_samples([self._sample(atoms)], None, None, np.float64 if self.potential.config.dtype ==
+                             "float64" else np.float32)
+        return np.asarray(self._features(graph))[0]
+
+    def __call__(self, atoms) -> tuple[float, np.ndarray]:
+        prediction = self.predictor.predict(self.params, [self._sample(atoms)])[0]
+        if "forces_std" not in prediction:
+            raise DataError("active learning needs a model that reports its uncertainty")
+        sigma = float(np.max(np.linalg.norm(prediction["forces_std"], axis=1)))
+        return sigma, self.features(atoms)
+
+
+def _read_seeds(spec: str) -> list:
+    from mlip.data.reader import read_atoms
+
+    return read_atoms(spec)
+
+
+def _write_atomically(path: str, frames: list) -> None:
+    import ase.io
+
+    buffer = io.StringIO()
+    ase.io.write(buffer, frames, format="extxyz")
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _append_line(path: str, line: str) -> None:
+    with open(path, "a") as stream:
+        stream.write(line + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _plot_learning_curve(rows: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "test_forces_mae" if any(r.get("test_forces_mae") is not None for r in rows) else "valid_forces_mae"
+    points = [(r["labels_total"], 1e3 * r[key]) for r in rows if r.get(key) is not None]
+    if not points:
+        return
+    figure, axis = plt.subplots(figsize=(4.5, 3.4))
+    axis.plot(*zip(*points), "o-")
+    axis.set_xlabel("labelled structures")
+    axis.set_ylabel(f"{'test' if key.startswith('test') else 'validation'} force MAE (meV/Å)")
+    figure.tight_layout()
+    from mlip.training.checkpoint import save_figure
+
+    save_figure(figure, path)

@@ -1,0 +1,59 @@
+"""Which explored structures to label: uncertain ones, spread out (METHODS.md §6.1).
+
+Candidates are the structures whose score (the largest force σ over the atoms, eV/Å)
+lies between ``sigma_low`` (already known) and ``sigma_high`` (probably unphysical: the
+trajectory has left the trusted region). From them a batch is picked greedily by
+farthest-point sampling in the model's own feature space (mean invariant node
+features), starting from the most uncertain candidate, with each distance weighted
+by the candidate's σ (argmax σ_x · min distance to the picked and to the training set),
+so the batch is uncertain and not a run of near-duplicates of one MD stretch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+def candidate_mask(scores: np.ndarray, sigma_low: float, sigma_high: float) -> np.ndarray:
+    """[n] True where sigma_low < score <= sigma_high."""
+    scores = np.asarray(scores, np.float64)
+    return (scores > sigma_low) & (scores <= sigma_high)
+
+
+def select_batch(scores: np.ndarray, features: np.ndarray, count: int, sigma_low: float, sigma_high: float,
+                 known_features: Optional[np.ndarray] = None, diversity: bool = True) -> list[int]:
+    """Indices of at most ``count`` candidates to label, most uncertain first.
+
+    Args:
+        scores: [n] uncertainty of each explored structure.
+        features: [n, d] its descriptor.
+        known_features: [m, d] descriptors of the structures already labelled: a candidate
+            close to one of them counts as close to a picked one.
+        diversity: False picks the ``count`` most uncertain candidates.
+    """
+    scores = np.asarray(scores, np.float64)
+    candidates = np.flatnonzero(candidate_mask(scores, sigma_low, sigma_high))
+    if count <= 0 or candidates.size == 0:
+        return []
+    if not diversity:
+        return candidates[np.argsort(-scores[candidates], kind="stable")][:count].tolist()
+    features = np.asarray(features, np.float64)
+    scale = np.std(features[candidates], axis=0).mean() or 1.0  # distances in units of the spread
+    distance = np.full(candidates.size, np.inf)
+    if known_features is not None and len(known_features):
+        known = np.asarray(known_features, np.float64)
+        distance = np.min(np.linalg.norm(features[candidates, None, :] - known[None], axis=-1), axis=1) / scale
+    picked: list[int] = []
+    for _ in range(min(count, candidates.size)):
+        if np.all(np.isinf(distance)):  # nothing picked or known yet: the most uncertain
+            position = int(np.argmax(scores[candidates]))
+        else:
+            weighted = scores[candidates] * distance
+            weighted[[candidates.tolist().index(p) for p in picked]] = -np.inf
+            position = int(np.argmax(weighted))
+        picked.append(int(candidates[position]))
+        distance = np.minimum(distance, np.linalg.norm(features[candidates] - features[candidates[position]],
+                                                       axis=-1) / scale)
+    return picked

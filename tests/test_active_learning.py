@@ -1,0 +1,135 @@
+"""`mlip active-learn`: the loop end to end on EMT copper, a kill while labelling, failures, early errors."""
+
+import json
+import os
+
+import ase.io
+import numpy as np
+import pytest
+import yaml
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from mlip.active.oracle import Oracle
+from mlip.active.selection import select_batch
+from mlip.errors import ConfigError
+
+
+def _copper(n, seed, rattle=0.05):
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(rattle, seed=int(rng.integers(1 << 30)))
+        atoms.calc = EMT()
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.info["REF_stress"] = atoms.get_stress(voigt=False)
+        atoms.calc = None
+        frames.append(atoms)
+    return frames
+
+
+def al_config(tmp_path, **changes):
+    ase.io.write(tmp_path / "initial.extxyz", _copper(6, 1))
+    ase.io.write(tmp_path / "test.extxyz", _copper(3, 2, rattle=0.1))
+    ase.io.write(tmp_path / "seeds.extxyz", _copper(2, 3, rattle=0.0))
+    config = {
+        "al_dir": str(tmp_path / "al"), "seed": 0,
+        "training": {"model": {"backbone": {"num_channels": 4, "max_ell": 1, "max_l": 1, "correlation": 2,
+                                            "num_interactions": 1, "radial_mlp": [8], "r_max": 3.0}},
+                     "uncertainty": {"method": "deep_ensemble", "members": 2},
+                     "data": {"valid_fraction": 0.34},
+                     "training": {"max_epochs": 2, "batch_size": 4, "plots": False}},
+        "initial": str(tmp_path / "initial.extxyz"), "seeds": str(tmp_path / "seeds.extxyz"),
+        "test": str(tmp_path / "test.extxyz"),
+        "oracle": {"calculator": "oracles.CountingEMT", "kwargs": {"log": str(tmp_path / "oracle.log")},
+                   "workers": 2, "timeout_s": 60},
+        # 2 seeds x 2 temperatures; σ_stop so small that every trajectory stops at its first check
+        "exploration": {"temperatures": [300, 900], "steps": 20, "check_every": 5, "timestep_fs": 2.0,
+                        "sigma_stop": 1e-9},
+        "selection": {"batch_size": 3, "sigma_low": 0.0, "sigma_high": 100.0},
+        "budget": {"max_labels": 5, "max_iterations": 2}}
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    path = tmp_path / "al.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path), config
+
+
+def oracle_calls(tmp_path) -> list:
+    path = tmp_path / "oracle.log"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_path, monkeypatch, capsys):
+    from mlip.active.learner import ActiveLearner
+    from mlip.cli import main
+
+    path, config = al_config(tmp_path, oracle={"kwargs": {"log": str(tmp_path / "oracle.log"),
+                                                          "fail_ids": ["001-0001"]}})
+    # Kill the run after the first label of iteration 1's round (as Ctrl-C or a lost node would).
+    original = Oracle.label
+
+    def label_then_die(self, structures, on_result=None):
+        if structures and structures[0].info["candidate_id"].startswith("001"):
+            original(self, structures[:1], on_result)
+            raise KeyboardInterrupt
+        return original(self, structures, on_result)
+
+    monkeypatch.setattr(Oracle, "label", label_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ActiveLearner.from_file(path).run()
+    al_dir = config["al_dir"]
+    state = json.load(open(os.path.join(al_dir, "state.json")))
+    assert (state["iteration"], state["phase"]) == (1, "label")
+    assert len(oracle_calls(tmp_path)) == 4  # three in iteration 0, one before the kill
+    monkeypatch.setattr(Oracle, "label", original)
+    assert main(["active-learn", path]) == 2  # the directory holds a run: resume it, do not restart
+    assert "--resume" in capsys.readouterr().err
+    assert main(["active-learn", "--resume", al_dir]) == 0
+
+    # Budget 5: 3 labels in iteration 0, then 2 of iteration 1's 2 candidates, one of which failed.
+    labels = sorted(os.listdir(os.path.join(al_dir, "labels")))
+    failed = [json.loads(line) for line in open(os.path.join(al_dir, "failed.jsonl"))]
+    assert [record["id"] for record in failed] == ["001-0001"] and "fail_ids" in failed[0]["error"]
+    calls = oracle_calls(tmp_path)
+    assert len(calls) == len(labels) == 4 and len(set(calls)) == len(calls)  # no label bought twice
+    labelled = ase.io.read(os.path.join(al_dir, "labelled.extxyz"), ":")
+    assert len(labelled) == 4 and all(a.info["oracle"].startswith("CountingEMT") for a in labelled)
+    assert sorted(a.info["al_iteration"] for a in labelled) == [0, 0, 0, 1]
+    # The threshold stopped every trajectory at its first check: one snapshot each.
+    explored = ase.io.read(os.path.join(al_dir, "iter_000", "explored.extxyz"), ":")
+    assert len(explored) == 4 and {a.info["md_step"] for a in explored} == {5}
+    rows = list(__import__("csv").DictReader(open(os.path.join(al_dir, "report.csv"))))
+    assert [int(r["labels_total"]) for r in rows] == [6, 9, 10]
+    assert all(float(r["test_forces_mae"]) > 0 for r in rows)
+    assert os.path.exists(os.path.join(al_dir, "learning_curve.png"))
+    # Iteration 1 fine-tuned iteration 0's model.
+    run1 = yaml.safe_load(open(os.path.join(al_dir, "iter_001", "run", "config.yaml")))
+    assert run1["training"]["init_from"].endswith(os.path.join("iter_000", "run"))
+
+
+def test_a_bad_oracle_is_a_clear_error_before_anything_runs(tmp_path):
+    from mlip.active.learner import ActiveLearner
+
+    path, config = al_config(tmp_path, oracle={"calculator": "ase.calculators.nowhere.Nothing"})
+    with pytest.raises(ConfigError, match="oracle.calculator 'ase.calculators.nowhere.Nothing': cannot import"):
+        ActiveLearner.from_file(path)
+    path, _ = al_config(tmp_path, oracle={"calculator": "oracles.CountingEMT", "kwargs": {"wrong": 1}})
+    with pytest.raises(ConfigError, match="oracle.kwargs"):
+        ActiveLearner.from_file(path)
+    path, _ = al_config(tmp_path, training={"uncertainty": {"method": "none"}})
+    with pytest.raises(ConfigError, match="needs a model that reports its uncertainty"):
+        ActiveLearner.from_file(path)
+    assert not os.path.exists(config["al_dir"])
+
+
+def test_selection_takes_uncertain_and_spread_out_structures():
+    features = np.array([[0.0, 0.0], [0.01, 0.0], [5.0, 5.0], [0.02, 0.01], [9.0, 0.0]])
+    scores = np.array([0.9, 0.85, 0.5, 0.8, 2.0])  # the last is above σ_high: unphysical
+    assert select_batch(scores, features, 2, 0.1, 1.0, diversity=False) == [0, 1]
+    assert select_batch(scores, features, 2, 0.1, 1.0) == [0, 2]  # not the near-duplicate of 0
+    known = np.array([[0.0, 0.0]])  # 0 and its neighbours are already labelled
+    assert select_batch(scores, features, 1, 0.1, 1.0, known) == [2]
+    assert select_batch(scores, features, 3, 0.95, 1.0) == []
