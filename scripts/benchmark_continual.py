@@ -33,7 +33,7 @@ DATA = os.path.join(ROOT, "data")
 ETHANOL2 = os.path.join(DATA, "ethanol_gfn2_500K.extxyz")
 ETHANOL1 = os.path.join(DATA, "ethanol_gfn1_500K.extxyz")
 BUTANE = os.path.join(DATA, "butane_gfn2_300K.extxyz")
-RESULTS = os.path.join(ROOT, "docs", "benchmark_continual.json")
+RESULTS = os.environ.get("MLIP_BENCHMARK_RESULTS", os.path.join(ROOT, "docs", "benchmark_continual.json"))
 
 SCENARIOS = {
     "molecule": {

@@ -89,7 +89,7 @@ class ActiveLearner:
         else:
             tree = copy.deepcopy(training)
         tree.setdefault("data", {})
-        tree["data"]["train"] = self.config.initial
+        tree["data"]["train"] = _plain_sources(self.config.initial)
         checked = config_from_dict(tree, "training")
         if checked.uncertainty.method == "none":
             raise ConfigError("training: active learning needs a model that reports its uncertainty; set "
@@ -100,12 +100,12 @@ class ActiveLearner:
         """The training config of iteration ``iteration``."""
         tree = copy.deepcopy(self.training_tree)
         labelled = os.path.join(self.dir, "labelled.extxyz")
-        sources = [entry.model_dump(exclude_defaults=True) for entry in source_list(self.config.initial)]
+        sources = _plain_sources(self.config.initial)
         if os.path.exists(labelled):
             sources.append({"source": labelled})
         tree["data"]["train"] = sources
         if self.config.test is not None:
-            tree["data"]["test"] = self.config.test
+            tree["data"]["test"] = _plain_sources(self.config.test)
         tree["run_dir"] = self._run_dir(iteration)
         tree["seed"] = self.config.seed
         training = tree.setdefault("training", {})
@@ -347,9 +347,10 @@ class _Scorer:
 
         self.potential, self.params = potential, params
         self.predictor = Predictor(potential, compute_stress=False)
+        # Features of the first posterior sample: a descriptor, not a prediction.
         inner = getattr(potential, "potential", potential)
-        first = jax.tree.map(lambda x: x[0], params) if inner is not potential else params
-        self._features = jax.jit(lambda graph: inner.structure_features(first, graph))
+        self._first = jax.device_put(jax.tree.map(lambda x: x[0], params) if inner is not potential else params)
+        self._features = jax.jit(inner.structure_features)
 
     def _sample(self, atoms):
         from mlip.data.batching import build_sample
@@ -363,7 +364,7 @@ class _Scorer:
 
         graph = pack_samples([self._sample(atoms)], None, None, np.float64 if self.potential.config.dtype ==
                              "float64" else np.float32)
-        return np.asarray(self._features(graph))[0]
+        return np.asarray(self._features(self._first, graph))[0]
 
     def __call__(self, atoms) -> tuple[float, np.ndarray]:
         prediction = self.predictor.predict(self.params, [self._sample(atoms)])[0]
@@ -371,6 +372,11 @@ class _Scorer:
             raise DataError("active learning needs a model that reports its uncertainty")
         sigma = float(np.max(np.linalg.norm(prediction["forces_std"], axis=1)))
         return sigma, self.features(atoms)
+
+
+def _plain_sources(spec) -> list:
+    """Data sources as plain mappings (YAML-safe)."""
+    return [entry.model_dump(exclude_defaults=True) for entry in source_list(spec)]
 
 
 def _read_seeds(spec: str) -> list:
