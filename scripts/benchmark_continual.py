@@ -54,7 +54,7 @@ SCENARIOS = {
 }
 
 
-def configs(scenario: str, budget_s: float, work_dir: str) -> dict:
+def configs(scenario: str, budget_s: float, work_dir: str, fraction: float = 0.25) -> dict:
     spec = SCENARIOS[scenario]
     pretrain = base_config(budget_s, 0)
     pretrain["run_dir"] = os.path.join(work_dir, f"{scenario}_pretrain")
@@ -64,8 +64,9 @@ def configs(scenario: str, budget_s: float, work_dir: str) -> dict:
     for arm in ("naive", "replay"):
         config = base_config(budget_s, 0)
         config.pop("model")  # the pretrained run's
-        config["run_dir"] = os.path.join(work_dir, f"{scenario}_{arm}")
-        config["data"] = {**spec["finetune"], **({"replay": {"fraction": 0.25}} if arm == "replay" else {})}
+        suffix = f"{fraction:g}" if arm == "replay" and fraction != 0.25 else ""
+        config["run_dir"] = os.path.join(work_dir, f"{scenario}_{arm}{suffix}")
+        config["data"] = {**spec["finetune"], **({"replay": {"fraction": fraction}} if arm == "replay" else {})}
         if "finetune_model" in spec:
             config["model"] = spec["finetune_model"]
         config["training"].update(init_from=pretrain["run_dir"], freeze_backbone_fraction=0.1)
@@ -86,11 +87,11 @@ def forces_mae(run_dir: str, spec: str, fidelity) -> float:
     return 1e3 * metrics["forces_mae"]
 
 
-def run(budget_s: float, scenarios: list[str], work_dir: str, core: int) -> dict:
+def run(budget_s: float, scenarios: list[str], work_dir: str, core: int, fraction: float = 0.25) -> dict:
     os.makedirs(work_dir, exist_ok=True)
     recorded = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {"results": {}}
     for scenario in scenarios:
-        spec, runs = SCENARIOS[scenario], configs(scenario, budget_s, work_dir)
+        spec, runs = SCENARIOS[scenario], configs(scenario, budget_s, work_dir, fraction)
         for name in ("pretrain", "naive", "replay"):
             train(runs[name], work_dir, core)
         result = {"old_before": forces_mae(runs["pretrain"]["run_dir"], *spec["old_test"])}
@@ -99,7 +100,10 @@ def run(budget_s: float, scenarios: list[str], work_dir: str, core: int) -> dict
         for arm in ("naive", "replay"):
             result[f"old_after_{arm}"] = forces_mae(runs[arm]["run_dir"], *spec["old_test"])
             result[f"new_after_{arm}"] = forces_mae(runs[arm]["run_dir"], *spec["new_test"])
-        recorded["results"][scenario] = result
+        name = scenario if fraction == 0.25 else f"{scenario} (replay {fraction:g})"
+        if os.path.exists(RESULTS):  # another invocation may have added results meanwhile
+            recorded = {**json.load(open(RESULTS)), **{k: v for k, v in recorded.items() if k != "results"}}
+        recorded["results"][name] = result
         print(scenario, json.dumps(result), flush=True)
         recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1}, budget_s=budget_s)
         with open(RESULTS, "w") as stream:
@@ -123,10 +127,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=150.0)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--core", type=int, default=1)
+    parser.add_argument("--replay-fraction", type=float, default=0.25)
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "benchmark_continual"))
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
-    recorded = (run(args.budget_s, args.scenarios, args.work_dir, args.core) if args.part == "run"
+    recorded = (run(args.budget_s, args.scenarios, args.work_dir, args.core, args.replay_fraction)
+                if args.part == "run"
                 else json.load(open(RESULTS)))
     text = table(recorded)
     print(text)

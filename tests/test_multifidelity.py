@@ -229,10 +229,11 @@ def test_multifidelity_run_records_fidelities_and_each_use_picks_one(runs, capsy
     assert set(summary["valid"]["by_fidelity"]) == {"low", "high"}
     atoms = ase.io.read(high, index=14)
     energies = {}
-    for fidelity in ("low", "high", None):
+    for fidelity in ("low", "high"):
         atoms.calc = MLIPCalculator.from_run(source, fidelity=fidelity)
         energies[fidelity] = atoms.get_potential_energy()
-    assert energies[None] == energies["high"] and abs(energies["low"] - energies["high"]) > 1.0
+    assert abs(energies["low"] - energies["high"]) > 1.0
+    assert MLIPCalculator.from_run(source).potential.fidelity == 1  # the default: the last listed
     assert atoms.calc.results["forces_std"].shape == (len(atoms), 3)  # σ of the Laplace posterior, per level
     # MD at a chosen level: its first frame is the calculator's energy at that level.
     trajectory = os.path.join(source, "md_low.extxyz")

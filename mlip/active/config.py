@@ -7,15 +7,13 @@ data sources the loop replaces with the labelled set.
 
 from __future__ import annotations
 
-import os
 from typing import Literal, Optional, Union
 
-import yaml
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from mlip.errors import ConfigError
 from mlip.model_config import StrictModel
-from mlip.training.config import DataSources, apply_override, format_validation_error
+from mlip.training.config import DataSources, format_validation_error, read_yaml_tree
 
 
 class OracleConfig(StrictModel):
@@ -88,18 +86,7 @@ class ActiveLearningConfig(StrictModel):
 
 def load_active_learning_config(path: str, overrides=()) -> ActiveLearningConfig:
     """Read and validate an active-learning YAML file (``key.path=value`` overrides applied first)."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: config file not found")
     try:
-        with open(path) as stream:
-            tree = yaml.safe_load(stream) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {error}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        return ActiveLearningConfig.model_validate(tree)
+        return ActiveLearningConfig.model_validate(read_yaml_tree(path, overrides))
     except ValidationError as error:
         raise ConfigError(format_validation_error(error, path)) from None

@@ -479,6 +479,11 @@ def load_config(path: str, overrides: tuple[str, ...] | list[str] = ()) -> RunCo
         ConfigError: missing file, invalid YAML, unknown keys, bad values; the message
             names the file and the dotted key.
     """
+    return config_from_dict(read_yaml_tree(path, overrides), path)
+
+
+def read_yaml_tree(path: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """The mapping of a YAML config file with ``key.path=value`` overrides applied (not validated)."""
     if not os.path.exists(path):
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -493,7 +498,7 @@ def load_config(path: str, overrides: tuple[str, ...] | list[str] = ()) -> RunCo
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(tree).__name__}")
     for assignment in overrides:
         apply_override(tree, assignment)
-    return config_from_dict(tree, path)
+    return tree
 
 
 def save_config(config: RunConfig, path: str) -> None:
