@@ -226,11 +226,12 @@ def plot(recorded: dict, path: str, selection: str = "spread") -> None:
     figure, axis = plt.subplots(figsize=(5, 3.6))
     for arm in _arms(results, selection):
         labels = sorted({int(key.split("/")[2]) for key in results if key.startswith(f"{selection}/{arm}/")})
-        axis.loglog(labels, [_mean(results, f"{selection}/{arm}/{n}")[0] for n in labels], "o-",
+        axis.semilogx(labels, [_mean(results, f"{selection}/{arm}/{n}")[0] for n in labels], "o-",
                     label=ARM_LABELS.get(arm, arm))
     ticks = sorted({int(key.split("/")[2]) for key in results if key.startswith(selection + "/")})
     axis.set_xticks(ticks, [str(t) for t in ticks])
     axis.minorticks_off()
+    axis.set_ylim(bottom=0)
     axis.set_xlabel("GFN2 training labels")
     axis.set_ylabel("GFN2 test force MAE (meV/Å)")
     axis.legend(fontsize=8)
