@@ -162,7 +162,13 @@ class ActiveLearner:
                 timings["explore_s"] = round(time.monotonic() - start, 1)
                 state["row"].update(exploration)
                 if not exploration["selected"]:
-                    state.update(phase="done", stop_reason="no explored structure is uncertain")
+                    reason = "no explored structure is uncertain"
+                    if exploration["above_sigma_high"]:
+                        reason = (f"no explored structure between sigma_low and sigma_high: "
+                                  f"{exploration['above_sigma_high']} of {exploration['explored']} are above "
+                                  f"sigma_high, where the model is not trusted (train longer, or raise "
+                                  f"selection.sigma_high)")
+                    state.update(phase="done", stop_reason=reason)
                     self._record(state)
                 else:
                     state["phase"] = "label"
@@ -246,6 +252,7 @@ class ActiveLearner:
         print(f"[iteration {iteration}] explored {len(explored)} snapshots, {int(uncertain.sum())} above σ_low; "
               f"{len(candidates)} selected", file=sys.stderr, flush=True)
         return {"explored": len(explored), "selected": len(candidates),
+                "above_sigma_high": int(np.sum(np.asarray(scores) > selection.sigma_high)),
                 "uncertain_fraction": float(uncertain.mean()) if len(explored) else 0.0,
                 "sigma_median": float(np.median(scores)) if len(scores) else None,
                 "sigma_max": float(np.max(scores)) if len(scores) else None}
