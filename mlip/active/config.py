@@ -49,6 +49,9 @@ class SelectionConfig(StrictModel):
     sigma_high: PositiveFloat = Field(1.0, description="eV/Å: above this it is probably unphysical")
     diversity: bool = Field(True, description="farthest-point sampling on the model's features (σ-weighted); "
                                               "false: the most uncertain")
+    strategy: Literal["uncertainty", "random"] = Field(
+        "uncertainty", description="random: any explored snapshots, drawn uniformly (the baseline of "
+                                   "scripts/benchmark_active_learning.py)")
 
 
 class BudgetConfig(StrictModel):

@@ -240,8 +240,13 @@ class ActiveLearner:
         known = self._known_features(potential, params)
         left = self.config.budget.max_labels - self.labels_bought()
         selection = self.config.selection
-        chosen = select_batch(scores, features, min(selection.batch_size, left), selection.sigma_low,
-                              selection.sigma_high, known, selection.diversity)
+        count = min(selection.batch_size, left)
+        if selection.strategy == "random":  # the baseline: explored snapshots drawn uniformly
+            rng = np.random.default_rng(self.config.seed * 7919 + iteration)
+            chosen = rng.choice(len(explored), min(count, len(explored)), replace=False).tolist()
+        else:
+            chosen = select_batch(scores, features, count, selection.sigma_low, selection.sigma_high, known,
+                                  selection.diversity)
         candidates = []
         for rank, index in enumerate(chosen):
             atoms = explored[index].copy()
