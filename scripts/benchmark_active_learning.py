@@ -81,20 +81,17 @@ def run(seeds: list[int], work_dir: str) -> dict:
 
 
 def table(recorded: dict) -> str:
-    import numpy as np
-
+    """Per seed and iteration: labelled cells and test force MAE of each arm (runs can stop early, and
+    rounds with fewer snapshots than the batch buy fewer labels, so the seeds do not share a grid)."""
     curves = recorded["curves"]
-    seeds = sorted({key.split("/")[1] for key in curves})
-    labels = [n for n, _ in curves[f"uncertainty/{seeds[0]}"]]
-    lines = ["| labelled cells | AL (σ + farthest-point): test F MAE (meV/Å) | random: test F MAE | random / AL |",
+    seeds = sorted({key.split("/")[1] for key in curves}, key=lambda s: int(s[4:]))
+    lines = ["| seed | iteration | AL: labelled cells, test F MAE (meV/Å) | random: labelled cells, test F MAE |",
              "|---|---|---|---|"]
-    for k, n in enumerate(labels):
-        al = [curves[f"uncertainty/{s}"][k][1] for s in seeds if len(curves[f"uncertainty/{s}"]) > k]
-        rnd = [curves[f"random/{s}"][k][1] for s in seeds if len(curves.get(f"random/{s}", [])) > k]
-        if al and rnd:
-            lines.append(f"| {n} | {np.mean(al):.1f} ± {np.std(al):.1f} | {np.mean(rnd):.1f} ± {np.std(rnd):.1f} | "
-                         f"{np.mean(rnd) / np.mean(al):.2f} |")
-    lines.append(f"\n{len(seeds)} seed(s), mean ± standard deviation over seeds.")
+    for seed in seeds:
+        al, rnd = curves.get(f"uncertainty/{seed}", []), curves.get(f"random/{seed}", [])
+        for k in range(max(len(al), len(rnd))):
+            cell = lambda c: f"{c[k][0]}, {c[k][1]:.1f}" if k < len(c) else "(stopped)"  # noqa: E731
+            lines.append(f"| {seed[4:]} | {k} | {cell(al)} | {cell(rnd)} |")
     return "\n".join(lines)
 
 
