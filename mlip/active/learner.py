@@ -221,10 +221,11 @@ class ActiveLearner:
                 "test_energy_mae_per_atom": test.get("energy_mae_per_atom")}
 
     def _labelled_count(self) -> int:
-        from mlip.data.reader import read_atoms
+        if not hasattr(self, "_initial_count"):  # the initial set does not change: read it once
+            from mlip.data.reader import read_atoms
 
-        initial = sum(len(read_atoms(entry.source)) for entry in source_list(self.config.initial))
-        return initial + self.labels_bought()
+            self._initial_count = sum(len(read_atoms(entry.source)) for entry in source_list(self.config.initial))
+        return self._initial_count + self.labels_bought()
 
     def _explore_and_select(self, iteration: int) -> dict:
         import ase.io
