@@ -1,4 +1,8 @@
-"""Accuracy at equal wall-clock budget: mlip vs mace-torch vs apax on the same ethanol split.
+"""Accuracy at equal wall-clock budget: mlip vs mace-torch vs apax on the same split.
+
+``--dataset butane`` trains on trans n-butane at 300 K and adds the extrapolation figures
+(600 K and 1200 K MD, relaxed torsion scans) of scripts/benchmark_extrapolation.py, the
+three frameworks side by side (issue 19); the default is the in-distribution ethanol run.
 
 Each framework trains on the same GFN2-xTB ethanol frames (default: train 0:500, valid
 500:600, test 600:1000 of data/ethanol_gfn2_500K.extxyz), one after the other in one
@@ -42,20 +46,27 @@ from benchmark_common import cpu_model, replace_marked_section, run_with_budget,
 from benchmark_common import versions as peer_versions  # noqa: E402  (scripts/ is sys.path[0])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "data", "ethanol_gfn2_500K.extxyz")
-E0_FILE = os.path.join(ROOT, "data", "ethanol_gfn2_e0s.json")
+# Each data set: the labelled file the split is cut from, its isolated-atom E0s, the default
+# split, and whether the extrapolation figures of scripts/benchmark_extrapolation.py apply.
+DATASETS = {
+    "ethanol": {"data": "ethanol_gfn2_500K.extxyz", "e0s": "ethanol_gfn2_e0s.json",
+                "train": "0:500", "valid": "500:600", "test": "600:1000", "extrapolation": False},
+    # Train on trans n-butane at 300 K; test held out at 300 K, hotter MD and torsion scans.
+    "butane": {"data": "butane_gfn2_300K.extxyz", "e0s": "butane_gfn2_e0s.json",
+               "train": "0:450", "valid": "450:500", "test": "500:", "extrapolation": True},
+}
 
 # One architecture for both MACE implementations: the same as configs/benchmark_ethanol.yaml.
 MACE_ARCHITECTURE = {"r_max": 5.0, "num_channels": 32, "max_L": 1, "max_ell": 3, "correlation": 3,
                      "num_interactions": 2, "batch_size": 5, "lr": 0.01}
 
 
-def write_split(work_dir: str, train: str, valid: str, test: str) -> dict:
+def write_split(work_dir: str, data: str, e0s: str, train: str, valid: str, test: str) -> dict:
     import ase.io
 
-    paths = {}
+    paths = {"data": data, "e0s": e0s}
     for name, index in (("train", train), ("valid", valid), ("test", test)):
-        frames = ase.io.read(DATA, index=index)
+        frames = ase.io.read(data, index=index)
         path = os.path.join(work_dir, f"{name}.extxyz")
         ase.io.write(path, frames, format="extxyz")
         paths[name] = path
@@ -104,11 +115,11 @@ PREDICT_WORKER = textwrap.dedent("""
 """)
 
 
-def predict(kind: str, python: str, model: str, test_path: str, work_dir: str) -> str:
+def predict(kind: str, python: str, model: str, test_path: str, work_dir: str, label: str = "test") -> str:
     worker = os.path.join(work_dir, "predict_worker.py")
     with open(worker, "w") as stream:
         stream.write(PREDICT_WORKER)
-    out_path = os.path.join(work_dir, f"predictions_{kind}.npz")
+    out_path = os.path.join(work_dir, f"predictions_{kind}_{label}.npz")
     subprocess.run([python, worker, kind, model, test_path, out_path], check=True,
                    stdout=subprocess.DEVNULL, stderr=open(os.path.join(work_dir, f"predict_{kind}.log"), "w"))
     return out_path
@@ -140,6 +151,7 @@ def train_mlip(split: dict, work_dir: str, budget_s: float, small: bool = False)
     # same hard limit every framework gets.
     command = [sys.executable, "-m", "mlip.cli", "train", config,
                "--set", f"run_dir={run_dir}", "--set", f"data.train={split['train']}",
+               "--set", f"data.e0s={split['e0s']}",
                "--set", f"data.valid={split['valid']}", "--set", f"training.max_time={budget_s - 20}",
                "--set", "training.progress_bar=false"]
     result = run_with_budget(command, budget_s, os.path.join(work_dir, f"{name}_train.log"), grace_s=60)
@@ -196,11 +208,11 @@ def peer_plan(name: str, work_dir: str, budget_s: float, probe_s: float, epoch_s
 
 # ---------------------------------------------------------------- mace
 def mace_arguments(split: dict, mace_dir: str) -> list:
-    e0s = json.load(open(E0_FILE))
+    e0s = json.load(open(split["e0s"]))
     e0_text = "{" + ",".join(f"{z}:{v}" for z, v in e0s.items()) + "}"
     a = MACE_ARCHITECTURE
     return [
-        "--name=ethanol", f"--train_file={split['train']}", f"--valid_file={split['valid']}",
+        "--name=model", f"--train_file={split['train']}", f"--valid_file={split['valid']}",
         f"--E0s={e0_text}", "--energy_key=REF_energy", "--forces_key=REF_forces",
         "--model=MACE", f"--num_channels={a['num_channels']}", f"--max_L={a['max_L']}",
         f"--max_ell={a['max_ell']}", f"--correlation={a['correlation']}", f"--r_max={a['r_max']}",
@@ -246,11 +258,11 @@ def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, probe_s: 
     # with max_num_epochs equal to the epochs done, which trains nothing and saves it.
     subprocess.run([trainer, *arguments, f"--max_num_epochs={epochs}"], check=True,
                    stdout=open(os.path.join(work_dir, "mace_export.log"), "w"), stderr=subprocess.STDOUT)
-    # With --swa, ethanol.model is the best model of stage one; the final model is the
+    # With --swa, model.model is the best model of stage one; the final model is the
     # stage-two one whenever stage two started.
-    model = os.path.join(mace_dir, "ethanol_stagetwo.model")
+    model = os.path.join(mace_dir, "model_stagetwo.model")
     if not os.path.exists(model):
-        model = os.path.join(mace_dir, "ethanol.model")
+        model = os.path.join(mace_dir, "model.model")
     result.update(plan, epochs=epochs + 1, model=model, python=os.path.join(venv, "bin", "python"))
     return result
 
@@ -276,7 +288,7 @@ def apax_config(split: dict, apax_dir: str, n_epochs: int) -> str:
     config = {
         "n_epochs": n_epochs,
         "seed": 0,
-        "data": {"directory": apax_dir, "experiment": "ethanol", "train_data_path": converted["train"],
+        "data": {"directory": apax_dir, "experiment": "model", "train_data_path": converted["train"],
                  "val_data_path": converted["valid"], "batch_size": MACE_ARCHITECTURE["batch_size"],
                  "valid_batch_size": 20, "shift_method": "per_element_regression_shift",
                  "scale_method": "per_element_force_rms_scale"},
@@ -293,7 +305,7 @@ def apax_config(split: dict, apax_dir: str, n_epochs: int) -> str:
 
 
 def apax_epoch_counter(apax_dir: str) -> Callable[[], int]:
-    return lambda: _apax_epochs(os.path.join(apax_dir, "ethanol")) or 0
+    return lambda: _apax_epochs(os.path.join(apax_dir, "model")) or 0
 
 
 def train_apax(split: dict, work_dir: str, budget_s: float, venv: str, probe_s: float,
@@ -307,8 +319,8 @@ def train_apax(split: dict, work_dir: str, budget_s: float, venv: str, probe_s: 
     config_path = apax_config(split, apax_dir, plan["planned_epochs"])
     result = run_with_budget([apax, "train", config_path], budget_s, os.path.join(work_dir, "apax_train.log"),
                              count_epochs=apax_epoch_counter(apax_dir))
-    result.update(plan, model=os.path.join(apax_dir, "ethanol"), python=os.path.join(venv, "bin", "python"),
-                  epochs=_apax_epochs(os.path.join(apax_dir, "ethanol")))
+    result.update(plan, model=os.path.join(apax_dir, "model"), python=os.path.join(venv, "bin", "python"),
+                  epochs=_apax_epochs(os.path.join(apax_dir, "model")))
     return result
 
 
@@ -331,12 +343,78 @@ def _apax_epochs(model_dir: str) -> int | None:
     return None
 
 
+# ---------------------------------------------------------------- extrapolation (butane)
+def extrapolation_files(work_dir: str) -> dict:
+    """scripts/benchmark_extrapolation.py's test sets, each written to one extxyz file."""
+    import ase.io
+
+    from benchmark_extrapolation import test_frames
+
+    files = {}
+    for name, frames in test_frames().items():
+        files[name] = os.path.join(work_dir, f"extrapolation_{name}.extxyz")
+        ase.io.write(files[name], frames, format="extxyz")
+    return files
+
+
+def extrapolation_figures(kind: str, run: dict, files: dict, work_dir: str) -> dict:
+    """A trained model's extrapolation figures, from predictions by its own ASE calculator."""
+    from benchmark_extrapolation import figures, test_frames
+
+    predicted = {name: np.load(predict(kind, run["python"], run["model"], path, work_dir, label=name))
+                 for name, path in files.items()}
+    return figures(test_frames(), predicted)
+
+
 # ---------------------------------------------------------------- report
+EXTRAPOLATION_ROWS = [("force RMSE 300 K, held out (meV/Å)", "forces_rmse_300K_meV_A"),
+                      ("force RMSE 600 K (meV/Å)", "forces_rmse_600K_meV_A"),
+                      ("force RMSE 1200 K (meV/Å)", "forces_rmse_1200K_meV_A"),
+                      ("C–C–C–C scan: relative-energy RMSE (meV)", "scan_CCCC_relative_energy_rmse_meV"),
+                      ("C–C–C–C scan: barrier error (meV)", "scan_CCCC_barrier_error_meV"),
+                      ("H–C–C–C scan: relative-energy RMSE (meV)", "scan_HCCC_relative_energy_rmse_meV"),
+                      ("H–C–C–C scan: barrier error (meV)", "scan_HCCC_barrier_error_meV")]
+
+
+def write_extrapolation_report(results: dict, meta: dict) -> None:
+    """The three frameworks' extrapolation figures, side by side, as a table in docs/benchmarks.md.
+
+    Each cell is the figure and, for a peer, the peer's figure over mlip's (above 1: mlip
+    is better). A barrier enters as its absolute error against the reference barrier.
+    """
+    names = [name for name in results if "extrapolation" in results[name]]
+    for name in names:
+        figures = results[name]["extrapolation"]
+        for scan in ("scan_CCCC", "scan_HCCC"):
+            figures[f"{scan}_barrier_error_meV"] = abs(figures[f"{scan}_barrier_meV"]
+                                                       - figures[f"{scan}_reference_barrier_meV"])
+    ours = results.get("mlip", {}).get("extrapolation")
+    lines = [f"Run on {meta['date']}, {meta['cpu']} ({meta['cores']} cores), {meta['budget_s']:.0f} s per "
+             f"framework, one after the other. Command: `{meta['command']}`",
+             "",
+             "| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, key in EXTRAPOLATION_ROWS:
+        cells = []
+        for name in names:
+            value = results[name]["extrapolation"][key]
+            ratio = f" ({value / ours[key]:.2f}×)" if ours and name != "mlip" and ours[key] > 0 else ""
+            cells.append(f"{value:.1f}{ratio}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if names:
+        reference = results[names[0]]["extrapolation"]
+        lines.append(f"\nReference barriers: C–C–C–C {reference['scan_CCCC_reference_barrier_meV']:.0f} meV, "
+                     f"H–C–C–C {reference['scan_HCCC_reference_barrier_meV']:.0f} meV.")
+    replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- extrapolation-peers:begin -->",
+                           "<!-- extrapolation-peers:end -->", "\n".join(lines),
+                           "Extrapolation (n-butane): mlip, mace-torch and apax")
+
+
 def versions(peer_dir: str) -> dict:
     return {"python": platform.python_version(), **peer_versions(peer_dir)}
 
 
-def write_report(results: dict, meta: dict, section: str, json_path: str) -> None:
+def write_report(results: dict, meta: dict, section: str, json_path: str,
+                 heading: str = "Accuracy at equal wall-clock budget") -> None:
     docs = os.path.join(ROOT, "docs")
     os.makedirs(docs, exist_ok=True)
     with open(json_path, "w") as stream:
@@ -347,7 +425,7 @@ def write_report(results: dict, meta: dict, section: str, json_path: str) -> Non
         f"Run on {meta['date']}, {meta['cpu']} ({meta['cores']} cores), budget {meta['budget_s']:.0f} s "
         f"of wall-clock per framework (process start to stop, compilation included).",
         f"Data: `{meta['data']}`, train {meta['n_train']} / valid {meta['n_valid']} / test {meta['n_test']} "
-        "frames; isolated-atom E0s from `data/ethanol_gfn2_e0s.json` for mlip and mace, apax "
+        f"frames; isolated-atom E0s from `{meta['e0s']}` for mlip and mace, apax "
         "fits its own per-element shift.",
         f"Command: `{meta['command']}`",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
@@ -373,8 +451,7 @@ def write_report(results: dict, meta: dict, section: str, json_path: str) -> Non
     if not os.path.exists(path):
         with open(path, "w") as stream:
             stream.write("# Benchmarks\n")
-    replace_marked_section(path, f"<!-- {section}:begin -->", f"<!-- {section}:end -->", lines_text,
-                           "Accuracy at equal wall-clock budget")
+    replace_marked_section(path, f"<!-- {section}:begin -->", f"<!-- {section}:end -->", lines_text, heading)
 
 
 def main(argv=None) -> None:
@@ -385,12 +462,17 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-s", type=float, default=720.0)
     parser.add_argument("--frameworks", default="mlip,mace,apax",
                         help="comma-separated: mlip, mlip-small (configs/small.yaml's model), mace, apax")
-    parser.add_argument("--section", default="accuracy",
-                        help="docs/benchmarks.md section (between <!-- NAME:begin/end -->) for the table")
-    parser.add_argument("--json", default=os.path.join(ROOT, "docs", "benchmark_accuracy.json"))
-    parser.add_argument("--train", default="0:500")
-    parser.add_argument("--valid", default="500:600")
-    parser.add_argument("--test", default="600:1000")
+    parser.add_argument("--section", default=None,
+                        help="docs/benchmarks.md section (between <!-- NAME:begin/end -->) for the table "
+                             "(default: accuracy, or accuracy-butane for --dataset butane)")
+    parser.add_argument("--json", default=None, help="default: docs/benchmark_accuracy.json "
+                                                      "(docs/benchmark_accuracy_butane.json for --dataset butane)")
+    parser.add_argument("--dataset", default="ethanol", choices=list(DATASETS),
+                        help="ethanol: in distribution; butane: also the extrapolation figures "
+                             "(hot MD, torsion scans) of scripts/benchmark_extrapolation.py")
+    parser.add_argument("--train", default=None, help="frames of the data set to train on (default: the set's)")
+    parser.add_argument("--valid", default=None)
+    parser.add_argument("--test", default=None)
     parser.add_argument("--probe-s", type=float, default=90.0,
                         help="length of the probe run that times a peer's epochs before its budgeted run")
     parser.add_argument("--mace-epoch-s", type=float, default=None,
@@ -402,7 +484,11 @@ def main(argv=None) -> None:
         setup(args.peer_dir)
         return
     os.makedirs(args.work_dir, exist_ok=True)
-    split = write_split(args.work_dir, args.train, args.valid, args.test)
+    dataset = DATASETS[args.dataset]
+    data = os.path.join(ROOT, "data", dataset["data"])
+    split = write_split(args.work_dir, data, os.path.join(ROOT, "data", dataset["e0s"]),
+                        *(getattr(args, part) or dataset[part] for part in ("train", "valid", "test")))
+    extrapolation_sets = extrapolation_files(args.work_dir) if dataset["extrapolation"] else {}
     results = {}
     for name in args.frameworks.split(","):
         print(f"training {name} for {args.budget_s:.0f} s ...", flush=True)
@@ -420,16 +506,24 @@ def main(argv=None) -> None:
             predictions = predict(name, run["python"], run["model"], split["test"], args.work_dir)
             run.update(metrics_from_predictions(split["test"], predictions))
             run["predict_s"] = round(float(np.load(predictions)["seconds"]), 1)
+            if extrapolation_sets:
+                run["extrapolation"] = extrapolation_figures(name, run, extrapolation_sets, args.work_dir)
         except Exception as error:  # report the failure in the table, go on with the others
             run = {"error": f"{type(error).__name__}: {error}"}
         results[name] = run
         print(f"  {name}: {json.dumps(run)}", flush=True)
     meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "budget_s": args.budget_s, "data": os.path.relpath(DATA, ROOT),
+            "budget_s": args.budget_s, "data": os.path.relpath(data, ROOT),
+            "e0s": os.path.relpath(split["e0s"], ROOT),
             "n_train": split["n_train"], "n_valid": split["n_valid"], "n_test": split["n_test"],
             "command": "python scripts/benchmark_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "versions": versions(args.peer_dir)}
-    write_report(results, meta, args.section, args.json)
+    if extrapolation_sets:
+        write_extrapolation_report(results, meta)
+    suffix = "" if args.dataset == "ethanol" else f"_{args.dataset}"
+    write_report(results, meta, args.section or "accuracy" + suffix.replace("_", "-"),
+                 args.json or os.path.join(ROOT, "docs", f"benchmark_accuracy{suffix}.json"),
+                 heading=f"Accuracy at equal wall-clock budget ({args.dataset})")
 
 
 if __name__ == "__main__":

@@ -212,11 +212,12 @@ def binned_errors(run_dir: str, test_spec: str, bins: list[float]) -> dict:
     return result
 
 
-def accuracy(budget_s: float, work_dir: str, test_spec: str, cutoff: float) -> dict:
+def accuracy(budget_s: float, work_dir: str, test_spec: str, cutoff: float, names: list[str]) -> dict:
     os.makedirs(work_dir, exist_ok=True)
     bins = [0.0, 4.0, cutoff, 7.0, 9.0, 100.0]
     results = {}
-    for name, (config_path, overrides) in VARIANTS.items():
+    for name in names:
+        config_path, overrides = VARIANTS[name]
         if os.path.exists(os.path.join(work_dir, name)):
             raise SystemExit(f"{os.path.join(work_dir, name)} exists: remove it or pass another --work-dir")
         run_dir = train_variant(name, config_path, overrides, budget_s, work_dir)
@@ -275,6 +276,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=300.0)
     parser.add_argument("--test", default=None, help="test data (default: the frames after the config's valid set)")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "benchmark_long_range"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="models to train, one after another")
+    parser.add_argument("--tag", default="", help="suffix of the result files and the docs section, so a "
+                                                    "run with other settings keeps the first (e.g. _900s)")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
     machine = {"cpu": cpu_model(), "cores": os.cpu_count()}
@@ -292,16 +297,17 @@ def main(argv=None) -> int:
 
     config = yaml.safe_load(open(os.path.join(ROOT, "configs", "long_range_les.yaml")))
     test_spec = args.test or config["data"]["test"]
-    results = accuracy(args.budget_s, args.work_dir, test_spec, float(config["model"]["backbone"]["r_max"]))
-    with open(os.path.join(DOCS, "benchmark_long_range.json"), "w") as stream:
+    results = accuracy(args.budget_s, args.work_dir, test_spec, float(config["model"]["backbone"]["r_max"]),
+                       args.variants)
+    with open(os.path.join(DOCS, f"benchmark_long_range{args.tag}.json"), "w") as stream:
         json.dump({"machine": machine, "budget_s": args.budget_s, "test": test_spec, "results": results},
                   stream, indent=1)
-    accuracy_plot(results, os.path.join(DOCS, "benchmark_long_range.png"))
+    accuracy_plot(results, os.path.join(DOCS, f"benchmark_long_range{args.tag}.png"))
     table = accuracy_table(results)
     print(table)
     if args.docs:
-        replace_marked_section(os.path.join(DOCS, "benchmarks.md"), "<!-- long-range-accuracy -->",
-                               "<!-- /long-range-accuracy -->", table,
+        replace_marked_section(os.path.join(DOCS, "benchmarks.md"), f"<!-- long-range-accuracy{args.tag} -->",
+                               f"<!-- /long-range-accuracy{args.tag} -->", table,
                                "Long range: local against LES at equal wall-clock")
     return 0
 

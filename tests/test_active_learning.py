@@ -11,7 +11,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from mlip.active.oracle import Oracle
-from mlip.active.selection import select_batch
+from mlip.active.selection import edge_of_trust, select_batch
 from mlip.errors import ConfigError
 
 
@@ -48,7 +48,9 @@ def al_config(tmp_path, **changes):
         # 2 seeds x 2 temperatures; σ_stop so small that every trajectory stops at its first check
         "exploration": {"temperatures": [300, 900], "steps": 20, "check_every": 5, "timestep_fs": 2.0,
                         "sigma_stop": 1e-9},
-        "selection": {"batch_size": 3, "sigma_low": 0.0, "sigma_high": 100.0},
+        # A window in units of the labelled structures' median σ, which takes in every snapshot.
+        "selection": {"batch_size": 3, "sigma_low": 0.0, "sigma_high": 1e6, "thresholds": "relative",
+                      "score": "mean_atom"},
         "budget": {"max_labels": 5, "max_iterations": 2}}
     for key, value in changes.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
@@ -133,3 +135,10 @@ def test_selection_takes_uncertain_and_spread_out_structures():
     known = np.array([[0.0, 0.0]])  # 0 and its neighbours are already labelled
     assert select_batch(scores, features, 1, 0.1, 1.0, known) == [2]
     assert select_batch(scores, features, 3, 0.95, 1.0) == []
+    # Nothing trusted: the least uncertain above σ_high, not two steps of one trajectory.
+    features = np.array([[0.0, 0.0], [0.01, 0.0], [5.0, 5.0], [0.02, 0.0], [9.0, 9.0]])
+    scores = np.array([1.1, 1.2, 1.3, 1.25, 9.0])  # the 2·count least uncertain: 0, 1, 3, 2
+    assert select_batch(scores, features, 2, 0.1, 1.0) == []
+    assert edge_of_trust(scores, features, 2, 1.0) == [0, 2]
+    assert edge_of_trust(scores, features, 2, 1.0, diversity=False) == [0, 1]
+    assert edge_of_trust(scores, features, 2, 10.0) == []

@@ -37,18 +37,29 @@ class ExplorationConfig(StrictModel):
     pressure_GPa: float = 0.0
     check_every: PositiveInt = Field(50, description="steps between snapshots whose σ is evaluated")
     sigma_stop: Optional[PositiveFloat] = Field(
-        None, description="stop a trajectory once a snapshot's max force σ passes this (eV/Å); null: "
-                          "selection.sigma_high")
+        None, description="stop a trajectory once a snapshot's score passes this (in the unit of "
+                          "selection.thresholds); null: selection.sigma_high")
 
 
 class SelectionConfig(StrictModel):
-    """Uncertain and diverse: σ_low < max force σ <= σ_high, then farthest-point sampling on features."""
+    """Uncertain and diverse: σ_low < score <= σ_high, then farthest-point sampling on features."""
 
     batch_size: PositiveInt = Field(10, description="labels bought per iteration at most")
-    sigma_low: NonNegativeFloat = Field(0.05, description="eV/Å: below this a structure is already known")
-    sigma_high: PositiveFloat = Field(1.0, description="eV/Å: above this it is probably unphysical")
+    score: Literal["max_atom", "mean_atom"] = Field(
+        "max_atom", description="a structure's uncertainty: the largest force σ over its atoms (finds one bad "
+                                "atom in a big cell) or the mean over its atoms (how unsure the whole cell is)")
+    thresholds: Literal["absolute", "relative"] = Field(
+        "absolute", description="absolute: sigma_low, sigma_high and exploration.sigma_stop in eV/Å; relative: "
+                                "multiples of the median score of the labelled structures under the current "
+                                "model, so the window follows the model as it improves (METHODS.md §6.1)")
+    sigma_low: NonNegativeFloat = Field(0.05, description="below this a structure is already known")
+    sigma_high: PositiveFloat = Field(1.0, description="above this it is probably unphysical")
     diversity: bool = Field(True, description="farthest-point sampling on the model's features (σ-weighted); "
                                               "false: the most uncertain")
+    when_none_trusted: Literal["edge", "stop"] = Field(
+        "edge", description="when every explored structure is above sigma_high: edge labels the least "
+                            "uncertain of them (where MD first left the trusted region; a young model is "
+                            "unsure everywhere), stop ends the loop")
     strategy: Literal["uncertainty", "random"] = Field(
         "uncertainty", description="random: any explored snapshots, drawn uniformly (the baseline of "
                                    "scripts/benchmark_active_learning.py)")

@@ -7,12 +7,15 @@ Each iteration k, in ``al_dir/iter_<k>/``:
    previous iteration's model (``training.init_from``) unless ``finetune: false``. Its
    validation (and the optional held-out test) errors go to the report.
 2. **explore** (``explored.extxyz``): MD with the model's mean forces from every seed at
-   every temperature; every ``check_every`` steps the snapshot's force σ (the largest
-   over its atoms) is evaluated, and a trajectory stops once σ passes ``sigma_stop`` or
-   the MD becomes unstable.
+   every temperature; every ``check_every`` steps the snapshot's σ score (the largest or
+   the mean force σ over its atoms, ``selection.score``) is evaluated, and a trajectory
+   stops once σ passes ``sigma_stop`` or the MD becomes unstable.
 3. **select** (``candidates.extxyz``): σ_low < σ <= σ_high, farthest-point sampling on
    the model's features (`mlip.active.selection`), at most the batch size and what is
-   left of the label budget. No candidate: the loop has converged and stops.
+   left of the label budget. With ``selection.thresholds: relative`` the window is in
+   units of the median σ of the labelled structures under this iteration's model. When
+   every snapshot is above σ_high, the least uncertain of them (``when_none_trusted:
+   edge``). No snapshot above σ_low: the loop has converged and stops.
 4. **label**: the oracle's worker processes label the candidates; every label is written
    at once, atomically, as its own file ``labels/<id>.extxyz`` (REF_energy, REF_forces,
    REF_stress, and the iteration and the oracle in ``atoms.info``); a failure goes to
@@ -44,14 +47,14 @@ import yaml
 
 from mlip.active.config import ActiveLearningConfig, load_active_learning_config
 from mlip.active.oracle import LabelResult, Oracle, labelled_atoms
-from mlip.active.selection import candidate_mask, select_batch
+from mlip.active.selection import candidate_mask, edge_of_trust, select_batch
 from mlip.errors import ConfigError, DataError
 from mlip.training.checkpoint import atomic_write_text, read_json, write_json
 from mlip.training.config import config_from_dict, source_list
 
 REPORT_COLUMNS = ["iteration", "labels_total", "labels_bought", "labels_failed", "valid_forces_mae",
                   "test_forces_mae", "test_energy_mae_per_atom", "explored", "uncertain_fraction", "sigma_median",
-                  "sigma_max", "train_s", "explore_s", "label_s"]
+                  "sigma_max", "sigma_low", "sigma_high", "selected_from", "train_s", "explore_s", "label_s"]
 
 
 class ActiveLearner:
@@ -166,8 +169,8 @@ class ActiveLearner:
                     if exploration["above_sigma_high"]:
                         reason = (f"no explored structure between sigma_low and sigma_high: "
                                   f"{exploration['above_sigma_high']} of {exploration['explored']} are above "
-                                  f"sigma_high, where the model is not trusted (train longer, or raise "
-                                  f"selection.sigma_high)")
+                                  f"sigma_high, where the model is not trusted (train longer, raise "
+                                  f"selection.sigma_high, or set selection.when_none_trusted: edge)")
                     state.update(phase="done", stop_reason=reason)
                     self._record(state)
                 else:
@@ -233,42 +236,52 @@ class ActiveLearner:
         from mlip.training.checkpoint import load_potential
 
         potential, params = load_potential(self._run_dir(iteration))
-        explored, scores, features = self._explore(potential, params, iteration)
+        selection = self.config.selection
+        scorer = _Scorer(potential, params, selection.score)
+        known_scores, known = self._known(scorer)
+        # Relative thresholds: in units of what the labelled structures score under this model.
+        unit = float(np.median(known_scores)) if selection.thresholds == "relative" else 1.0
+        sigma_low, sigma_high = selection.sigma_low * unit, selection.sigma_high * unit
+        explored, scores, features = self._explore(potential, params, iteration, scorer, self.config.sigma_stop * unit)
         folder = os.path.dirname(self._run_dir(iteration))
         for atoms, score in zip(explored, scores):
-            atoms.info["max_force_sigma"] = float(score)
+            atoms.info["sigma_score"] = float(score)
         ase.io.write(os.path.join(folder, "explored.extxyz"), explored)
-        known = self._known_features(potential, params)
         left = self.config.budget.max_labels - self.labels_bought()
-        selection = self.config.selection
         count = min(selection.batch_size, left)
+        source = "window"
         if selection.strategy == "random":  # the baseline: explored snapshots drawn uniformly
             rng = np.random.default_rng(self.config.seed * 7919 + iteration)
             chosen = rng.choice(len(explored), min(count, len(explored)), replace=False).tolist()
+            source = "random"
         else:
-            chosen = select_batch(scores, features, count, selection.sigma_low, selection.sigma_high, known,
-                                  selection.diversity)
+            chosen = select_batch(scores, features, count, sigma_low, sigma_high, known, selection.diversity)
+            if not chosen and selection.when_none_trusted == "edge":
+                chosen = edge_of_trust(scores, features, count, sigma_high, known, selection.diversity)
+                source = "edge"
         candidates = []
         for rank, index in enumerate(chosen):
             atoms = explored[index].copy()
             atoms.info.update(candidate_id=f"{iteration:03d}-{rank:04d}", al_iteration=iteration)
             candidates.append(atoms)
         _write_atomically(os.path.join(folder, "candidates.extxyz"), candidates)
-        uncertain = candidate_mask(scores, selection.sigma_low, np.inf)
-        print(f"[iteration {iteration}] explored {len(explored)} snapshots, {int(uncertain.sum())} above σ_low; "
-              f"{len(candidates)} selected", file=sys.stderr, flush=True)
-        return {"explored": len(explored), "selected": len(candidates),
-                "above_sigma_high": int(np.sum(np.asarray(scores) > selection.sigma_high)),
+        uncertain = candidate_mask(scores, sigma_low, np.inf)
+        print(f"[iteration {iteration}] explored {len(explored)} snapshots, {int(uncertain.sum())} above σ_low "
+              f"{sigma_low:.3g}, {int(np.sum(scores > sigma_high))} above σ_high {sigma_high:.3g}; "
+              f"{len(candidates)} selected" + (" at the edge of the trusted region" if source == "edge" else ""),
+              file=sys.stderr, flush=True)
+        return {"explored": len(explored), "selected": len(candidates), "selected_from": source,
+                "sigma_low": sigma_low, "sigma_high": sigma_high,
+                "above_sigma_high": int(np.sum(np.asarray(scores) > sigma_high)),
                 "uncertain_fraction": float(uncertain.mean()) if len(explored) else 0.0,
                 "sigma_median": float(np.median(scores)) if len(scores) else None,
                 "sigma_max": float(np.max(scores)) if len(scores) else None}
 
-    def _explore(self, potential, params, iteration: int):
-        """Snapshots of MD from every seed at every temperature, with their max force σ and features."""
+    def _explore(self, potential, params, iteration: int, scorer: "_Scorer", sigma_stop: float):
+        """Snapshots of MD from every seed at every temperature, with their σ score and features."""
         from mlip.md.simulation import MDStabilityError, MolecularDynamics
 
         exploration = self.config.exploration
-        scorer = _Scorer(potential, params)
         explored, scores, features = [], [], []
         for seed_index, seed_atoms in enumerate(self.seeds):
             for t_index, temperature in enumerate(exploration.temperatures):
@@ -291,23 +304,25 @@ class ActiveLearner:
                     explored.append(snapshot)
                     scores.append(sigma)
                     features.append(feature)
-                    if sigma > self.config.sigma_stop:
+                    if sigma > sigma_stop:
                         break  # left the trusted region: later snapshots would be unphysical
         return explored, np.asarray(scores), np.asarray(features)
 
-    def _known_features(self, potential, params) -> np.ndarray:
-        """Features of the labelled structures (so candidates near them count as covered)."""
+    def _known(self, scorer: "_Scorer") -> tuple[np.ndarray, np.ndarray]:
+        """Scores and features of the labelled structures: what known looks like to this model
+        (the unit of relative thresholds; candidates near them count as covered)."""
         import ase.io
 
-        scorer = _Scorer(potential, params)
+        from mlip.data.reader import read_atoms
+
         structures = []
         for entry in source_list(self.config.initial):
-            from mlip.data.reader import read_atoms
             structures += read_atoms(entry.source)
         labelled = os.path.join(self.dir, "labelled.extxyz")
         if os.path.exists(labelled):
             structures += ase.io.read(labelled, ":")
-        return np.asarray([scorer.features(atoms) for atoms in structures])
+        scored = [scorer(atoms) for atoms in structures]
+        return np.asarray([score for score, _ in scored]), np.asarray([feature for _, feature in scored])
 
     def _label(self, iteration: int) -> int:
         """Label this iteration's candidates that have neither a label nor a failure; the failures."""
@@ -351,14 +366,14 @@ class ActiveLearner:
 
 
 class _Scorer:
-    """Max force σ and mean features of single structures with a model that has uncertainty."""
+    """The σ score (max or mean over atoms of the force σ) and mean features of single structures."""
 
-    def __init__(self, potential, params):
+    def __init__(self, potential, params, score: str = "max_atom"):
         import jax
 
         from mlip.training.evaluation import Predictor
 
-        self.potential, self.params = potential, params
+        self.potential, self.params, self.score = potential, params, score
         self.predictor = Predictor(potential, compute_stress=False)
         # Features of the first posterior sample: a descriptor, not a prediction.
         inner = getattr(potential, "potential", potential)
@@ -383,7 +398,8 @@ class _Scorer:
         prediction = self.predictor.predict(self.params, [self._sample(atoms)])[0]
         if "forces_std" not in prediction:
             raise DataError("active learning needs a model that reports its uncertainty")
-        sigma = float(np.max(np.linalg.norm(prediction["forces_std"], axis=1)))
+        per_atom = np.linalg.norm(prediction["forces_std"], axis=1)
+        sigma = float(np.max(per_atom) if self.score == "max_atom" else np.mean(per_atom))
         return sigma, self.features(atoms)
 
 

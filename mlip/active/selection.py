@@ -7,6 +7,10 @@ farthest-point sampling in the model's own feature space (mean invariant node
 features), starting from the most uncertain candidate, with each distance weighted
 by the candidate's σ (argmax σ_x · min distance to the picked and to the training set),
 so the batch is uncertain and not a run of near-duplicates of one MD stretch.
+
+When every explored structure is above ``sigma_high`` (a young model is unsure
+everywhere, and its MD leaves the trusted region early), `edge_of_trust` picks the least
+uncertain of them instead, spread out the same way: where the model first goes wrong.
 """
 
 from __future__ import annotations
@@ -57,3 +61,21 @@ def select_batch(scores: np.ndarray, features: np.ndarray, count: int, sigma_low
         distance = np.minimum(distance, np.linalg.norm(features[candidates] - features[candidates[position]],
                                                        axis=-1) / scale)
     return picked
+
+
+def edge_of_trust(scores: np.ndarray, features: np.ndarray, count: int, sigma_high: float,
+                  known_features: Optional[np.ndarray] = None, diversity: bool = True) -> list[int]:
+    """Indices of at most ``count`` structures above ``sigma_high``, the least uncertain first.
+
+    From the 2·``count`` least uncertain structures above the window, farthest-point
+    sampling (unweighted) picks ``count``, so they are not all one trajectory's first steps.
+    """
+    scores = np.asarray(scores, np.float64)
+    above = np.flatnonzero(scores > sigma_high)
+    if count <= 0 or above.size == 0:
+        return []
+    nearest = above[np.argsort(scores[above], kind="stable")][:2 * count]
+    if not diversity:
+        return nearest[:count].tolist()
+    chosen = select_batch(np.ones(nearest.size), np.asarray(features)[nearest], count, 0.0, 1.0, known_features)
+    return nearest[chosen].tolist()
