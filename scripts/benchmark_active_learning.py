@@ -4,7 +4,7 @@
     python scripts/benchmark_active_learning.py table [--docs]
 
 Both arms run configs/active_learning.yaml (EMT Cu/Au: 20 labelled cells to start, MD from two
-seed cells at 600 and 1200 K, 10 labels per iteration, fine-tuned every iteration) with the
+seed cells at 300 and 1000 K, 10 labels per iteration, fine-tuned every iteration) with the
 changes below, side by side, one CPU core each, the same seed: ``uncertainty`` picks
 by σ and farthest-point sampling; ``random`` draws the same number of snapshots uniformly
 from its own MD exploration (`selection.strategy: random`). The test set is the config's 50
@@ -28,22 +28,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "docs", "benchmark_active_learning.json")
-# Changes to the shipped config, for both arms: 1000 MD steps per trajectory (80 snapshots a
-# round); the selection window in units of the labelled structures' median σ (mean over a
-# cell's atoms), so a young model with σ far above any fixed window still finds candidates
-# (with 20 s of training and a fixed window of 1 eV/Å the σ arm stopped after one round).
-# σ_stop (= σ_high) also ends both arms' trajectories.
-CHANGES = {"training": {"training": {"max_time": 60}}, "exploration": {"steps": 1000},
-           "selection": {"thresholds": "relative", "score": "mean_atom", "sigma_low": 1.0, "sigma_high": 10.0}}
+# Changes to the shipped config, for both arms: 1000 MD steps per trajectory instead of 2000
+# (80 snapshots a round), to fit three seeds in a session. The shipped config's selection
+# (window in units of the labelled cells' median mean-atom σ) and exploration at 300 and
+# 1000 K, the ends of the test cells' range, are what this benchmark chose: with 600 and 1200 K
+# the σ arm took its labels from 1200 K snapshots only, hotter than any test cell, and lost
+# (docs/benchmark_active_learning_600_1200K.json, seed 0).
+CHANGES = {"exploration": {"steps": 1000}}
 
 
 def config_for(arm: str, seed: int, work_dir: str) -> str:
     config = yaml.safe_load(open(os.path.join(ROOT, "configs", "active_learning.yaml")))
     for section, change in CHANGES.items():
-        if section == "training":
-            config["training"]["training"].update(change["training"])
-        else:
-            config[section].update(change)
+        config[section].update(change)
     config["selection"]["strategy"] = arm
     config.update(al_dir=os.path.join(work_dir, f"{arm}_seed{seed}"), seed=seed)
     for key in ("initial", "seeds", "test"):
@@ -97,6 +94,20 @@ def table(recorded: dict) -> str:
         for k in range(max(len(al), len(rnd))):
             cell = lambda c: f"{c[k][0]}, {c[k][1]:.1f}" if k < len(c) else "(stopped)"  # noqa: E731
             lines.append(f"| {seed[4:]} | {k} | {cell(al)} | {cell(rnd)} |")
+    lines += ["", "The issue's goal, per seed: labels AL bought to reach random selection's final error.", "",
+              "| seed | random: labels bought, final test F MAE (meV/Å) | AL: labels bought to reach it | ratio |",
+              "|---|---|---|---|"]
+    for seed in seeds:
+        al, rnd = curves.get(f"uncertainty/{seed}", []), curves.get(f"random/{seed}", [])
+        if not al or not rnd:
+            continue
+        initial = rnd[0][0]
+        target = rnd[-1][1]
+        reached = next((labels - initial for labels, error in al if error <= target), None)
+        bought = rnd[-1][0] - initial
+        ratio = f"{reached / bought:.2f}" if reached is not None and bought else "not reached"
+        lines.append(f"| {seed[4:]} | {bought}, {target:.1f} | {reached if reached is not None else '—'} | "
+                     f"{ratio} |")
     return "\n".join(lines)
 
 
