@@ -136,14 +136,17 @@ class MDState:
         return dataclasses.replace(self, **changes)
 
 
-def initial_state(ensemble: Ensemble, evaluate: ForceFunction, positions, momenta, masses, atom_mask,
-                  cell, key) -> MDState:
-    """State at rest in the thermostat and barostat, with forces of the initial positions."""
+def resting_state(ensemble: Ensemble, positions, momenta, masses, atom_mask, cell, key) -> MDState:
+    """State at rest in the thermostat and barostat, with zero forces, energy and stress.
+
+    The forces of the initial positions come from one step with a zero time step, which
+    moves nothing and evaluates them (`mlip.md.simulation`), so the MD program that takes
+    the steps also makes the initial state and no second program is compiled for it.
+    """
     dtype = positions.dtype
-    energy, forces, stress = evaluate(positions, cell)
     zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
     return MDState(positions=positions, momenta=momenta * atom_mask, masses=masses, atom_mask=atom_mask,
-                   cell=cell, forces=forces, energy=energy, stress=stress,
+                   cell=cell, forces=jnp.zeros_like(positions), energy=zeros(), stress=zeros(3, 3),
                    eta=zeros(max(ensemble.tchain, 1)), p_eta=zeros(max(ensemble.tchain, 1)),
                    xi=zeros(max(ensemble.pchain, 1)), p_xi=zeros(max(ensemble.pchain, 1)),
                    cell_reference=cell, log_strain=zeros(), cell_momentum=zeros(3, 3),
