@@ -468,7 +468,11 @@ def run_case(python: str, spec: dict, timeout_s: float, log_path: str) -> dict:
     with open(spec_path, "w") as stream:
         json.dump(spec, stream, indent=1)
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT if FRAMEWORK_OF[spec["path"]] == "mlip" else ""
+    # mlip's cases import mlip from this checkout; the inherited PYTHONPATH stays (a device
+    # image may find torch or jax through it; replacing it broke the mace cases there).
+    inherited = os.environ.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT if FRAMEWORK_OF[spec["path"]] == "mlip" else "",
+                                                      inherited]))
     start = time.monotonic()
     with open(log_path, "w") as log:
         process = subprocess.Popen([python, os.path.abspath(__file__), "--worker", spec_path],
