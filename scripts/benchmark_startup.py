@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     logging.getLogger("jax").addHandler(log)
     logging.getLogger("jax").setLevel(logging.DEBUG)
 
+    from mlip.compilation_cache import enable_compilation_cache
     from mlip.data.statistics import DatasetStatistics
     from mlip.md import MolecularDynamics
     from mlip.model_config import ModelConfig
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     report = {"atoms": args.atoms, "model": args.model, "block_steps": args.block_steps, "cache": args.cache,
               "device": str(jax.devices()[0]), "jax": jax.__version__}
     atoms = fcc_cell(args.atoms)
+    enable_compilation_cache()  # as the calculator and MD do; here before the random initialisation too
     start = time.perf_counter()
     backbone = {}
     if args.model == "small":
