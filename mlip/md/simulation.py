@@ -184,7 +184,7 @@ class MolecularDynamics:
         # The initial forces: one step of zero length through the block program itself, which
         # moves nothing (kicks, drifts and thermostats all scale with the time step) and
         # evaluates the forces. A separate program would cost a second compilation at start-up
-        # (3 s of 16 s for 4000 atoms on 2 CPU cores). No stability limits: those apply to steps.
+        # (about 4 s at 4000 atoms on 2 CPU cores). No stability limits here: those apply to steps.
         no_limits = jnp.asarray([1e30, 0.0, 1e30], self.dtype)
         state, status, detail, _, _ = _run_block(
             self._program, dataclasses.replace(self.ensemble, timestep=0.0), no_limits, self.params, resting,
