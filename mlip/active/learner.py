@@ -238,9 +238,10 @@ class ActiveLearner:
         potential, params = load_potential(self._run_dir(iteration))
         selection = self.config.selection
         scorer = _Scorer(potential, params, selection.score)
-        known_scores, known = self._known(scorer)
+        relative = selection.thresholds == "relative"
+        known_scores, known = self._known(scorer, with_scores=relative)
         # Relative thresholds: in units of what the labelled structures score under this model.
-        unit = float(np.median(known_scores)) if selection.thresholds == "relative" else 1.0
+        unit = float(np.median(known_scores)) if relative else 1.0
         sigma_low, sigma_high = selection.sigma_low * unit, selection.sigma_high * unit
         explored, scores, features = self._explore(potential, params, iteration, scorer, self.config.sigma_stop * unit)
         folder = os.path.dirname(self._run_dir(iteration))
@@ -308,9 +309,10 @@ class ActiveLearner:
                         break  # left the trusted region: later snapshots would be unphysical
         return explored, np.asarray(scores), np.asarray(features)
 
-    def _known(self, scorer: "_Scorer") -> tuple[np.ndarray, np.ndarray]:
-        """Scores and features of the labelled structures: what known looks like to this model
-        (the unit of relative thresholds; candidates near them count as covered)."""
+    def _known(self, scorer: "_Scorer", with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
+        """Scores (only where asked: they cost a posterior prediction each) and features of the
+        labelled structures: what known looks like to this model (the unit of relative
+        thresholds; candidates near them count as covered)."""
         import ase.io
 
         from mlip.data.reader import read_atoms
@@ -321,6 +323,8 @@ class ActiveLearner:
         labelled = os.path.join(self.dir, "labelled.extxyz")
         if os.path.exists(labelled):
             structures += ase.io.read(labelled, ":")
+        if not with_scores:
+            return None, np.asarray([scorer.features(atoms) for atoms in structures])
         scored = [scorer(atoms) for atoms in structures]
         return np.asarray([score for score, _ in scored]), np.asarray([feature for _, feature in scored])
 
