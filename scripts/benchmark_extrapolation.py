@@ -106,6 +106,12 @@ VARIANTS = {"mlip": {}, "mlip+zbl": {"model": {"repulsion": {"name": "zbl"}}},
             # order, and fewer radial basis functions.
             "mlip+corr2": {"model": {"backbone": {"correlation": 2}}},
             "mlip+bessel4": {"model": {"backbone": {"num_bessel": 4}}},
+            # The loss schedule: no second stage (energy weight 1000 for the last 30 %: a stiffer
+            # fit of the energies the frames show), slower weight averaging, and decoupled weight
+            # decay (smaller weights, a smoother function where there are no frames).
+            "mlip+nostage2": {"loss": {"stage_two_start": None}},
+            "mlip+ema999": {"training": {"ema_decay": 0.999}},
+            "mlip+adamw": {"training": {"optimizer": {"name": "adamw", "weight_decay": 0.01}}},
             # Another seed of two of the above: how far a figure moves between runs.
             "mlip+seed1": {"seed": 1}, "mlip+zbl+seed1": {"seed": 1, "model": {"repulsion": {"name": "zbl"}}}}
 

@@ -20,6 +20,20 @@ TINY_BACKBONES = {"mace": TINY_BACKBONE,
                   "transip": dict(num_channels=8, num_heads=2, head_dim=4, num_layers=2, num_frequencies=4)}
 
 
+def with_long_range(model, les=True, ewald_mp=True):
+    """A `model:` mapping of an end-to-end test with long-range terms added (LES, Ewald message
+    passing, and the charge/spin embedding), so an uncertainty method's run also trains and
+    predicts through them. Each term costs ~10 s of compilation per cold run: the slowest
+    methods' tests take one term each."""
+    backbone = {**model["backbone"], "charge_spin_embedding": True}
+    if ewald_mp:
+        backbone["ewald_message_passing"] = {"k_cutoff": 1.0}
+    out = {**model, "backbone": backbone}
+    if les:
+        out["long_range"] = {"name": "les", "charge_mlp": [4]}
+    return out
+
+
 def make_potential(atomic_numbers, dtype="float64", e0=None, shift=0.0, scale=1.0,
                    avg_num_neighbors=8.0, long_range=None, magmoms=False, backbone_name="mace",
                    all_to_all=None, repulsion=None, **backbone):

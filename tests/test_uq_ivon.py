@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-
+from conftest import with_long_range
 
 
 def reference_ivon_steps(m, grads, noises, lr, ess, beta1=0.9, beta2=0.99999, hess_init=1.0, wd=1e-4,
@@ -162,8 +162,9 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     samples = 3
     config = {"run_dir": str(tmp_path / "run"), "seed": 2,
               "data": {"train": f"{emt_file}@0:8", "valid": f"{emt_file}@8:12"},
-              "model": {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8],
-                                     "r_max": 3.0, "num_interactions": 1}},
+              "model": with_long_range({"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1,
+                                                     "radial_mlp": [8], "r_max": 3.0, "num_interactions": 1}},
+                                       ewald_mp=False),
               "training": {"max_epochs": 2, "batch_size": 4, "progress_bar": False, "plots": False,
                            "optimizer": {"learning_rate": 0.05, "clip_grad_norm": 10.0},
                            "schedule": {"name": "cosine", "warmup_fraction": 0.0}},
@@ -192,3 +193,4 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     atoms.calc = MLIPCalculator.from_run(run_dir)
     atoms.get_potential_energy()
     assert atoms.calc.results["energy_std"] > 0 and np.all(atoms.calc.results["forces_std"] > 0)
+    assert atoms.calc.results["charges"].sum() == pytest.approx(0.0, abs=1e-5)  # LES: a neutral cell

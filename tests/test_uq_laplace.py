@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import emt_frames, make_potential
+from conftest import emt_frames, make_potential, with_long_range
 
 
 def _linear_problem(seed=0, n=60, d=5, noise=0.3, prior_precision=2.0):
@@ -145,8 +145,9 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     run_dir = str(tmp_path / "run")
     config = {"run_dir": run_dir, "seed": 1,
               "data": {"train": f"{emt_file}@0:8", "valid": f"{emt_file}@8:12"},
-              "model": {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8],
-                                     "r_max": 3.0, "num_interactions": 1}},
+              "model": with_long_range({"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1,
+                                                     "radial_mlp": [8], "r_max": 3.0, "num_interactions": 1}},
+                                       ewald_mp=False),
               "training": {"max_epochs": 2, "batch_size": 4, "progress_bar": False, "plots": False},
               "uncertainty": {"method": "laplace", "samples": 6}}
     path = tmp_path / "run.yaml"
@@ -158,7 +159,8 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     assert uncertainty["readout_samples"] == 6 and uncertainty["prior_precision_from"] == "marginal_likelihood"
     assert model["model"]["head"] == {"name": "shallow_ensemble", "members": 6, "mlp_hidden": 16}
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    assert summary["posterior"]["last_layer_size"] == 4 + 16 and "forces_nll" in summary["valid"]
+    # Readout weights: 4 channels of the interaction, 4 of the charge/spin embedding; 16 of the MLP.
+    assert summary["posterior"]["last_layer_size"] == 4 + 4 + 16 and "forces_nll" in summary["valid"]
 
     # The posterior mean is the trained (best) model's prediction.
     saved = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
@@ -171,6 +173,7 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     atoms.calc = MLIPCalculator.from_run(run_dir)
     np.testing.assert_allclose(atoms.get_forces(), reference_forces, atol=1e-4)
     assert atoms.calc.results["energy_std"] > 0 and np.all(atoms.calc.results["forces_std"] > 0)
+    assert atoms.calc.results["charges"].sum() == pytest.approx(0.0, abs=1e-5)  # LES: a neutral cell
 
     out = tmp_path / "test.json"
     assert main(["evaluate", run_dir, f"{emt_file}@12:", "--json", str(out)]) == 0

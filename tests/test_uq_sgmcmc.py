@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import with_long_range
+
 NUM_DATA, PRIOR_PRECISION = 4, 0.5
 
 
@@ -137,8 +139,9 @@ def test_posterior_without_collected_states_names_the_setting():
 def _config(emt_file, run_dir):
     return {"run_dir": str(run_dir), "seed": 3,
             "data": {"train": f"{emt_file}@0:8", "valid": f"{emt_file}@8:12"},
-            "model": {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8],
-                                   "r_max": 3.0, "num_interactions": 1}},
+            "model": with_long_range({"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1,
+                                                   "radial_mlp": [8], "r_max": 3.0, "num_interactions": 1}},
+                                     les=False),
             "training": {"max_epochs": 4, "batch_size": 4, "progress_bar": False, "plots": False,
                          "optimizer": {"learning_rate": 0.005}, "schedule": {"name": "constant"}},
             "uncertainty": {"method": "sgmcmc", "chains": 2, "burn_in_fraction": 0.5, "samples_per_chain": 2,
