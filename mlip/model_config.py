@@ -101,6 +101,9 @@ class TransIPConfig(StrictModel):
                                                                "rotations (0: none); reduces the equivariance "
                                                                "error, at that multiple of the cost")
     max_atoms: PositiveInt = Field(4096, description="padded atoms above which attention is neighbour-limited")
+    ewald_message_passing: Optional[EwaldMessagePassingConfig] = Field(
+        None, description="a long-range message in reciprocal space (the aperiodic scheme: molecules only) "
+                          "after each attention layer, or null")
     equivariance_objective: NonNegativeFloat = Field(
         0.0, description="weight λ of the embedding-space equivariance loss (METHODS.md §2.3): a learned map "
                          "T(z(x), g) is trained to give the embedding z(g·x) of a turned copy, MSE per atom and "

@@ -28,6 +28,8 @@ detail (METHODS.md §2.3 marks it unverified); this is the MSE form METHODS.md d
 
 from __future__ import annotations
 
+from typing import Optional
+
 import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
@@ -38,6 +40,7 @@ from mlip.graph import AtomsGraph
 from mlip.models.all_to_all import AllToAllLayer
 from mlip.models.embedding import ChargeSpinEmbedding, FidelityEmbedding
 from mlip.models.mace import species_index_table
+from mlip.physics.ewald_message_passing import EwaldBlock
 from mlip.registry import register_backbone
 
 
@@ -76,6 +79,7 @@ class TokenTransformer(nn.Module):
     charge_spin_embedding: bool
     max_atoms: int
     num_fidelities: int = 0
+    ewald_message_passing: Optional[dict] = None
 
     @nn.compact
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> jnp.ndarray:
@@ -96,6 +100,11 @@ class TokenTransformer(nn.Module):
         for layer in range(self.num_layers):
             tokens = AllToAllLayer(self.num_heads, self.head_dim, self.distance_basis, self.max_atoms, self.r_max,
                                    name=f"layer_{layer}")(tokens, graph, positions, cell)
+            if self.ewald_message_passing is not None:
+                # Within max_atoms attention already spans the molecule; beyond it (neighbour-
+                # limited attention) this is the only path between distant atoms.
+                tokens = tokens + EwaldBlock(channels=self.num_channels, **self.ewald_message_passing,
+                                             name=f"ewald_{layer}")(tokens, graph, positions, cell)
         return nn.LayerNorm(param_dtype=dtype, name="out_norm")(tokens)
 
 
@@ -132,6 +141,7 @@ class TransIP(nn.Module):
     max_atoms: int = 4096
     equivariance_objective: float = 0.0  # a loss weight, read by the potential (EnergyModel.embedding_map)
     num_fidelities: int = 0  # >0: a FidelityEmbedding added to the tokens
+    ewald_message_passing: Optional[dict] = None  # EwaldBlock settings after each layer, or None
 
     @nn.compact
     def __call__(self, graph: AtomsGraph, positions: jnp.ndarray, cell: jnp.ndarray) -> e3nn.IrrepsArray:
@@ -139,7 +149,8 @@ class TransIP(nn.Module):
                         num_heads=self.num_heads, head_dim=self.head_dim, num_layers=self.num_layers,
                         num_frequencies=self.num_frequencies, frequency_scale=self.frequency_scale,
                         distance_basis=self.distance_basis, charge_spin_embedding=self.charge_spin_embedding,
-                        max_atoms=self.max_atoms, num_fidelities=self.num_fidelities)
+                        max_atoms=self.max_atoms, num_fidelities=self.num_fidelities,
+                        ewald_message_passing=self.ewald_message_passing)
         if self.rotation_average > 1:
             # One set of parameters applied to K turned copies (the same names as without).
             rotations = jnp.asarray(fixed_rotations(self.rotation_average), positions.dtype)
