@@ -29,7 +29,8 @@ def potential_for(numbers=(29, 79), fidelities=(LOW, HIGH), head="energy", embed
     from mlip.training.checkpoint import dummy_graph
 
     statistics = DatasetStatistics.per_fidelity(numbers, 8.0, fidelities)
-    config = ModelConfig.model_validate({"backbone": {"name": "mace", **TINY_BACKBONE}, "dtype": "float64",
+    config = ModelConfig.model_validate({"backbone": {"name": "mace", **TINY_BACKBONE, "max_ell": 1,
+                                                                      "num_interactions": 1}, "dtype": "float64",
                                          "head": {"name": head}, "fidelity_embedding": embedding,
                                          "fidelities": [f.name for f in fidelities]})
     potential = Potential(config, statistics)
@@ -198,8 +199,9 @@ def runs(tmp_path_factory):
                        "valid": [{"source": f"{low}@12:14", "fidelity": "low"}, {"source": f"{high}@12:14",
                                                                                    "fidelity": "high"}],
                        "fidelity_key": "level", "e0s": {"low": {"Cu": 250.0, "Au": 251.0}}},
-              "model": {"backbone": {"num_channels": 4, "max_ell": 2, "correlation": 2, "radial_mlp": [8],
-                                     "r_max": 3.0}, "fidelities": ["low", "high"], "fidelity_embedding": True},
+              "model": {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8],
+                                     "r_max": 3.0, "num_interactions": 1},
+                        "fidelities": ["low", "high"], "fidelity_embedding": True},
               "loss": {"fidelity_weights": {"low": 0.5}}, "training": training,
               # Laplace over both heads' last layers; its posterior mean is the trained model.
               "uncertainty": {"method": "laplace", "samples": 4}}
