@@ -363,8 +363,8 @@ def test_les_on_a_particle_mesh_matches_the_direct_reciprocal_sum(les_model, mon
 def test_zbl_repulsion_is_the_screened_coulomb_energy_rises_steeply_and_forces_are_its_gradient():
     from ase.data import covalent_radii
 
-    plain, params = make_potential([1, 8])
-    repulsive, _ = make_potential([1, 8], repulsion={"name": "zbl"})  # no parameters of its own
+    plain, params = make_potential([1, 8], num_interactions=1, max_ell=1)
+    repulsive, _ = make_potential([1, 8], repulsion={"name": "zbl"}, num_interactions=1, max_ell=1)  # no parameters
 
     def energy_and_forces(potential, atoms):
         out, _ = _apply(potential, params, [_frame(atoms)])
