@@ -113,7 +113,8 @@ VARIANTS = {"mlip": {}, "mlip+zbl": {"model": {"repulsion": {"name": "zbl"}}},
             "mlip+ema999": {"training": {"ema_decay": 0.999}},
             "mlip+adamw": {"training": {"optimizer": {"name": "adamw", "weight_decay": 0.01}}},
             # Another seed of two of the above: how far a figure moves between runs.
-            "mlip+seed1": {"seed": 1}, "mlip+seed2": {"seed": 2}, "mlip+zbl+seed1": {"seed": 1, "model": {"repulsion": {"name": "zbl"}}}}
+            "mlip+seed1": {"seed": 1}, "mlip+seed2": {"seed": 2},
+            "mlip+zbl+seed1": {"seed": 1, "model": {"repulsion": {"name": "zbl"}}}}
 
 
 def merged(base: dict, change: dict) -> dict:

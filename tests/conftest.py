@@ -23,8 +23,8 @@ TINY_BACKBONES = {"mace": TINY_BACKBONE,
 def with_long_range(model, les=True, ewald_mp=True):
     """A `model:` mapping of an end-to-end test with long-range terms added (LES, Ewald message
     passing, and the charge/spin embedding), so an uncertainty method's run also trains and
-    predicts through them. Each term costs ~10 s of compilation per cold run: the slowest
-    methods' tests take one term each."""
+    predicts through them. Each term costs ~15 s of compilation in a cold end-to-end run:
+    the slowest methods' tests take one term each."""
     backbone = {**model["backbone"], "charge_spin_embedding": True}
     if ewald_mp:
         backbone["ewald_message_passing"] = {"k_cutoff": 1.0}

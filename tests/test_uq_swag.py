@@ -155,12 +155,12 @@ def test_collects_by_epoch_or_every_n_steps_after_start_fraction_only():
 # ---------------------------------------------------------------- end to end
 
 
-def _write_config(tmp_path, emt_file, name, max_epochs=4, long_range=False):
+def _write_config(tmp_path, emt_file, name, max_epochs=4):
     model = {"backbone": {"num_channels": 4, "max_ell": 1, "correlation": 1, "radial_mlp": [8], "r_max": 3.0,
                           "num_interactions": 1}}
     config = {"run_dir": str(tmp_path / name), "seed": 2,
               "data": {"train": f"{emt_file}@0:8", "valid": f"{emt_file}@8:12"},
-              "model": with_long_range(model) if long_range else model,
+              "model": with_long_range(model),  # LES and Ewald MP: SWAG through both long-range terms
               "training": {"max_epochs": max_epochs, "batch_size": 4, "progress_bar": False, "plots": False,
                            "schedule": {"name": "cosine", "warmup_fraction": 0.0}},
               # Collected after epochs 2, 3, 4 (progress 0.5, 0.75, 1).
@@ -175,7 +175,7 @@ def swag_run(tmp_path_factory, emt_file):
     from mlip.cli import main
 
     tmp_path = tmp_path_factory.mktemp("swag")
-    path, run_dir = _write_config(tmp_path, emt_file, "run", long_range=True)
+    path, run_dir = _write_config(tmp_path, emt_file, "run")
     assert main(["train", path]) == 0
     return run_dir
 
@@ -217,7 +217,7 @@ def test_killed_and_resumed_run_keeps_collecting_where_it_stopped(swag_run, emt_
     from mlip.cli import main
     from mlip.training import checkpoint
 
-    path, run_dir = _write_config(tmp_path, emt_file, "killed", long_range=True)
+    path, run_dir = _write_config(tmp_path, emt_file, "killed")
     real_save, saves = checkpoint.save_pytree, []
 
     def save_then_die(target, tree):
