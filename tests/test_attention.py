@@ -159,6 +159,25 @@ def test_transip_is_translation_and_permutation_invariant_conservative_and_measu
     assert spreads[0] > 1e-3 and spreads[1] < 0.5 * spreads[0]
 
 
+def test_transip_with_ewald_message_passing_is_wired_invariant_and_conservative():
+    potential, params = _transip(num_layers=1, ewald_message_passing={"aperiodic_spacing": 0.3})
+    assert {"ewald_0"} <= set(params["backbone"]["encoder"])
+    atoms = _ethanol()
+    n = len(atoms)
+    out = _apply(potential, params, [_frame(atoms)])
+    moved = atoms.copy()
+    moved.positions += [3.0, -1.0, 2.0]
+    assert _apply(potential, params, [_frame(moved)])["energy"][0] == pytest.approx(out["energy"][0], rel=1e-10)
+    together = _apply(potential, params, [_frame(molecule("H2O")), _frame(atoms)])
+    np.testing.assert_allclose(together["forces"][3:3 + n], out["forces"][:n], atol=1e-10)
+    assert -_energy_derivative(potential, params, atoms, 4, 2) == pytest.approx(out["forces"][4, 2], rel=1e-6,
+                                                                               abs=1e-8)
+    # The message enters the energy: with its filters zeroed the energy changes.
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf * 0.0 if "filter" in jax.tree_util.keystr(path) else leaf, params)
+    assert abs(_apply(potential, zeroed, [_frame(atoms)])["energy"][0] - out["energy"][0]) > 1e-8
+
+
 def test_transip_equivariance_objective_vanishes_for_the_identity_and_trains_the_map():
     import jax.numpy as jnp
 
