@@ -114,7 +114,12 @@ VARIANTS = {"mlip": {}, "mlip+zbl": {"model": {"repulsion": {"name": "zbl"}}},
             "mlip+adamw": {"training": {"optimizer": {"name": "adamw", "weight_decay": 0.01}}},
             # Another seed of two of the above: how far a figure moves between runs.
             "mlip+seed1": {"seed": 1}, "mlip+seed2": {"seed": 2},
-            "mlip+zbl+seed1": {"seed": 1, "model": {"repulsion": {"name": "zbl"}}}}
+            "mlip+zbl+seed1": {"seed": 1, "model": {"repulsion": {"name": "zbl"}}},
+            # The mean of a deep ensemble trained in the same budget (each member takes as many
+            # steps as the run allows, M times fewer than one model): it averages exactly the
+            # seed-to-seed scatter of the figures above.
+            "mlip+ensemble2": {"uncertainty": {"method": "deep_ensemble", "members": 2}},
+            "mlip+ensemble3": {"uncertainty": {"method": "deep_ensemble", "members": 3}}}
 
 
 def merged(base: dict, change: dict) -> dict:
