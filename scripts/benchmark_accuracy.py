@@ -21,6 +21,10 @@ Peers run in their own virtual environments (mace-torch needs torch, apax its ow
 
     python scripts/benchmark_accuracy.py --setup            # creates /work/peers/{mace,apax}-venv
     python scripts/benchmark_accuracy.py --budget-s 720     # about 45 minutes on 2 cores
+    python scripts/benchmark_accuracy.py --dataset butane --budget-s 300 --seed 1   # another seed
+
+``--seed N`` seeds all three frameworks (mlip's ``seed``, mace's ``--seed``, apax's ``seed``);
+its results go to their own json and docs sections (suffix ``_seedN``), beside seed 0's.
 
 This is a benchmark script, never part of the test suite.
 """
@@ -153,6 +157,7 @@ def train_mlip(split: dict, work_dir: str, budget_s: float, small: bool = False)
                "--set", f"run_dir={run_dir}", "--set", f"data.train={split['train']}",
                "--set", f"data.e0s={split['e0s']}",
                "--set", f"data.valid={split['valid']}", "--set", f"training.max_time={budget_s - 20}",
+               "--set", f"seed={split['seed']}",
                "--set", "training.progress_bar=false"]
     result = run_with_budget(command, budget_s, os.path.join(work_dir, f"{name}_train.log"), grace_s=60)
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
@@ -218,7 +223,7 @@ def mace_arguments(split: dict, mace_dir: str) -> list:
         f"--max_ell={a['max_ell']}", f"--correlation={a['correlation']}", f"--r_max={a['r_max']}",
         f"--num_interactions={a['num_interactions']}", f"--batch_size={a['batch_size']}",
         "--valid_batch_size=20", f"--lr={a['lr']}", "--ema", "--ema_decay=0.99", "--amsgrad",
-        "--default_dtype=float32", "--device=cpu", "--seed=0", "--eval_interval=1",
+        "--default_dtype=float32", "--device=cpu", f"--seed={split['seed']}", "--eval_interval=1",
         "--energy_weight=1.0", "--forces_weight=100.0", "--restart_latest",
         f"--checkpoints_dir={mace_dir}/checkpoints", f"--model_dir={mace_dir}",
         f"--log_dir={mace_dir}/logs", f"--results_dir={mace_dir}/results",
@@ -287,7 +292,7 @@ def apax_config(split: dict, apax_dir: str, n_epochs: int) -> str:
         converted[name] = _as_calculator_labels(split[name], os.path.join(apax_dir, f"{name}.extxyz"))
     config = {
         "n_epochs": n_epochs,
-        "seed": 0,
+        "seed": split["seed"],
         "data": {"directory": apax_dir, "experiment": "model", "train_data_path": converted["train"],
                  "val_data_path": converted["valid"], "batch_size": MACE_ARCHITECTURE["batch_size"],
                  "valid_batch_size": 20, "shift_method": "per_element_regression_shift",
@@ -376,7 +381,7 @@ EXTRAPOLATION_ROWS = [("force RMSE 300 K, held out (meV/Å)", "forces_rmse_300K_
                       ("H–C–C–C scan: barrier error (meV)", "scan_HCCC_barrier_error_meV")]
 
 
-def write_extrapolation_report(results: dict, meta: dict) -> None:
+def write_extrapolation_report(results: dict, meta: dict, section: str = "extrapolation-peers") -> None:
     """The three frameworks' extrapolation figures, side by side, as a table in docs/benchmarks.md.
 
     Each cell is the figure and, for a peer, the peer's figure over mlip's (above 1: mlip
@@ -404,9 +409,10 @@ def write_extrapolation_report(results: dict, meta: dict) -> None:
         reference = results[names[0]]["extrapolation"]
         lines.append(f"\nReference barriers: C–C–C–C {reference['scan_CCCC_reference_barrier_meV']:.0f} meV, "
                      f"H–C–C–C {reference['scan_HCCC_reference_barrier_meV']:.0f} meV.")
-    replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- extrapolation-peers:begin -->",
-                           "<!-- extrapolation-peers:end -->", "\n".join(lines),
-                           "Extrapolation (n-butane): mlip, mace-torch and apax")
+    seed = f", seed {meta['seed']}" if meta["seed"] else ""
+    replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {section}:begin -->",
+                           f"<!-- {section}:end -->", "\n".join(lines),
+                           f"Extrapolation (n-butane): mlip, mace-torch and apax{seed}")
 
 
 def versions(peer_dir: str) -> dict:
@@ -470,6 +476,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", default="ethanol", choices=list(DATASETS),
                         help="ethanol: in distribution; butane: also the extrapolation figures "
                              "(hot MD, torsion scans) of scripts/benchmark_extrapolation.py")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="every framework's seed (initialisation, shuffling); a seed other than 0 writes "
+                             "its own json and docs sections (suffix _seedN)")
     parser.add_argument("--train", default=None, help="frames of the data set to train on (default: the set's)")
     parser.add_argument("--valid", default=None)
     parser.add_argument("--test", default=None)
@@ -488,6 +497,7 @@ def main(argv=None) -> None:
     data = os.path.join(ROOT, "data", dataset["data"])
     split = write_split(args.work_dir, data, os.path.join(ROOT, "data", dataset["e0s"]),
                         *(getattr(args, part) or dataset[part] for part in ("train", "valid", "test")))
+    split["seed"] = args.seed
     extrapolation_sets = extrapolation_files(args.work_dir) if dataset["extrapolation"] else {}
     results = {}
     for name in args.frameworks.split(","):
@@ -513,14 +523,14 @@ def main(argv=None) -> None:
         results[name] = run
         print(f"  {name}: {json.dumps(run)}", flush=True)
     meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "budget_s": args.budget_s, "data": os.path.relpath(data, ROOT),
+            "budget_s": args.budget_s, "seed": args.seed, "data": os.path.relpath(data, ROOT),
             "e0s": os.path.relpath(split["e0s"], ROOT),
             "n_train": split["n_train"], "n_valid": split["n_valid"], "n_test": split["n_test"],
             "command": "python scripts/benchmark_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "versions": versions(args.peer_dir)}
+    suffix = ("" if args.dataset == "ethanol" else f"_{args.dataset}") + (f"_seed{args.seed}" if args.seed else "")
     if extrapolation_sets:
-        write_extrapolation_report(results, meta)
-    suffix = "" if args.dataset == "ethanol" else f"_{args.dataset}"
+        write_extrapolation_report(results, meta, "extrapolation-peers" + suffix.replace("_butane", "").replace("_", "-"))
     write_report(results, meta, args.section or "accuracy" + suffix.replace("_", "-"),
                  args.json or os.path.join(ROOT, "docs", f"benchmark_accuracy{suffix}.json"),
                  heading=f"Accuracy at equal wall-clock budget ({args.dataset})")

@@ -46,6 +46,14 @@ SYSTEMS = {"cuau": {"config": "active_learning.yaml", "changes": {"exploration":
                       "results": "benchmark_active_learning_butane.json", "marker": "active-learning-butane"}}
 
 
+# Selection of each arm: σ and diversity; the same with the batch shared evenly among the
+# exploration temperatures; snapshots drawn uniformly from the exploration (the baseline).
+ARMS = {"uncertainty": {"strategy": "uncertainty", "balance": "none"},
+        "balanced": {"strategy": "uncertainty", "balance": "temperature"},
+        "random": {"strategy": "random"}}
+ARM_NAMES = {"uncertainty": "AL (σ)", "balanced": "AL (σ, balanced)", "random": "random"}
+
+
 def rooted(sources):
     """Data sources (a path@index string, or a list of them and of {source, fidelity}) made absolute."""
     if isinstance(sources, str):
@@ -57,7 +65,7 @@ def config_for(system: dict, arm: str, seed: int, work_dir: str) -> str:
     config = yaml.safe_load(open(os.path.join(ROOT, "configs", system["config"])))
     for section, change in system["changes"].items():
         config[section].update(change)
-    config["selection"]["strategy"] = arm
+    config["selection"].update(ARMS[arm])
     config.update(al_dir=os.path.join(work_dir, f"{arm}_seed{seed}"), seed=seed)
     for key in ("initial", "seeds", "test"):
         config[key] = rooted(config[key])
@@ -76,58 +84,61 @@ def curve(al_dir: str) -> list:
         return [(int(row["labels_total"]), 1e3 * float(row["test_forces_mae"])) for row in csv.DictReader(stream)]
 
 
-def run(system: dict, seeds: list[int], work_dir: str) -> dict:
+def run(system: dict, arms: list[str], seeds: list[int], work_dir: str) -> dict:
+    """Every (seed, arm) run, two at a time side by side, one core each."""
     os.makedirs(work_dir, exist_ok=True)
     results = os.path.join(ROOT, "docs", system["results"])
     recorded = json.load(open(results)) if os.path.exists(results) else {"curves": {}}
-    for seed in seeds:
+    jobs = [(arm, seed) for seed in seeds for arm in arms]
+    for first in range(0, len(jobs), 2):
         processes = {}
-        for core, arm in enumerate(("uncertainty", "random")):
-            path = config_for(system, arm, seed, work_dir)
-            command = ["mlip.cli", "active-learn", path]
-            if os.path.exists(os.path.join(work_dir, f"{arm}_seed{seed}", "state.json")):
-                command = ["mlip.cli", "active-learn", "--resume", os.path.join(work_dir, f"{arm}_seed{seed}")]
-            log = open(os.path.join(work_dir, f"{arm}_seed{seed}.log"), "w")
-            processes[arm] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", *command],
-                                              stdout=log, stderr=subprocess.STDOUT)
-        for arm, process in processes.items():
+        for core, (arm, seed) in enumerate(jobs[first:first + 2]):
+            name = f"{arm}_seed{seed}"
+            command = ["mlip.cli", "active-learn", config_for(system, arm, seed, work_dir)]
+            if os.path.exists(os.path.join(work_dir, name, "state.json")):
+                command = ["mlip.cli", "active-learn", "--resume", os.path.join(work_dir, name)]
+            log = open(os.path.join(work_dir, f"{name}.log"), "w")
+            processes[(arm, seed)] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", *command],
+                                                      stdout=log, stderr=subprocess.STDOUT)
+        for (arm, seed), process in processes.items():
             if process.wait() != 0:
                 raise SystemExit(f"{arm} seed {seed} failed: see {work_dir}/{arm}_seed{seed}.log")
             recorded["curves"][f"{arm}/seed{seed}"] = curve(os.path.join(work_dir, f"{arm}_seed{seed}"))
+            print(f"{arm} seed {seed}: {json.dumps(recorded['curves'][f'{arm}/seed{seed}'])}", flush=True)
         recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1}, settings=system["changes"])
         with open(results, "w") as stream:
             json.dump(recorded, stream, indent=1)
-        print(f"seed {seed}: " + json.dumps({k: v for k, v in recorded["curves"].items() if k.endswith(f"seed{seed}")}),
-              flush=True)
     return recorded
 
 
 def table(recorded: dict) -> str:
-    """Per seed and iteration: labelled cells and test force MAE of each arm (runs can stop early, and
-    rounds with fewer snapshots than the batch buy fewer labels, so the seeds do not share a grid)."""
+    """Per seed and iteration: labelled structures and test force MAE of each arm (runs can stop early,
+    and rounds with fewer snapshots than the batch or a failed label buy fewer, so the seeds do not
+    share a grid); then the issue's goal per seed and AL arm."""
     curves = recorded["curves"]
     seeds = sorted({key.split("/")[1] for key in curves}, key=lambda s: int(s[4:]))
-    lines = ["| seed | iteration | AL: labelled structures, test F MAE (meV/Å) | random: labelled structures, test F MAE |",
-             "|---|---|---|---|"]
+    arms = [arm for arm in ARMS if any(key.startswith(f"{arm}/") for key in curves)]
+    lines = ["| seed | iteration | " + " | ".join(f"{ARM_NAMES[arm]}: labelled, test F MAE (meV/Å)" for arm in arms)
+             + " |", "|---|---|" + "---|" * len(arms)]
     for seed in seeds:
-        al, rnd = curves.get(f"uncertainty/{seed}", []), curves.get(f"random/{seed}", [])
-        for k in range(max(len(al), len(rnd))):
-            cell = lambda c: f"{c[k][0]}, {c[k][1]:.1f}" if k < len(c) else "(stopped)"  # noqa: E731
-            lines.append(f"| {seed[4:]} | {k} | {cell(al)} | {cell(rnd)} |")
-    lines += ["", "The issue's goal, per seed: labels AL bought to reach random selection's final error.", "",
-              "| seed | random: labels bought, final test F MAE (meV/Å) | AL: labels bought to reach it | ratio |",
-              "|---|---|---|---|"]
+        rows = [curves.get(f"{arm}/{seed}", []) for arm in arms]
+        for k in range(max(map(len, rows))):
+            cell = lambda c: f"{c[k][0]}, {c[k][1]:.1f}" if k < len(c) else "–"  # noqa: E731
+            lines.append(f"| {seed[4:]} | {k} | " + " | ".join(cell(c) for c in rows) + " |")
+    lines += ["", "The issue's goal, per seed: labels an AL arm bought to reach random selection's final error.",
+              "", "| seed | random: labels bought, final test F MAE (meV/Å) | arm | labels bought to reach it | ratio |",
+              "|---|---|---|---|---|"]
     for seed in seeds:
-        al, rnd = curves.get(f"uncertainty/{seed}", []), curves.get(f"random/{seed}", [])
-        if not al or not rnd:
-            continue
-        initial = rnd[0][0]
-        target = rnd[-1][1]
-        reached = next((labels - initial for labels, error in al if error <= target), None)
-        bought = rnd[-1][0] - initial
-        ratio = f"{reached / bought:.2f}" if reached is not None and bought else "not reached"
-        lines.append(f"| {seed[4:]} | {bought}, {target:.1f} | {reached if reached is not None else '—'} | "
-                     f"{ratio} |")
+        rnd = curves.get(f"random/{seed}", [])
+        for arm in arms:
+            al = curves.get(f"{arm}/{seed}", [])
+            if arm == "random" or not al or not rnd:
+                continue
+            initial, target, bought = rnd[0][0], rnd[-1][1], rnd[-1][0] - rnd[0][0]
+            reached = next((labels - initial for labels, error in al if error <= target), None)
+            ratio = f"{reached / bought:.2f}" if reached is not None and bought else "not reached"
+            lines.append(f"| {seed[4:]} | {bought}, {target:.1f} | {ARM_NAMES[arm]} | "
+                         f"{reached if reached is not None else '—'} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -136,12 +147,14 @@ def main(argv=None) -> int:
     parser.add_argument("part", choices=["run", "table"])
     parser.add_argument("--system", choices=sorted(SYSTEMS), default="cuau")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["uncertainty", "random"],
+                        help="selections to run; their runs go two at a time, one core each")
     parser.add_argument("--work-dir", help="default: runs/benchmark_active_learning[_butane]")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
     system = SYSTEMS[args.system]
     work_dir = args.work_dir or os.path.join(ROOT, "runs", system["results"][:-len(".json")])
-    recorded = (run(system, args.seeds, work_dir) if args.part == "run"
+    recorded = (run(system, args.arms, args.seeds, work_dir) if args.part == "run"
                 else json.load(open(os.path.join(ROOT, "docs", system["results"]))))
     text = table(recorded)
     print(text)

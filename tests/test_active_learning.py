@@ -11,7 +11,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from mlip.active.oracle import Oracle
-from mlip.active.selection import edge_of_trust, select_batch
+from mlip.active.selection import edge_of_trust, select_balanced, select_batch
 from mlip.errors import ConfigError
 
 
@@ -142,3 +142,21 @@ def test_selection_takes_uncertain_and_spread_out_structures():
     assert edge_of_trust(scores, features, 2, 1.0) == [0, 2]
     assert edge_of_trust(scores, features, 2, 1.0, diversity=False) == [0, 1]
     assert edge_of_trust(scores, features, 2, 10.0) == []
+
+
+def test_balanced_selection_shares_the_batch_among_temperatures():
+    # The hot trajectory's snapshots are all more uncertain than the cold one's.
+    temperatures = [300, 300, 300, 1200, 1200, 1200, 1200]
+    features = np.array([[0.0, 0.0], [3.0, 0.0], [6.0, 0.0], [0.0, 9.0], [3.0, 9.0], [6.0, 9.0], [9.0, 9.0]])
+    scores = np.array([0.2, 0.3, 0.25, 0.9, 0.8, 0.95, 0.85])
+    assert all(temperatures[i] == 1200 for i in select_batch(scores, features, 4, 0.1, 1.0, diversity=False))
+    picked = select_balanced(temperatures, scores, features, 4, 0.1, 1.0)
+    assert sorted(temperatures[i] for i in picked) == [300, 300, 1200, 1200] and len(set(picked)) == 4
+    # A temperature with too few candidates passes its share on; the window still applies.
+    picked = select_balanced(temperatures, scores, features, 4, 0.22, 1.0)
+    assert sorted(temperatures[i] for i in picked) == [300, 300, 1200, 1200]
+    picked = select_balanced(temperatures, scores, features, 4, 0.26, 1.0)
+    assert sorted(temperatures[i] for i in picked) == [300, 1200, 1200, 1200]
+    assert sorted(select_balanced(temperatures, scores, features, 9, 0.1, 1.0)) == list(range(7))
+    assert select_balanced(temperatures, scores, features, 3, 0.1, 1.0,
+                           known_features=features[[0]]) == [2, 1, 5]  # spread out from the known one

@@ -56,6 +56,10 @@ class SelectionConfig(StrictModel):
     sigma_high: PositiveFloat = Field(1.0, description="above this it is probably unphysical")
     diversity: bool = Field(True, description="farthest-point sampling on the model's features (σ-weighted); "
                                               "false: the most uncertain")
+    balance: Literal["none", "temperature"] = Field(
+        "none", description="temperature: the batch is shared evenly among the exploration temperatures, each "
+                            "share picked by σ and diversity within it (by σ alone every label can go to the "
+                            "hottest trajectory, whose snapshots are always the most uncertain)")
     when_none_trusted: Literal["edge", "stop"] = Field(
         "edge", description="when every explored structure is above sigma_high: edge labels the least "
                             "uncertain of them (where MD first left the trusted region; a young model is "

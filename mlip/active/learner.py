@@ -47,7 +47,7 @@ import yaml
 
 from mlip.active.config import ActiveLearningConfig, load_active_learning_config
 from mlip.active.oracle import LabelResult, Oracle, labelled_atoms
-from mlip.active.selection import candidate_mask, edge_of_trust, select_batch
+from mlip.active.selection import candidate_mask, edge_of_trust, select_balanced, select_batch
 from mlip.errors import ConfigError, DataError
 from mlip.training.checkpoint import atomic_write_text, read_json, write_json
 from mlip.training.config import config_from_dict, source_list
@@ -256,7 +256,12 @@ class ActiveLearner:
             chosen = rng.choice(len(explored), min(count, len(explored)), replace=False).tolist()
             source = "random"
         else:
-            chosen = select_batch(scores, features, count, sigma_low, sigma_high, known, selection.diversity)
+            if selection.balance == "temperature":
+                temperatures = [atoms.info["temperature_K"] for atoms in explored]
+                chosen = select_balanced(temperatures, scores, features, count, sigma_low, sigma_high, known,
+                                         selection.diversity)
+            else:
+                chosen = select_batch(scores, features, count, sigma_low, sigma_high, known, selection.diversity)
             if not chosen and selection.when_none_trusted == "edge":
                 chosen = edge_of_trust(scores, features, count, sigma_high, known, selection.diversity)
                 source = "edge"

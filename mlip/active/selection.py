@@ -8,6 +8,12 @@ features), starting from the most uncertain candidate, with each distance weight
 by the candidate's σ (argmax σ_x · min distance to the picked and to the training set),
 so the batch is uncertain and not a run of near-duplicates of one MD stretch.
 
+`select_balanced` shares the batch evenly among groups of snapshots (the exploration's
+temperatures), each share picked as above within its group, as DP-GEN caps the
+candidates per system: by σ alone, every label goes to the hottest trajectory, whose
+snapshots are always the most uncertain, and the conditions the user also asked to
+explore get none (docs/benchmarks.md, active learning on n-butane).
+
 When every explored structure is above ``sigma_high`` (a young model is unsure
 everywhere, and its MD leaves the trusted region early), `edge_of_trust` picks the least
 uncertain of them instead, spread out the same way: where the model first goes wrong.
@@ -60,6 +66,40 @@ def select_batch(scores: np.ndarray, features: np.ndarray, count: int, sigma_low
         picked.append(int(candidates[position]))
         distance = np.minimum(distance, np.linalg.norm(features[candidates] - features[candidates[position]],
                                                        axis=-1) / scale)
+    return picked
+
+
+def select_balanced(groups, scores: np.ndarray, features: np.ndarray, count: int, sigma_low: float,
+                    sigma_high: float, known_features: Optional[np.ndarray] = None,
+                    diversity: bool = True) -> list[int]:
+    """`select_batch` with the batch shared evenly among ``groups`` ([n] a label per structure).
+
+    Each round, each group still open gets ceil(left / open groups) picks, in the order the groups
+    first appear; a group with fewer candidates than its share closes, and what it leaves
+    passes to the others. Picks of earlier groups count as known for the diversity of later ones.
+    """
+    groups = np.asarray(groups)
+    scores, features = np.asarray(scores, np.float64), np.asarray(features, np.float64)
+    known = (np.zeros((0, features.shape[1])) if known_features is None or not len(known_features)
+             else np.asarray(known_features, np.float64))
+    picked: list[int] = []
+    open_groups = list(dict.fromkeys(groups.tolist()))
+    while len(picked) < count and open_groups:
+        still_open = []
+        quota = -(-(count - len(picked)) // len(open_groups))  # this round's share of each group
+        for group in open_groups:
+            share = min(quota, count - len(picked))
+            if share <= 0:
+                still_open.append(group)
+                continue
+            members = np.array([i for i in np.flatnonzero(groups == group) if i not in picked], dtype=int)
+            chosen = [] if members.size == 0 else select_batch(
+                scores[members], features[members], share, sigma_low, sigma_high,
+                np.concatenate([known, features[picked]]) if picked else known, diversity)
+            picked += members[chosen].tolist()
+            if len(chosen) == share:
+                still_open.append(group)
+        open_groups = still_open
     return picked
 
 
