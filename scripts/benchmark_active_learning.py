@@ -3,10 +3,11 @@
     python scripts/benchmark_active_learning.py run [--system cuau|butane] [--seeds 0 1 2] [--docs]
     python scripts/benchmark_active_learning.py table [--system cuau|butane] [--docs]
 
-Both arms run the system's shipped config with the changes below, side by side, one CPU core
-each, the same seed: ``uncertainty`` picks by σ and farthest-point sampling; ``random`` draws
-the same number of snapshots uniformly from its own MD exploration (`selection.strategy:
-random`). Systems:
+Each arm (``--arms``) runs the system's shipped config with the changes below, two runs side by
+side, one CPU core each, the same seeds: ``uncertainty`` picks by σ and farthest-point
+sampling; ``balanced`` the same with the batch shared evenly among the exploration
+temperatures (`selection.balance: temperature`); ``random`` draws the same number of
+snapshots uniformly from its own MD exploration (`selection.strategy: random`). Systems:
 
   * ``cuau``: configs/active_learning.yaml (EMT Cu/Au: 20 labelled cells to start, MD from two
     seed cells at 300 and 1000 K, 10 labels per iteration; 50 held-out cells);
