@@ -51,7 +51,7 @@ def al_config(tmp_path, **changes):
         # A window in units of the labelled structures' median σ, which takes in every snapshot.
         "selection": {"batch_size": 3, "sigma_low": 0.0, "sigma_high": 1e6, "thresholds": "relative",
                       "score": "mean_atom"},
-        "budget": {"max_labels": 5, "max_iterations": 2}}
+        "budget": {"max_labels": 5, "max_iterations": 2}, "finetune_epochs": 1}
     for key, value in changes.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     path = tmp_path / "al.yaml"
@@ -110,6 +110,8 @@ def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_pat
     # Iteration 1 fine-tuned iteration 0's model.
     run1 = yaml.safe_load(open(os.path.join(al_dir, "iter_001", "run", "config.yaml")))
     assert run1["training"]["init_from"].endswith(os.path.join("iter_000", "run"))
+    assert run1["training"]["max_epochs"] == 1  # finetune_epochs; iteration 0 trains for max_epochs
+    assert yaml.safe_load(open(os.path.join(al_dir, "iter_000", "run", "config.yaml")))["training"]["max_epochs"] == 2
 
 
 def test_a_bad_oracle_is_a_clear_error_before_anything_runs(tmp_path):
@@ -160,3 +162,28 @@ def test_balanced_selection_shares_the_batch_among_temperatures():
     assert sorted(select_balanced(temperatures, scores, features, 9, 0.1, 1.0)) == list(range(7))
     assert select_balanced(temperatures, scores, features, 3, 0.1, 1.0,
                            known_features=features[[0]]) == [2, 1, 5]  # spread out from the known one
+
+
+def test_bond_check_finds_a_broken_molecule_and_not_a_hot_one():
+    from ase.build import bulk, molecule
+
+    from mlip.active.bonds import BondCheck
+
+    butane = molecule("trans-butane")
+    check = BondCheck(butane, 1.5)
+    assert len(check.first) == 13  # 3 C-C and 10 C-H
+    hot = butane.copy()
+    hot.rattle(0.1, seed=0)  # vibrating, not broken
+    assert check.broken(hot) == []
+    carbons = [i for i, z in enumerate(butane.numbers) if z == 6]
+    pulled = butane.copy()
+    pulled.positions[carbons[0]] += [3.0, 0.0, 0.0]  # the end carbon torn off (with its hydrogens left)
+    broken = check.broken(pulled)
+    assert broken and all(carbons[0] in bond[:2] for bond in broken)
+    # Periodic cells: a bond across the boundary is measured to the nearest image.
+    copper = bulk("Cu", "fcc", a=3.6, cubic=True)
+    check = BondCheck(copper, 1.5)
+    assert len(check.first) > 0
+    shifted = copper.copy()
+    shifted.positions[0] += copper.cell[0]  # the same structure, one atom written in the next cell
+    assert check.broken(shifted) == []

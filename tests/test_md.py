@@ -211,17 +211,20 @@ assert mlip.host_memory.applied
 x = jnp.ones((5000, 4), jnp.float32)
 f = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)  # a 100 MB [5000, 5000] scratch buffer
 faults = []
-for _ in range(8):
+for _ in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(f(x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-# The heap grows over the first calls (at times to two buffers); then no call faults.
+# The heap grows over the first calls (at times to two buffers); then calls stop faulting.
+# Under load (another process compiling) a free can land after the next call's allocation,
+# so a later call now and then grows the heap once more: hence the minimum over many calls.
 print(min(faults[2:]))
 """
     environment = {**os.environ, "MLIP_KEEP_HOST_MEMORY": "1"}
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
-    # Unmapped and mapped afresh, the buffer faults in its 24 000 pages in every call.
+    # Unmapped and mapped afresh (glibc's defaults), the buffer faults in its 24 000 pages
+    # in every single call.
     assert int(result.stdout.split()[-1]) < 2000
 
 

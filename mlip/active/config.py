@@ -39,6 +39,11 @@ class ExplorationConfig(StrictModel):
     sigma_stop: Optional[PositiveFloat] = Field(
         None, description="stop a trajectory once a snapshot's score passes this (in the unit of "
                           "selection.thresholds); null: selection.sigma_high")
+    max_bond_stretch: Optional[PositiveFloat] = Field(
+        None, description="molecules: stop a trajectory, keeping none of it from there on, once a bond of its "
+                          "seed structure (pairs within 1.2x their covalent radii's sum) is longer than this "
+                          "multiple of the radii's sum: the model's MD broke the molecule, a structure of no "
+                          "use to label (e.g. 1.5); null: no check (crystals, liquids, reactions)")
 
 
 class SelectionConfig(StrictModel):
@@ -88,6 +93,9 @@ class ActiveLearningConfig(StrictModel):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     finetune: bool = Field(True, description="iterations after the first start from the previous model "
                                              "(training.init_from); false: train from scratch every time")
+    finetune_epochs: Optional[PositiveInt] = Field(
+        None, description="the max_epochs of a fine-tuning iteration (a warm start needs fewer than training "
+                          "from scratch, as DP-GEN's training_reuse_numb_steps); null: the training config's")
     test: Optional[DataSources] = Field(None, description="a held-out labelled set, evaluated every iteration")
 
     @model_validator(mode="after")

@@ -4,12 +4,14 @@ Each iteration k, in ``al_dir/iter_<k>/``:
 
 1. **train** (``run/``): an ordinary `mlip train` run of the configured training config on
    the initial set plus every label bought so far; from iteration 1 on it starts from the
-   previous iteration's model (``training.init_from``) unless ``finetune: false``. Its
-   validation (and the optional held-out test) errors go to the report.
+   previous iteration's model (``training.init_from``, for ``finetune_epochs``) unless
+   ``finetune: false``. Its validation (and the optional held-out test) errors go to the
+   report.
 2. **explore** (``explored.extxyz``): MD with the model's mean forces from every seed at
    every temperature; every ``check_every`` steps the snapshot's σ score (the largest or
    the mean force σ over its atoms, ``selection.score``) is evaluated, and a trajectory
-   stops once σ passes ``sigma_stop`` or the MD becomes unstable.
+   stops once σ passes ``sigma_stop``, the MD becomes unstable, or (with
+   ``exploration.max_bond_stretch``) a bond of the seed breaks (`mlip.active.bonds`).
 3. **select** (``candidates.extxyz``): σ_low < σ <= σ_high, farthest-point sampling on
    the model's features (`mlip.active.selection`), at most the batch size and what is
    left of the label budget. With ``selection.thresholds: relative`` the window is in
@@ -115,6 +117,8 @@ class ActiveLearner:
         training["progress_bar"] = False
         if iteration > 0 and self.config.finetune:
             training["init_from"] = self._run_dir(iteration - 1)
+            if self.config.finetune_epochs is not None:
+                training["max_epochs"] = self.config.finetune_epochs
         return tree
 
     def _run_dir(self, iteration: int) -> str:
@@ -285,11 +289,14 @@ class ActiveLearner:
 
     def _explore(self, potential, params, iteration: int, scorer: "_Scorer", sigma_stop: float):
         """Snapshots of MD from every seed at every temperature, with their σ score and features."""
+        from mlip.active.bonds import BondCheck
         from mlip.md.simulation import MDStabilityError, MolecularDynamics
 
         exploration = self.config.exploration
         explored, scores, features = [], [], []
         for seed_index, seed_atoms in enumerate(self.seeds):
+            bonds = None if exploration.max_bond_stretch is None else \
+                BondCheck(seed_atoms, exploration.max_bond_stretch)
             for t_index, temperature in enumerate(exploration.temperatures):
                 md = MolecularDynamics(potential, params, seed_atoms, ensemble=exploration.ensemble,
                                        timestep_fs=exploration.timestep_fs, temperature_K=temperature,
@@ -304,6 +311,12 @@ class ActiveLearner:
                         break
                     snapshot = md.atoms
                     snapshot.calc = None
+                    broken = bonds.broken(snapshot) if bonds is not None else []
+                    if broken:
+                        i, j, length = max(broken, key=lambda bond: bond[2])
+                        print(f"  seed {seed_index} at {temperature:g} K stopped at step {md.steps_done}: "
+                              f"{len(broken)} bond(s) broken (atoms {i}-{j} at {length:.2f} Å)", file=sys.stderr)
+                        break
                     snapshot.info.update(seed_structure=seed_index, temperature_K=temperature,
                                          md_step=md.steps_done)
                     sigma, feature = scorer(snapshot)
