@@ -24,7 +24,8 @@ Peers run in their own virtual environments (mace-torch needs torch, apax its ow
     python scripts/benchmark_accuracy.py --dataset butane --budget-s 300 --seed 1   # another seed
 
 ``--seed N`` seeds all three frameworks (mlip's ``seed``, mace's ``--seed``, apax's ``seed``);
-its results go to their own json and docs sections (suffix ``_seedN``), beside seed 0's.
+its results go to their own json and docs sections (suffix ``_seedN``), beside seed 0's;
+``--mean-over-seeds`` then tabulates every recorded butane seed's mean per figure.
 
 This is a benchmark script, never part of the test suite.
 """
@@ -389,10 +390,7 @@ def write_extrapolation_report(results: dict, meta: dict, section: str = "extrap
     """
     names = [name for name in results if "extrapolation" in results[name]]
     for name in names:
-        figures = results[name]["extrapolation"]
-        for scan in ("scan_CCCC", "scan_HCCC"):
-            figures[f"{scan}_barrier_error_meV"] = abs(figures[f"{scan}_barrier_meV"]
-                                                       - figures[f"{scan}_reference_barrier_meV"])
+        results[name]["extrapolation"] = with_barrier_errors(results[name]["extrapolation"])
     ours = results.get("mlip", {}).get("extrapolation")
     lines = [f"Run on {meta['date']}, {meta['cpu']} ({meta['cores']} cores), {meta['budget_s']:.0f} s per "
              f"framework, one after the other. Command: `{meta['command']}`",
@@ -413,6 +411,46 @@ def write_extrapolation_report(results: dict, meta: dict, section: str = "extrap
     replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {section}:begin -->",
                            f"<!-- {section}:end -->", "\n".join(lines),
                            f"Extrapolation (n-butane): mlip, mace-torch and apax{seed}")
+
+
+def with_barrier_errors(figures: dict) -> dict:
+    """The figures with each scan's barrier as its absolute error against the reference barrier."""
+    out = dict(figures)
+    for scan in ("scan_CCCC", "scan_HCCC"):
+        out[f"{scan}_barrier_error_meV"] = abs(out[f"{scan}_barrier_meV"] - out[f"{scan}_reference_barrier_meV"])
+    return out
+
+
+def write_extrapolation_mean_report(section: str = "extrapolation-peers-mean") -> None:
+    """Every seed's butane run (docs/benchmark_accuracy_butane[_seedN].json): each figure's mean over
+    the seeds per framework, the peer's mean over mlip's, and in how many seeds mlip was ahead
+    of that peer by at least 20 % (the extrapolation issue's goal)."""
+    paths = sorted(glob.glob(os.path.join(ROOT, "docs", "benchmark_accuracy_butane*.json")))
+    runs = [json.load(open(path)) for path in paths]
+    runs = [run for run in runs if all("extrapolation" in run["results"].get(name, {})
+                                       for name in ("mlip", "mace", "apax"))]
+    if not runs:
+        raise SystemExit("no butane run with all three frameworks' extrapolation figures in docs/")
+    seeds = [run["meta"].get("seed") or 0 for run in runs]
+    names = ["mlip", "mace", "apax"]
+    figures = {name: [with_barrier_errors(run["results"][name]["extrapolation"]) for run in runs] for name in names}
+    lines = [f"Mean over seeds {', '.join(map(str, seeds))} of the runs above "
+             f"(`python scripts/benchmark_accuracy.py --mean-over-seeds`; each run "
+             f"{runs[0]['meta']['budget_s']:.0f} s per framework). A peer's cell: its mean, its mean over "
+             "mlip's, and the seeds in which mlip was ahead of it by at least 20 % (its figure at least "
+             "1.2× mlip's).", "",
+             "| figure | mlip: mean (range) | mace | apax |", "|---|---|---|---|"]
+    for label, key in EXTRAPOLATION_ROWS:
+        ours = [f[key] for f in figures["mlip"]]
+        cells = [f"{np.mean(ours):.1f} ({min(ours):.1f}–{max(ours):.1f})"]
+        for name in names[1:]:
+            theirs = [f[key] for f in figures[name]]
+            ahead = sum(t >= 1.2 * o for t, o in zip(theirs, ours))
+            cells.append(f"{np.mean(theirs):.1f} ({np.mean(theirs) / np.mean(ours):.2f}×; {ahead}/{len(runs)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {section}:begin -->",
+                           f"<!-- {section}:end -->", "\n".join(lines),
+                           "Extrapolation (n-butane): mean over seeds")
 
 
 def versions(peer_dir: str) -> dict:
@@ -488,7 +526,13 @@ def main(argv=None) -> None:
                         help="seconds per mace epoch (plans its stage two); default: timed by a probe")
     parser.add_argument("--apax-epoch-s", type=float, default=None,
                         help="seconds per apax epoch (plans its lr decay); default: timed by a probe")
+    parser.add_argument("--mean-over-seeds", action="store_true",
+                        help="train nothing: the mean over the seeds of the butane runs recorded in docs/, "
+                             "as a table in docs/benchmarks.md")
     args = parser.parse_args(argv)
+    if args.mean_over_seeds:
+        write_extrapolation_mean_report()
+        return
     if args.setup:
         setup(args.peer_dir)
         return
