@@ -6,7 +6,8 @@
 Each arm (``--arms``) runs the system's shipped config with the changes below, two runs side by
 side, one CPU core each, the same seeds: ``uncertainty`` picks by σ and farthest-point
 sampling; ``balanced`` the same with the batch shared evenly among the exploration
-temperatures (`selection.balance: temperature`); ``random`` draws the same number of
+temperatures (`selection.balance: temperature`); ``capped`` is σ selection with the window's
+top at 3× the labelled structures' median σ; ``random`` draws the same number of
 snapshots uniformly from its own MD exploration (`selection.strategy: random`). Systems:
 
   * ``cuau``: configs/active_learning.yaml (EMT Cu/Au: 20 labelled cells to start, MD from two
@@ -49,10 +50,15 @@ SYSTEMS = {"cuau": {"config": "active_learning.yaml", "changes": {"exploration":
 
 # Selection of each arm: σ and diversity; the same with the batch shared evenly among the
 # exploration temperatures; snapshots drawn uniformly from the exploration (the baseline).
+# "capped": σ selection with the window's top at 3x the labelled structures' median σ instead of
+# the shipped 20x (which never binds on butane): are the most uncertain 1200 K snapshots, with the
+# largest forces and bond stretches, worth their labels?
 ARMS = {"uncertainty": {"strategy": "uncertainty", "balance": "none"},
         "balanced": {"strategy": "uncertainty", "balance": "temperature"},
+        "capped": {"strategy": "uncertainty", "balance": "none", "sigma_high": 3.0},
         "random": {"strategy": "random"}}
-ARM_NAMES = {"uncertainty": "AL (σ)", "balanced": "AL (σ, balanced)", "random": "random"}
+ARM_NAMES = {"uncertainty": "AL (σ)", "balanced": "AL (σ, balanced)", "capped": "AL (σ ≤ 3× median)",
+             "random": "random"}
 
 
 def rooted(sources):

@@ -111,7 +111,8 @@ def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_pat
     run1 = yaml.safe_load(open(os.path.join(al_dir, "iter_001", "run", "config.yaml")))
     assert run1["training"]["init_from"].endswith(os.path.join("iter_000", "run"))
     assert run1["training"]["max_epochs"] == 1  # finetune_epochs; iteration 0 trains for max_epochs
-    assert yaml.safe_load(open(os.path.join(al_dir, "iter_000", "run", "config.yaml")))["training"]["max_epochs"] == 2
+    run0 = yaml.safe_load(open(os.path.join(al_dir, "iter_000", "run", "config.yaml")))
+    assert run0["training"]["max_epochs"] == 2
 
 
 def test_a_bad_oracle_is_a_clear_error_before_anything_runs(tmp_path):
@@ -165,7 +166,7 @@ def test_balanced_selection_shares_the_batch_among_temperatures():
 
 
 def test_bond_check_finds_a_broken_molecule_and_not_a_hot_one():
-    from ase.build import bulk, molecule
+    from ase.build import molecule
 
     from mlip.active.bonds import BondCheck
 
