@@ -70,8 +70,11 @@ def rooted(sources):
 
 def config_for(system: dict, arm: str, seed: int, work_dir: str) -> str:
     config = yaml.safe_load(open(os.path.join(ROOT, "configs", system["config"])))
-    for section, change in system["changes"].items():
-        config[section].update(change)
+    for key, change in system["changes"].items():
+        if isinstance(change, dict):
+            config[key].update(change)
+        else:
+            config[key] = change
     config["selection"].update(ARMS[arm])
     config.update(al_dir=os.path.join(work_dir, f"{arm}_seed{seed}"), seed=seed)
     for key in ("initial", "seeds", "test"):
@@ -157,9 +160,16 @@ def main(argv=None) -> int:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["uncertainty", "random"],
                         help="selections to run; their runs go two at a time, one core each")
     parser.add_argument("--work-dir", help="default: runs/benchmark_active_learning[_butane]")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="the config's finetune_epochs changed to this (results and docs section get "
+                             "the suffix _ftN): is a warm start's training what limits the curves?")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
     system = SYSTEMS[args.system]
+    if args.finetune_epochs is not None:
+        n = args.finetune_epochs
+        system = {**system, "changes": {**system["changes"], "finetune_epochs": n},
+                  "results": system["results"].replace(".json", f"_ft{n}.json"), "marker": f"{system['marker']}-ft{n}"}
     work_dir = args.work_dir or os.path.join(ROOT, "runs", system["results"][:-len(".json")])
     recorded = (run(system, args.arms, args.seeds, work_dir) if args.part == "run"
                 else json.load(open(os.path.join(ROOT, "docs", system["results"]))))
