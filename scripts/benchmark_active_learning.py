@@ -49,10 +49,10 @@ SYSTEMS = {"cuau": {"config": "active_learning.yaml", "changes": {"exploration":
 
 
 # Selection of each arm: σ and diversity; the same with the batch shared evenly among the
-# exploration temperatures; snapshots drawn uniformly from the exploration (the baseline).
-# "capped": σ selection with the window's top at 3x the labelled structures' median σ instead of
-# the shipped 20x (which never binds on butane): are the most uncertain 1200 K snapshots, with the
-# largest forces and bond stretches, worth their labels?
+# exploration temperatures; σ with the window's top at 3x the labelled structures' median σ
+# instead of the shipped 20x, which never binds on butane (are the most uncertain 1200 K
+# snapshots, with the largest forces and bond stretches, worth their labels?); snapshots drawn
+# uniformly from the exploration (the baseline).
 ARMS = {"uncertainty": {"strategy": "uncertainty", "balance": "none"},
         "balanced": {"strategy": "uncertainty", "balance": "temperature"},
         "capped": {"strategy": "uncertainty", "balance": "none", "sigma_high": 3.0},
@@ -111,9 +111,10 @@ def run(system: dict, arms: list[str], seeds: list[int], work_dir: str) -> dict:
             processes[(arm, seed)] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", *command],
                                                       stdout=log, stderr=subprocess.STDOUT)
         for (arm, seed), process in processes.items():
+            name = f"{arm}_seed{seed}"
             if process.wait() != 0:
-                raise SystemExit(f"{arm} seed {seed} failed: see {work_dir}/{arm}_seed{seed}.log")
-            recorded["curves"][f"{arm}/seed{seed}"] = curve(os.path.join(work_dir, f"{arm}_seed{seed}"))
+                raise SystemExit(f"{arm} seed {seed} failed: see {work_dir}/{name}.log")
+            recorded["curves"][f"{arm}/seed{seed}"] = curve(os.path.join(work_dir, name))
             print(f"{arm} seed {seed}: {json.dumps(recorded['curves'][f'{arm}/seed{seed}'])}", flush=True)
         recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1}, settings=system["changes"])
         with open(results, "w") as stream:
