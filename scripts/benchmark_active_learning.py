@@ -2,6 +2,7 @@
 
     python scripts/benchmark_active_learning.py run [--system cuau|butane] [--seeds 0 1 2] [--docs]
     python scripts/benchmark_active_learning.py table [--system cuau|butane] [--docs]
+    python scripts/benchmark_active_learning.py retrain --system butane --iterations 2 8 [--docs]
 
 Each arm (``--arms``) runs the system's shipped config with the changes below, two runs side by
 side, one CPU core each, the same seeds: ``uncertainty`` picks by σ and farthest-point
@@ -17,6 +18,12 @@ snapshots uniformly from its own MD exploration (`selection.strategy: random`). 
     the torsion barriers; 5 labels per iteration; held out: 600 K and 1200 K MD and the relaxed
     torsion scans).
 
+``retrain`` takes each finished run's labelled set as it stood at the given iterations (the
+initial frames and every label bought before them) and trains a model on it from scratch, with
+the iteration-0 config (the same model, epochs and seed for every arm). A run's own curve
+chains warm starts, and each point carries that chain's training noise; the retrained points
+measure what the labels themselves are worth. Results: docs/benchmark_active_learning_butane_retrain.json.
+
 Goal (issue 18): AL reaches random selection's final force error with at most a third of its
 labels. Results: docs/benchmark_active_learning[_butane].json (and docs/benchmarks.md with --docs).
 """
@@ -30,6 +37,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -89,9 +97,10 @@ def config_for(system: dict, arm: str, seed: int, work_dir: str) -> str:
 
 
 def curve(al_dir: str) -> list:
-    """(labelled structures, test force MAE in meV/Å) per iteration."""
+    """(labelled structures, test force MAE in meV/Å) per iteration (not the final model's row)."""
     with open(os.path.join(al_dir, "report.csv")) as stream:
-        return [(int(row["labels_total"]), 1e3 * float(row["test_forces_mae"])) for row in csv.DictReader(stream)]
+        return [(int(row["labels_total"]), 1e3 * float(row["test_forces_mae"])) for row in csv.DictReader(stream)
+                if row["iteration"] != "final"]
 
 
 def run(system: dict, arms: list[str], seeds: list[int], work_dir: str) -> dict:
@@ -120,6 +129,126 @@ def run(system: dict, arms: list[str], seeds: list[int], work_dir: str) -> dict:
         with open(results, "w") as stream:
             json.dump(recorded, stream, indent=1)
     return recorded
+
+
+def retrain(system: dict, arms: list[str], seeds: list[int], work_dir: str, iterations: list[int],
+            train_seeds: list[int]) -> dict:
+    """Every (arm, seed) run's labelled set at each iteration in ``iterations``, trained from scratch
+    with the run's iteration-0 config; two trainings side by side, one core each."""
+    import ase.io
+
+    from mlip.active.learner import ActiveLearner
+
+    results = os.path.join(ROOT, "docs", system["results"].replace(".json", "_retrain.json"))
+    recorded = json.load(open(results)) if os.path.exists(results) else {"points": {}}
+    jobs = []
+    for seed in seeds:
+        for arm in arms:
+            al_dir = os.path.join(work_dir, f"{arm}_seed{seed}")
+            learner = ActiveLearner.resume(al_dir)
+            labelled = ase.io.read(os.path.join(al_dir, "labelled.extxyz"), ":")
+            for iteration in iterations:
+                bought = [atoms for atoms in labelled if atoms.info["al_iteration"] < iteration]
+                for train_seed in train_seeds:
+                    key = f"{arm}/seed{seed}/iter{iteration}/train{train_seed}"
+                    if key in recorded["points"]:
+                        continue
+                    folder = os.path.join(work_dir, "retrain", key.replace("/", "_"))
+                    os.makedirs(folder, exist_ok=True)
+                    tree = learner.run_config(0)  # its last source is the whole labelled set
+                    tree["data"]["train"] = tree["data"]["train"][:-1]
+                    if bought:
+                        subset = os.path.join(folder, "labelled.extxyz")
+                        ase.io.write(subset, bought, format="extxyz")
+                        tree["data"]["train"].append({"source": subset})
+                    tree.update(run_dir=os.path.join(folder, "run"), seed=train_seed)
+                    path = os.path.join(folder, "config.yaml")
+                    with open(path, "w") as stream:
+                        yaml.safe_dump(tree, stream)
+                    jobs.append((key, path, folder, len(bought)))
+    for first in range(0, len(jobs), 2):
+        processes = {}
+        for core, (key, path, folder, _) in enumerate(jobs[first:first + 2]):
+            log = open(os.path.join(folder, "train.log"), "w")
+            processes[key] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "mlip.cli",
+                                               "train", path], stdout=log, stderr=subprocess.STDOUT)
+        for (key, path, folder, bought), process in zip(jobs[first:first + 2], processes.values()):
+            if process.wait() != 0:
+                raise SystemExit(f"retrain {key} failed: see {folder}/train.log")
+            summary = json.load(open(os.path.join(folder, "run", "summary.json")))
+            recorded["points"][key] = {"bought": bought, "test_forces_mae": 1e3 * summary["test"]["forces_mae"]}
+            print(f"{key}: {bought} bought, {recorded['points'][key]['test_forces_mae']:.1f} meV/Å", flush=True)
+            recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1})
+            with open(results, "w") as stream:
+                json.dump(recorded, stream, indent=1)
+    return recorded
+
+
+def retrain_table(recorded: dict, curves: dict) -> str:
+    """Per arm and labels bought: the run's own test error (a chain of warm starts) and the error of
+    the same labelled set trained from scratch, per seed and their mean."""
+    points = recorded["points"]
+    groups = {}
+    for key, point in points.items():
+        arm, seed, iteration, _ = key.split("/")
+        groups.setdefault((arm, int(iteration[4:])), {}).setdefault(seed, []).append(point)
+    seeds = sorted({key.split("/")[1] for key in points}, key=lambda s: int(s[4:]))
+    lines = ["| arm | labels bought | " + " | ".join(f"seed {s[4:]}: own, from scratch" for s in seeds)
+             + " | mean: own, from scratch |", "|---|---|" + "---|" * (len(seeds) + 1)]
+    for arm in ARMS:
+        for iteration in sorted(i for a, i in groups if a == arm):
+            cells, own_all, scratch_all = [], [], []
+            bought = None
+            for seed in seeds:
+                found = groups[(arm, iteration)].get(seed)
+                curve_points = curves.get(f"{arm}/{seed}", [])
+                if not found or iteration >= len(curve_points):
+                    cells.append("–")
+                    continue
+                bought = found[0]["bought"]
+                own = curve_points[iteration][1]
+                scratch = float(np.mean([p["test_forces_mae"] for p in found]))
+                own_all.append(own)
+                scratch_all.append(scratch)
+                cells.append(f"{own:.1f}, {scratch:.1f}")
+            mean = f"{np.mean(own_all):.1f}, {np.mean(scratch_all):.1f}" if own_all else "–"
+            lines.append(f"| {ARM_NAMES[arm]} | {bought} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict, retrained: dict, path: str) -> None:
+    """Test force MAE against labels bought: each arm's mean over seeds (thick) and each seed (thin);
+    with ``retrained``, the mean of the labelled sets trained from scratch (squares)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4.0))
+    for index, arm in enumerate(arm for arm in ARMS if any(key.startswith(f"{arm}/") for key in curves)):
+        color = f"C{index}"
+        runs = [curves[key] for key in curves if key.startswith(f"{arm}/")]
+        for points in runs:
+            axis.plot([n - points[0][0] for n, _ in points], [e for _, e in points], color=color, lw=0.6, alpha=0.35)
+        common = min(map(len, runs))  # seeds share the grid while none stopped early
+        mean = np.mean([[e for _, e in points[:common]] for points in runs], axis=0)
+        axis.plot([n - runs[0][0][0] for n, _ in runs[0][:common]], mean, "o-", color=color, lw=2,
+                  label=f"{ARM_NAMES[arm]}, mean of {len(runs)}")
+        by_bought = {}
+        for key, point in retrained.items():
+            if key.startswith(f"{arm}/"):
+                by_bought.setdefault(point["bought"], []).append(point["test_forces_mae"])
+        if by_bought:
+            bought = sorted(by_bought)
+            axis.plot(bought, [np.mean(by_bought[b]) for b in bought], "s--", color=color, mfc="white",
+                      label=f"{ARM_NAMES[arm]}, its sets from scratch")
+    axis.set_xlabel("labels bought")
+    axis.set_ylabel("test force MAE (meV/Å)")
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def table(recorded: dict) -> str:
@@ -155,7 +284,7 @@ def table(recorded: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["run", "table"])
+    parser.add_argument("part", choices=["run", "table", "retrain"])
     parser.add_argument("--system", choices=sorted(SYSTEMS), default="cuau")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["uncertainty", "random"],
@@ -164,6 +293,13 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="the config's finetune_epochs changed to this (results and docs section get "
                              "the suffix _ftN): is a warm start's training what limits the curves?")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="finetune: false, every iteration trains from scratch (results and docs section "
+                             "get the suffix _scratch)")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[2, 4, 8],
+                        help="retrain: the iterations whose training sets are retrained from scratch")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
+                        help="retrain: training seeds per labelled set (their errors are averaged)")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
     system = SYSTEMS[args.system]
@@ -171,12 +307,29 @@ def main(argv=None) -> int:
         n = args.finetune_epochs
         system = {**system, "changes": {**system["changes"], "finetune_epochs": n},
                   "results": system["results"].replace(".json", f"_ft{n}.json"), "marker": f"{system['marker']}-ft{n}"}
+    if args.from_scratch:
+        system = {**system, "changes": {**system["changes"], "finetune": False},
+                  "results": system["results"].replace(".json", "_scratch.json"),
+                  "marker": f"{system['marker']}-scratch"}
     work_dir = args.work_dir or os.path.join(ROOT, "runs", system["results"][:-len(".json")])
+    if args.part == "retrain":
+        recorded = retrain(system, args.arms, args.seeds, work_dir, args.iterations, args.train_seeds)
+        curves = json.load(open(os.path.join(ROOT, "docs", system["results"])))["curves"]
+        text = retrain_table(recorded, curves)
+        print(text)
+        if args.docs:
+            marker = f"{system['marker']}-retrain"
+            replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
+                                   f"<!-- /{marker} -->", text, "Active learning against random selection")
+        return 0
     recorded = (run(system, args.arms, args.seeds, work_dir) if args.part == "run"
                 else json.load(open(os.path.join(ROOT, "docs", system["results"]))))
     text = table(recorded)
     print(text)
     if args.docs:
+        retrain_path = os.path.join(ROOT, "docs", system["results"].replace(".json", "_retrain.json"))
+        retrained = json.load(open(retrain_path))["points"] if os.path.exists(retrain_path) else {}
+        plot(recorded["curves"], retrained, os.path.join(ROOT, "docs", system["results"].replace(".json", ".png")))
         marker = system["marker"]
         replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
                                f"<!-- /{marker} -->", text, "Active learning against random selection")

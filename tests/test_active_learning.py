@@ -69,7 +69,7 @@ def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_pat
     from mlip.cli import main
 
     path, config = al_config(tmp_path, oracle={"kwargs": {"log": str(tmp_path / "oracle.log"),
-                                                          "fail_ids": ["001-0001"]}})
+                                                          "fail_ids": ["001-0001"]}}, final_from_scratch=True)
     # Kill the run after the first label of iteration 1's round (as Ctrl-C or a lost node would).
     original = Oracle.label
 
@@ -104,8 +104,13 @@ def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_pat
     explored = ase.io.read(os.path.join(al_dir, "iter_000", "explored.extxyz"), ":")
     assert len(explored) == 4 and {a.info["md_step"] for a in explored} == {5}
     rows = list(__import__("csv").DictReader(open(os.path.join(al_dir, "report.csv"))))
-    assert [int(r["labels_total"]) for r in rows] == [6, 9, 10]
+    assert [(r["iteration"], int(r["labels_total"])) for r in rows] == [("0", 6), ("1", 9), ("2", 10),
+                                                                          ("final", 10)]
     assert all(float(r["test_forces_mae"]) > 0 for r in rows)
+    # The final model: every label, from scratch, for the training config's own epochs.
+    final = yaml.safe_load(open(os.path.join(al_dir, "final", "run", "config.yaml")))
+    assert final["training"]["init_from"] is None and final["training"]["max_epochs"] == 2
+    assert len(final["data"]["train"]) == 2 and final["data"]["train"][1]["source"].endswith("labelled.extxyz")
     assert os.path.exists(os.path.join(al_dir, "learning_curve.png"))
     # Iteration 1 fine-tuned iteration 0's model.
     run1 = yaml.safe_load(open(os.path.join(al_dir, "iter_001", "run", "config.yaml")))

@@ -96,6 +96,10 @@ class ActiveLearningConfig(StrictModel):
     finetune_epochs: Optional[PositiveInt] = Field(
         None, description="the max_epochs of a fine-tuning iteration (a warm start needs fewer than training "
                           "from scratch, as DP-GEN's training_reuse_numb_steps); null: the training config's")
+    final_from_scratch: bool = Field(
+        False, description="when the loop stops, train one more model on every label, from scratch with the "
+                           "training config's own epochs, in al_dir/final/run (with finetune, each iteration's "
+                           "model is a chain of warm starts, and a chain carries every link's training noise)")
     test: Optional[DataSources] = Field(None, description="a held-out labelled set, evaluated every iteration")
 
     @model_validator(mode="after")

@@ -28,7 +28,9 @@ Nothing is lost: ``state.json`` (written atomically) holds the iteration and pha
 ``mlip active-learn --resume AL_DIR`` goes on from there: a killed training run resumes
 from its last epoch, and a killed labelling round labels only the candidates that have
 neither a label file nor a failure record, so no label is bought twice. The loop stops
-on the label budget, the iteration count, or when no explored structure is uncertain.
+on the label budget, the iteration count, or when no explored structure is uncertain; with
+``final_from_scratch`` it then trains the final model on every label from scratch
+(``final/run``, the report's row ``final``), which a warm-start chain's noise does not reach.
 ``report.csv`` has one row per iteration (labels, errors, exploration σ, seconds per
 phase) and ``learning_curve.png`` the test (else validation) force error against labels.
 """
@@ -57,6 +59,7 @@ from mlip.training.config import config_from_dict, source_list
 REPORT_COLUMNS = ["iteration", "labels_total", "labels_bought", "labels_failed", "valid_forces_mae",
                   "test_forces_mae", "test_energy_mae_per_atom", "explored", "uncertain_fraction", "sigma_median",
                   "sigma_max", "sigma_low", "sigma_high", "selected_from", "train_s", "explore_s", "label_s"]
+FINAL = "final"  # the iteration name of the final model's training (final_from_scratch)
 
 
 class ActiveLearner:
@@ -102,7 +105,7 @@ class ActiveLearner:
         return tree
 
     def run_config(self, iteration: int) -> dict:
-        """The training config of iteration ``iteration``."""
+        """The training config of iteration ``iteration`` (``FINAL``: the final model, from scratch)."""
         tree = copy.deepcopy(self.training_tree)
         labelled = os.path.join(self.dir, "labelled.extxyz")
         sources = _plain_sources(self.config.initial)
@@ -115,13 +118,15 @@ class ActiveLearner:
         tree["seed"] = self.config.seed
         training = tree.setdefault("training", {})
         training["progress_bar"] = False
-        if iteration > 0 and self.config.finetune:
+        if iteration != FINAL and iteration > 0 and self.config.finetune:
             training["init_from"] = self._run_dir(iteration - 1)
             if self.config.finetune_epochs is not None:
                 training["max_epochs"] = self.config.finetune_epochs
         return tree
 
     def _run_dir(self, iteration: int) -> str:
+        if iteration == FINAL:
+            return os.path.join(self.dir, "final", "run")
         return os.path.join(self.dir, f"iter_{iteration:03d}", "run")
 
     # ------------------------------------------------------------------ state
@@ -160,10 +165,10 @@ class ActiveLearner:
                 timings["train_s"] = round(time.monotonic() - start, 1)
                 state["row"] = row
                 stop = self._stop_reason(iteration)
-                state["phase"] = "explore" if stop is None else "done"
+                state["phase"] = "explore"
                 if stop is not None:
-                    state["stop_reason"] = stop
                     self._record(state)
+                    self._finish(state, stop)
             elif phase == "explore":
                 exploration = self._explore_and_select(iteration)
                 timings["explore_s"] = round(time.monotonic() - start, 1)
@@ -175,8 +180,8 @@ class ActiveLearner:
                                   f"{exploration['above_sigma_high']} of {exploration['explored']} are above "
                                   f"sigma_high, where the model is not trusted (train longer, raise "
                                   f"selection.sigma_high, or set selection.when_none_trusted: edge)")
-                    state.update(phase="done", stop_reason=reason)
                     self._record(state)
+                    self._finish(state, reason)
                 else:
                     state["phase"] = "label"
             elif phase == "label":
@@ -185,10 +190,23 @@ class ActiveLearner:
                 state["row"]["labels_failed"] = failed
                 self._record(state)
                 state.update(iteration=iteration + 1, phase="train", seconds={})
+            elif phase == "final":
+                print(f"[final] {state['stop_reason']}; the final model, from scratch", file=sys.stderr, flush=True)
+                state["row"] = self._train(FINAL)
+                state["seconds"] = {"train_s": round(time.monotonic() - start, 1)}
+                self._record(state)
+                state["phase"] = "done"
             self._save(state)
+        final = os.path.exists(os.path.join(self._run_dir(FINAL), "summary.json"))
         print(f"active learning stopped: {state['stop_reason']} ({self.labels_bought()} labels bought, "
-              f"{len(self.failures())} failed)", file=sys.stderr, flush=True)
+              f"{len(self.failures())} failed)" + (f"; final model: {self._run_dir(FINAL)}" if final else ""),
+              file=sys.stderr, flush=True)
         return state
+
+    def _finish(self, state: dict, reason: str) -> None:
+        """The loop has stopped: train the final model first where the config asks for one."""
+        wanted = self.config.final_from_scratch and self.config.finetune and state["iteration"] > 0
+        state.update(phase="final" if wanted else "done", stop_reason=reason, seconds={})
 
     def _stop_reason(self, iteration: int) -> Optional[str]:
         if self.labels_bought() >= self.config.budget.max_labels:
@@ -215,10 +233,12 @@ class ActiveLearner:
 
         run_dir = self._run_dir(iteration)
         summary_path = os.path.join(run_dir, "summary.json")
-        print(f"[iteration {iteration}] train on {self._labelled_count()} structures -> {run_dir}",
-              file=sys.stderr, flush=True)
+        if iteration != FINAL:
+            print(f"[iteration {iteration}] train on {self._labelled_count()} structures -> {run_dir}",
+                  file=sys.stderr, flush=True)
         if not os.path.exists(summary_path):
-            config = config_from_dict(self.run_config(iteration), f"training (iteration {iteration})")
+            config = config_from_dict(self.run_config(iteration), f"training (iteration {iteration})"
+                                      if iteration != FINAL else "training (final model)")
             resume = os.path.exists(os.path.join(run_dir, "last.msgpack"))
             Trainer(config).run(resume=resume)
         summary = read_json(summary_path)
@@ -458,11 +478,15 @@ def _plot_learning_curve(rows: list, path: str) -> None:
     import matplotlib.pyplot as plt
 
     key = "test_forces_mae" if any(r.get("test_forces_mae") is not None for r in rows) else "valid_forces_mae"
-    points = [(r["labels_total"], 1e3 * r[key]) for r in rows if r.get(key) is not None]
+    points = [(r["labels_total"], 1e3 * r[key]) for r in rows if r.get(key) is not None and r["iteration"] != FINAL]
     if not points:
         return
     figure, axis = plt.subplots(figsize=(4.5, 3.4))
-    axis.plot(*zip(*points), "o-")
+    axis.plot(*zip(*points), "o-", label="each iteration's model")
+    final = [(r["labels_total"], 1e3 * r[key]) for r in rows if r.get(key) is not None and r["iteration"] == FINAL]
+    if final:
+        axis.plot(*zip(*final), "*", markersize=12, label="final model, from scratch")
+        axis.legend(fontsize=7)
     axis.set_xlabel("labelled structures")
     axis.set_ylabel(f"{'test' if key.startswith('test') else 'validation'} force MAE (meV/Å)")
     figure.tight_layout()
