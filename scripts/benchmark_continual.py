@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
-from benchmark_multifidelity import base_config, train  # noqa: E402
+from benchmark_multifidelity import BASE_BUDGET_S, base_config, train  # noqa: E402
 
 DATA = os.path.join(ROOT, "data")
 ETHANOL2 = os.path.join(DATA, "ethanol_gfn2_500K.extxyz")
@@ -54,10 +54,12 @@ SCENARIOS = {
 }
 
 
-def configs(scenario: str, budget_s: float, work_dir: str, fraction: float = 0.25) -> dict:
+def configs(scenario: str, budget_s: float, work_dir: str, fraction: float = 0.25,
+            pretrain_budget_s: float = BASE_BUDGET_S) -> dict:
     spec = SCENARIOS[scenario]
-    pretrain = base_config(budget_s, 0)
-    pretrain["run_dir"] = os.path.join(work_dir, f"{scenario}_pretrain")
+    pretrain = base_config(pretrain_budget_s, 0)
+    longer = "" if pretrain_budget_s == BASE_BUDGET_S else f"{pretrain_budget_s:g}s"  # pretraining
+    pretrain["run_dir"] = os.path.join(work_dir, f"{scenario}_pretrain" + (f"_{longer}" if longer else ""))
     pretrain["data"].update(spec["pretrain"])
     pretrain["model"].update(spec.get("pretrain_model", {}))
     out = {"pretrain": pretrain}
@@ -65,6 +67,7 @@ def configs(scenario: str, budget_s: float, work_dir: str, fraction: float = 0.2
         config = base_config(budget_s, 0)
         config.pop("model")  # the pretrained run's
         suffix = f"{fraction:g}" if arm == "replay" and fraction != 0.25 else ""
+        suffix += ("" if budget_s == BASE_BUDGET_S else f"_{budget_s:g}s") + (f"_pre{longer}" if longer else "")
         config["run_dir"] = os.path.join(work_dir, f"{scenario}_{arm}{suffix}")
         config["data"] = {**spec["finetune"], **({"replay": {"fraction": fraction}} if arm == "replay" else {})}
         if "finetune_model" in spec:
@@ -87,25 +90,34 @@ def forces_mae(run_dir: str, spec: str, fidelity) -> float:
     return 1e3 * metrics["forces_mae"]
 
 
-def run(budget_s: float, scenarios: list[str], work_dir: str, core: int, fraction: float = 0.25) -> dict:
+def run(budget_s: float, scenarios: list[str], work_dir: str, core: int, fraction: float = 0.25,
+        pretrain_budget_s: float = BASE_BUDGET_S, arms: tuple = ("naive", "replay")) -> dict:
+    """Train the pretraining and ``arms`` of each scenario; tabulate a scenario once both arms are done
+    (two invocations, one arm each on its own core, run side by side)."""
     os.makedirs(work_dir, exist_ok=True)
     recorded = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {"results": {}}
     for scenario in scenarios:
-        spec, runs = SCENARIOS[scenario], configs(scenario, budget_s, work_dir, fraction)
-        for name in ("pretrain", "naive", "replay"):
+        spec, runs = SCENARIOS[scenario], configs(scenario, budget_s, work_dir, fraction, pretrain_budget_s)
+        for name in ("pretrain", *arms):
             train(runs[name], work_dir, core)
+        if not all(os.path.exists(os.path.join(runs[arm]["run_dir"], "summary.json")) for arm in ("naive", "replay")):
+            print(f"{scenario}: trained {', '.join(arms)}; the table waits for the other arm", flush=True)
+            continue
         result = {"old_before": forces_mae(runs["pretrain"]["run_dir"], *spec["old_test"])}
         if spec["new_test"][1] is None:  # a new molecule: the pretrained model's error on it, for scale
             result["new_before"] = forces_mae(runs["pretrain"]["run_dir"], *spec["new_test"])
         for arm in ("naive", "replay"):
             result[f"old_after_{arm}"] = forces_mae(runs[arm]["run_dir"], *spec["old_test"])
             result[f"new_after_{arm}"] = forces_mae(runs[arm]["run_dir"], *spec["new_test"])
-        name = scenario if fraction == 0.25 else f"{scenario} (replay {fraction:g})"
+        settings = ([] if fraction == 0.25 else [f"replay {fraction:g}"]) + (
+            [] if pretrain_budget_s == BASE_BUDGET_S else [f"pretraining {pretrain_budget_s:g} s"]) + (
+            [] if budget_s == BASE_BUDGET_S else [f"fine-tuning {budget_s:g} s"])
+        name = scenario + (f" ({', '.join(settings)})" if settings else "")
         if os.path.exists(RESULTS):  # another invocation may have added results meanwhile
             recorded = {**json.load(open(RESULTS)), **{k: v for k, v in recorded.items() if k != "results"}}
         recorded["results"][name] = result
         print(scenario, json.dumps(result), flush=True)
-        recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1}, budget_s=budget_s)
+        recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1}, budget_s=pretrain_budget_s)
         with open(RESULTS, "w") as stream:
             json.dump(recorded, stream, indent=1)
     return recorded
@@ -124,20 +136,26 @@ def table(recorded: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["run", "table"])
-    parser.add_argument("--budget-s", type=float, default=150.0)
+    parser.add_argument("--budget-s", type=float, default=BASE_BUDGET_S,
+                        help="seconds of each fine-tuning (another than 150: run directories and rows of their own)")
+    parser.add_argument("--pretrain-budget-s", type=float, default=BASE_BUDGET_S)
+    parser.add_argument("--arms", nargs="+", choices=["naive", "replay"], default=["naive", "replay"],
+                        help="the fine-tuning arms to train in this invocation")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--core", type=int, default=1)
     parser.add_argument("--replay-fraction", type=float, default=0.25)
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "benchmark_continual"))
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
-    recorded = (run(args.budget_s, args.scenarios, args.work_dir, args.core, args.replay_fraction)
+    recorded = (run(args.budget_s, args.scenarios, args.work_dir, args.core, args.replay_fraction,
+                    args.pretrain_budget_s, tuple(args.arms))
                 if args.part == "run"
                 else json.load(open(RESULTS)))
     text = table(recorded)
     print(text)
     if args.docs:
-        text += (f"\n\nBudget {recorded['budget_s']:.0f} s per run (pretraining and each fine-tuning) on one core of "
+        text += (f"\n\nBudget {recorded['budget_s']:.0f} s per run (pretraining and each fine-tuning, unless the row says "
+                 "otherwise) on one core of "
                  f"{recorded['machine']['cpu']}.")
         replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- continual -->",
                                "<!-- /continual -->", text, "Continual fine-tuning: naive against replay")

@@ -10,7 +10,7 @@ from ase.build import bulk, molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.neighborlist import neighbor_list
 
-from mlip.data.batching import PaddedSizes, build_samples, pack_samples, round_up_to_bucket, sizes_for
+from mlip.data.batching import BatchIterator, PaddedSizes, build_samples, pack_samples, round_up_to_bucket, sizes_for
 from mlip.data.neighbours import neighbour_list
 from mlip.data.reader import LabelKeys, read_frames, split_data_spec
 from mlip.data.statistics import compute_statistics, fit_e0_least_squares, load_e0_file
@@ -163,6 +163,34 @@ def test_dense_and_list_layouts_hold_the_same_edges():
     assert sizes_for(waters + samples[:1], 22).neighbours_per_node == 0
     with pytest.raises(ValueError, match="does not fit"):  # fewer slots than an atom's neighbours
         pack_samples(samples, PaddedSizes.dense(32, 16, 3))
+
+
+@pytest.mark.parametrize("layout", ["auto", "list"])
+def test_short_last_batch_takes_a_full_batch_shape(layout):
+    samples = build_samples(read_frames_from_atoms([molecule("CH4")] * 13 + [molecule("H2O")] * 2), 3.0)
+    iterator = BatchIterator(samples, 4, layout=layout)
+    for seed in range(10):
+        batches = list(iterator.batches(seed))
+        full_shapes = {graph.positions.shape + graph.senders.shape for graph, indices in batches if len(indices) == 4}
+        last, indices = batches[-1]
+        assert len(indices) == 3 and last.positions.shape + last.senders.shape in full_shapes
+        assert last.node_mask.sum() == sum(samples[i].n_atoms for i in indices)
+        assert sorted(i for _, chunk in batches for i in chunk) == list(range(15))
+
+
+def test_rare_small_batches_are_padded_to_a_common_shape():
+    # batches of 4 from 37 CH4 and 3 H2O: 20 atoms, 18 (one water; the same bucket, 20) or,
+    # in 3 of 400 batches, 16 or less (two waters or more): a shape of its own without the floor
+    samples = build_samples(read_frames_from_atoms([molecule("CH4")] * 37 + [molecule("H2O")] * 3), 3.0)
+    iterator = BatchIterator(samples, 4)
+    assert iterator.floor[0] == 20
+
+    def node_counts(batches):
+        return {graph.positions.shape[0] for seed in range(40) for graph, _ in batches.batches(seed)}
+
+    assert node_counts(iterator) == {20}
+    iterator.floor = (0, 0)
+    assert node_counts(iterator) == {16, 20}
 
 
 def read_frames_from_atoms(images):

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from mlip.data.batching import GraphSample, SharedCapacity, pack_samples, sizes_for
+from mlip.data.batching import GraphSample, SharedCapacity, pack_samples, sizes_for_chunks
 
 
 class Predictor:
@@ -39,10 +39,9 @@ class Predictor:
         """
         results = []
         dtype = np.float64 if self.potential.config.dtype == "float64" else np.float32
-        shared = SharedCapacity.of(samples)
-        for start in range(0, len(samples), batch_size):
-            chunk = list(samples[start:start + batch_size])
-            graph = pack_samples(chunk, sizes_for(chunk, batch_size + 1, self.layout, shared), None, dtype)
+        chunks = [list(samples[start:start + batch_size]) for start in range(0, len(samples), batch_size)]
+        for chunk, sizes in zip(chunks, sizes_for_chunks(chunks, batch_size, self.layout, SharedCapacity.of(samples))):
+            graph = pack_samples(chunk, sizes, None, dtype)
             outputs = jax.device_get(self._apply(params, graph))
             offset = 0
             for g, sample in enumerate(chunk):
