@@ -117,7 +117,7 @@ def run(budget_s: float, scenarios: list[str], work_dir: str, core: int, fractio
             recorded = {**json.load(open(RESULTS)), **{k: v for k, v in recorded.items() if k != "results"}}
         recorded["results"][name] = result
         print(scenario, json.dumps(result), flush=True)
-        recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1}, budget_s=pretrain_budget_s)
+        recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1}, budget_s=BASE_BUDGET_S)  # rows name others
         with open(RESULTS, "w") as stream:
             json.dump(recorded, stream, indent=1)
     return recorded
