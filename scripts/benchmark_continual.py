@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
-from benchmark_multifidelity import BASE_BUDGET_S, base_config, train  # noqa: E402
+from benchmark_multifidelity import BASE_BUDGET_S, base_config, budget_suffix, train  # noqa: E402
 
 DATA = os.path.join(ROOT, "data")
 ETHANOL2 = os.path.join(DATA, "ethanol_gfn2_500K.extxyz")
@@ -58,8 +58,7 @@ def configs(scenario: str, budget_s: float, work_dir: str, fraction: float = 0.2
             pretrain_budget_s: float = BASE_BUDGET_S) -> dict:
     spec = SCENARIOS[scenario]
     pretrain = base_config(pretrain_budget_s, 0)
-    longer = "" if pretrain_budget_s == BASE_BUDGET_S else f"{pretrain_budget_s:g}s"  # pretraining
-    pretrain["run_dir"] = os.path.join(work_dir, f"{scenario}_pretrain" + (f"_{longer}" if longer else ""))
+    pretrain["run_dir"] = os.path.join(work_dir, f"{scenario}_pretrain" + budget_suffix(pretrain_budget_s))
     pretrain["data"].update(spec["pretrain"])
     pretrain["model"].update(spec.get("pretrain_model", {}))
     out = {"pretrain": pretrain}
@@ -67,7 +66,7 @@ def configs(scenario: str, budget_s: float, work_dir: str, fraction: float = 0.2
         config = base_config(budget_s, 0)
         config.pop("model")  # the pretrained run's
         suffix = f"{fraction:g}" if arm == "replay" and fraction != 0.25 else ""
-        suffix += ("" if budget_s == BASE_BUDGET_S else f"_{budget_s:g}s") + (f"_pre{longer}" if longer else "")
+        suffix += budget_suffix(budget_s) + budget_suffix(pretrain_budget_s).replace("_", "_pre")
         config["run_dir"] = os.path.join(work_dir, f"{scenario}_{arm}{suffix}")
         config["data"] = {**spec["finetune"], **({"replay": {"fraction": fraction}} if arm == "replay" else {})}
         if "finetune_model" in spec:
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["run", "table"])
     parser.add_argument("--budget-s", type=float, default=BASE_BUDGET_S,
-                        help="seconds of each fine-tuning (another than 150: run directories and rows of their own)")
+                        help="seconds of each fine-tuning (other than 150: run directories and rows of their own)")
     parser.add_argument("--pretrain-budget-s", type=float, default=BASE_BUDGET_S)
     parser.add_argument("--arms", nargs="+", choices=["naive", "replay"], default=["naive", "replay"],
                         help="the fine-tuning arms to train in this invocation")

@@ -55,6 +55,11 @@ def results_key(budget_s: float) -> str:
     return "results" if budget_s == BASE_BUDGET_S else f"results_{budget_s:g}s"
 
 
+def budget_suffix(budget_s: float) -> str:
+    """What a run directory trained for another budget than the table's ends with."""
+    return "" if budget_s == BASE_BUDGET_S else f"_{budget_s:g}s"
+
+
 def base_config(budget_s: float, seed: int) -> dict:
     config = yaml.safe_load(open(os.path.join(ROOT, "configs", "quickstart.yaml")))
     config["seed"] = seed
@@ -92,15 +97,14 @@ def arm_config(arm: str, labels: int, budget_s: float, seed: int, work_dir: str,
         config = merged(config, change)
     if arm != "pretrain_gfn1":
         prefix = "" if selection == "first" else f"{selection}_"
-        suffix = "" if budget_s == BASE_BUDGET_S else f"_{budget_s:g}s"
-        config["run_dir"] = os.path.join(work_dir, f"{prefix}{'+'.join([arm] + levers)}_{labels}_seed{seed}{suffix}")
+        config["run_dir"] = os.path.join(work_dir, f"{prefix}{'+'.join([arm] + levers)}_{labels}_seed{seed}"
+                                                   + budget_suffix(budget_s))
     return config
 
 
 def _arm_config(arm: str, labels: int, budget_s: float, seed: int, work_dir: str, expensive: str) -> dict:
     config = base_config(budget_s, seed)
-    pretrained = os.path.join(work_dir, f"pretrain_gfn1_seed{seed}"
-                              + ("" if budget_s == BASE_BUDGET_S else f"_{budget_s:g}s"))
+    pretrained = os.path.join(work_dir, f"pretrain_gfn1_seed{seed}" + budget_suffix(budget_s))
     if arm == "gfn2_only":
         config["data"].update(train=expensive, valid=VALID, e0s=E0S["gfn2"])
     elif arm == "multi":
