@@ -219,32 +219,41 @@ def retrain_table(recorded: dict, curves: dict) -> str:
     # reach the error of random's largest set, per seed and on the means over seeds.
     scratch = {(arm, iteration, seed): (found[0]["bought"], float(np.mean([p["test_forces_mae"] for p in found])))
                for (arm, iteration), by_seed in groups.items() for seed, found in by_seed.items()}
+
+    def from_scratch(arm: str, seed: str) -> list:
+        """(labels bought, error from scratch) of an arm's sets; seed "mean": where every seed has the set."""
+        points = []
+        for iteration in sorted(i for a, i in groups if a == arm):
+            found = [scratch.get((arm, iteration, s)) for s in (seeds if seed == "mean" else [seed])]
+            if None not in found:
+                points.append((found[0][0], float(np.mean([e for _, e in found]))))
+        return points
+
     lines += ["", "From scratch, the labels an AL arm's set needed to reach the error of random's largest set:", "",
               "| seed | random: labels bought, from scratch (meV/Å) | arm | labels bought to reach it | ratio |",
               "|---|---|---|---|---|"]
     for seed in [*seeds, "mean"]:
-        def error(arm, iteration):
-            if seed != "mean":
-                return scratch.get((arm, iteration, seed))
-            found = [scratch.get((arm, iteration, s)) for s in seeds]
-            return None if None in found else (found[0][0], float(np.mean([e for _, e in found])))
-        random_points = [error("random", i) for i in sorted(i for a, i in groups if a == "random")]
-        random_points = [p for p in random_points if p is not None]
+        random_points = from_scratch("random", seed)
         if not random_points:
             continue
         bought, target = random_points[-1]
         for arm in ARMS:
-            if arm == "random":
-                continue
-            points = [error(arm, i) for i in sorted(i for a, i in groups if a == arm)]
-            points = [p for p in points if p is not None]
-            if not points:
-                continue
-            reached = next((n for n, e in points if e <= target), None)
-            ratio = f"{reached / bought:.2f}" if reached is not None else "not reached"
-            lines.append(f"| {seed.replace('seed', '')} | {bought}, {target:.1f} | {ARM_NAMES[arm]} | "
-                         f"{reached if reached is not None else '—'} | {ratio} |")
+            points = from_scratch(arm, seed) if arm != "random" else []
+            if points:
+                lines.append(goal_row(seed.replace("seed", ""), bought, target, arm, points))
     return "\n".join(lines)
+
+
+GOAL_HEADER = "| seed | random: labels bought, final test F MAE (meV/Å) | arm | labels bought to reach it | ratio |"
+
+
+def goal_row(seed: str, bought: int, target: float, arm: str, points: list) -> str:
+    """The issue's goal in a table row: the fewest labels ``arm`` bought (``points``: labels bought and
+    test error) to reach ``target``, the error of random selection after ``bought`` labels."""
+    reached = next((n for n, error in points if error <= target), None)
+    ratio = f"{reached / bought:.2f}" if reached is not None and bought else "not reached"
+    return (f"| {seed} | {bought}, {target:.1f} | {ARM_NAMES[arm]} | {reached if reached is not None else '—'} "
+            f"| {ratio} |")
 
 
 def plot(curves: dict, retrained: dict, path: str) -> None:
@@ -300,8 +309,7 @@ def table(recorded: dict) -> str:
             cell = lambda c: f"{c[k][0]}, {c[k][1]:.1f}" if k < len(c) else "–"  # noqa: E731
             lines.append(f"| {seed[4:]} | {k} | " + " | ".join(cell(c) for c in rows) + " |")
     lines += ["", "The issue's goal, per seed: labels an AL arm bought to reach random selection's final error.",
-              "", "| seed | random: labels bought, final test F MAE (meV/Å) | arm | labels bought to reach it | ratio |",
-              "|---|---|---|---|---|"]
+              "", GOAL_HEADER, "|---|---|---|---|---|"]
     for seed in seeds:
         rnd = curves.get(f"random/{seed}", [])
         for arm in arms:
@@ -309,10 +317,7 @@ def table(recorded: dict) -> str:
             if arm == "random" or not al or not rnd:
                 continue
             initial, target, bought = rnd[0][0], rnd[-1][1], rnd[-1][0] - rnd[0][0]
-            reached = next((labels - initial for labels, error in al if error <= target), None)
-            ratio = f"{reached / bought:.2f}" if reached is not None and bought else "not reached"
-            lines.append(f"| {seed[4:]} | {bought}, {target:.1f} | {ARM_NAMES[arm]} | "
-                         f"{reached if reached is not None else '—'} | {ratio} |")
+            lines.append(goal_row(seed[4:], bought, target, arm, [(labels - initial, error) for labels, error in al]))
     return "\n".join(lines)
 
 
