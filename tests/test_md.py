@@ -2,6 +2,7 @@
 neighbour-list rebuilds, bounded compilation, stability stops, and the `mlip md` command."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from lennard_jones import LennardJonesPotential, argon_crystal, no_params
 
 from mlip.calculator import MLIPCalculator
 from mlip.md import MDStabilityError, MolecularDynamics
+from mlip.errors import MLIPError
 from mlip.md.simulation import maxwell_boltzmann_momenta
 
 
@@ -247,3 +249,62 @@ def test_python_api_uses_the_persistent_compilation_cache(tmp_path, monkeypatch)
         assert jax.config.jax_compilation_cache_dir == str(tmp_path)
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)
+
+
+@pytest.mark.parametrize("ensemble", ["langevin", "npt"])
+def test_replicas_step_together_exactly_as_each_alone(cuau, ensemble):
+    from mlip.md.replicas import ReplicaDynamics
+
+    potential, params = cuau
+    structures = [cuau_cell(seed=1), cuau_cell(seed=2), cuau_cell(seed=1)]
+    temperatures, seeds = [300.0, 900.0, 600.0], [5, 6, 7]
+    # A skin of 0.1 Å: each replica rebuilds its own list, at its own steps.
+    settings = dict(ensemble=ensemble, timestep_fs=2.0, skin=0.1, max_temperature_K=1e6, pressure_GPa=1.0)
+    together = ReplicaDynamics(potential, params, structures, temperatures, seeds, **settings)
+    together.run(12)
+    assert together.compilations <= 1 and together.neighbour_list_builds > len(structures)
+    for replica, (atoms, temperature, seed) in enumerate(zip(structures, temperatures, seeds)):
+        alone = MolecularDynamics(potential, params, atoms, temperature_K=temperature, seed=seed, **settings)
+        alone.run(12)
+        result, expected = together.atoms(replica), alone.atoms
+        np.testing.assert_allclose(result.positions, expected.positions, atol=1e-9)
+        np.testing.assert_allclose(result.get_momenta(), expected.get_momenta(), atol=1e-9)
+        np.testing.assert_allclose(result.cell.array, expected.cell.array, atol=1e-9)
+        assert result.get_potential_energy() == pytest.approx(expected.get_potential_energy(), abs=1e-9)
+    assert together.steps_done.tolist() == [12, 12, 12] and not together.stopped
+
+
+def test_an_unstable_replica_stops_with_its_message_and_the_others_go_on(cuau):
+    from mlip.md.replicas import ReplicaDynamics
+
+    potential, params = cuau
+    crushed = cuau_cell()
+    crushed.positions[1] = crushed.positions[0] + [0.45, 0.0, 0.0]
+    md = ReplicaDynamics(potential, params, [cuau_cell(), crushed, cuau_cell(seed=3)], [300.0] * 3,
+                         ensemble="nose-hoover", timestep_fs=0.5, max_temperature_K=1e6)
+    md.run(10)
+    assert list(md.stopped) == [1]
+    assert re.match(r"step 1: atoms (0|1) \(Cu\) and (0|1) \(Cu\) are 0\.[34]\d\d Å apart", md.stopped[1])
+    md.stop(2, "enough")
+    md.run(5)
+    assert md.steps_done.tolist() == [15, 0, 10] and md.stopped[2] == "enough"
+    assert np.allclose(md.atoms(1).positions, crushed.positions)
+    with pytest.raises(MLIPError, match=r"the same number of atoms \(got \[4, 32\]\)"):
+        ReplicaDynamics(potential, params, [cuau_cell(), bulk("Cu", "fcc", a=3.6, cubic=True)], [300.0] * 2)
+
+
+def test_float32_molecule_replicas_follow_their_lone_runs():
+    from mlip.md.replicas import ReplicaDynamics
+
+    # The exploration of active learning: one molecule at several temperatures, float32.
+    potential, params = make_potential([1, 6], dtype="float32", r_max=3.0, scale=0.001)
+    butane = molecule("trans-butane")
+    settings = dict(ensemble="langevin", timestep_fs=0.5, skin=0.15, max_temperature_K=1e6)
+    together = ReplicaDynamics(potential, params, [butane] * 3, [300.0, 600.0, 1200.0], [0, 1, 2], **settings)
+    together.run(40)
+    assert together.neighbour_list_builds > 3  # a 3 Å cutoff: the lists are not complete
+    for replica, temperature in enumerate([300.0, 600.0, 1200.0]):
+        alone = MolecularDynamics(potential, params, butane, temperature_K=temperature, seed=replica, **settings)
+        alone.run(40)
+        np.testing.assert_allclose(together.atoms(replica).positions, alone.atoms.positions, atol=1e-4)
+    assert together.temperatures_K().shape == (3,)

@@ -308,44 +308,63 @@ class ActiveLearner:
                 "sigma_max": float(np.max(scores)) if len(scores) else None}
 
     def _explore(self, potential, params, iteration: int, scorer: "_Scorer", sigma_stop: float):
-        """Snapshots of MD from every seed at every temperature, with their σ score and features."""
+        """Snapshots of MD from every seed at every temperature, with their σ score and features.
+
+        The trajectories of seeds with the same number of atoms step together (`ReplicaDynamics`:
+        one compiled program for all of them); each is the run `MolecularDynamics` would make
+        alone with its seed (config seed + 1000·iteration + 100·seed index + temperature index)."""
         from mlip.active.bonds import BondCheck
-        from mlip.md.simulation import MDStabilityError, MolecularDynamics
+        from mlip.md.replicas import ReplicaDynamics
 
         exploration = self.config.exploration
-        explored, scores, features = [], [], []
-        for seed_index, seed_atoms in enumerate(self.seeds):
-            bonds = None if exploration.max_bond_stretch is None else \
-                BondCheck(seed_atoms, exploration.max_bond_stretch)
-            for t_index, temperature in enumerate(exploration.temperatures):
-                md = MolecularDynamics(potential, params, seed_atoms, ensemble=exploration.ensemble,
-                                       timestep_fs=exploration.timestep_fs, temperature_K=temperature,
-                                       friction_per_fs=exploration.friction_per_fs,
-                                       pressure_GPa=exploration.pressure_GPa,
-                                       seed=self.config.seed + 1000 * iteration + 100 * seed_index + t_index)
-                for _ in range(exploration.steps // exploration.check_every):
-                    try:
-                        md.run(exploration.check_every)
-                    except MDStabilityError as error:
-                        print(f"  seed {seed_index} at {temperature:g} K stopped: {error}", file=sys.stderr)
-                        break
-                    snapshot = md.atoms
+        runs = [(seed_index, t_index, temperature) for seed_index in range(len(self.seeds))
+                for t_index, temperature in enumerate(exploration.temperatures)]
+        groups: dict = {}
+        for run in runs:
+            groups.setdefault(len(self.seeds[run[0]]), []).append(run)
+        found = []  # (seed index, temperature index, step, snapshot, σ, features)
+        for group in groups.values():
+            md = ReplicaDynamics(potential, params, [self.seeds[seed_index] for seed_index, _, _ in group],
+                                 temperatures_K=[temperature for _, _, temperature in group],
+                                 seeds=[self.config.seed + 1000 * iteration + 100 * seed_index + t_index
+                                        for seed_index, t_index, _ in group],
+                                 ensemble=exploration.ensemble, timestep_fs=exploration.timestep_fs,
+                                 friction_per_fs=exploration.friction_per_fs, pressure_GPa=exploration.pressure_GPa)
+            bonds = [None if exploration.max_bond_stretch is None else
+                     BondCheck(self.seeds[seed_index], exploration.max_bond_stretch) for seed_index, _, _ in group]
+            for _ in range(exploration.steps // exploration.check_every):
+                running = np.flatnonzero(md.live)
+                if running.size == 0:
+                    break
+                md.run(exploration.check_every)
+                # Every replica scored, the stopped ones too (their results unused): one batch shape.
+                snapshots = [md.atoms(replica) for replica in range(md.count)]
+                for snapshot in snapshots:
                     snapshot.calc = None
-                    broken = bonds.broken(snapshot) if bonds is not None else []
+                scored = scorer.score_many(snapshots)
+                for replica in running:
+                    seed_index, t_index, temperature = group[replica]
+                    if replica in md.stopped:
+                        print(f"  seed {seed_index} at {temperature:g} K stopped: {md.stopped[replica]}",
+                              file=sys.stderr)
+                        continue
+                    snapshot = snapshots[replica]
+                    broken = bonds[replica].broken(snapshot) if bonds[replica] is not None else []
                     if broken:
                         i, j, length = max(broken, key=lambda bond: bond[2])
-                        print(f"  seed {seed_index} at {temperature:g} K stopped at step {md.steps_done}: "
+                        md.stop(replica, "broken bond")
+                        print(f"  seed {seed_index} at {temperature:g} K stopped at step {md.steps_done[replica]}: "
                               f"{len(broken)} bond(s) broken (atoms {i}-{j} at {length:.2f} Å)", file=sys.stderr)
-                        break
+                        continue
                     snapshot.info.update(seed_structure=seed_index, temperature_K=temperature,
-                                         md_step=md.steps_done)
-                    sigma, feature = scorer(snapshot)
-                    explored.append(snapshot)
-                    scores.append(sigma)
-                    features.append(feature)
+                                         md_step=int(md.steps_done[replica]))
+                    sigma, feature = scored[replica]
+                    found.append((seed_index, t_index, int(md.steps_done[replica]), snapshot, sigma, feature))
                     if sigma > sigma_stop:
-                        break  # left the trusted region: later snapshots would be unphysical
-        return explored, np.asarray(scores), np.asarray(features)
+                        md.stop(replica, "σ above sigma_stop")  # later snapshots would be unphysical
+        found.sort(key=lambda entry: entry[:3])  # trajectory by trajectory, as they were run one at a time
+        return ([entry[3] for entry in found], np.asarray([entry[4] for entry in found]),
+                np.asarray([entry[5] for entry in found]))
 
     def _known(self, scorer: "_Scorer", with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
         """Scores (only where asked: they cost a posterior prediction each) and features of the
@@ -437,12 +456,27 @@ class _Scorer:
         return np.asarray(self._features(self._first, graph))[0]
 
     def __call__(self, atoms) -> tuple[float, np.ndarray]:
-        prediction = self.predictor.predict(self.params, [self._sample(atoms)])[0]
-        if "forces_std" not in prediction:
+        return self.score_many([atoms])[0]
+
+    def score_many(self, structures) -> list[tuple[float, np.ndarray]]:
+        """(σ score, features) of each structure, predicted together (a batch per call)."""
+        from mlip.data.batching import pack_samples
+
+        if not structures:
+            return []
+        samples = [self._sample(atoms) for atoms in structures]
+        predictions = self.predictor.predict(self.params, samples)
+        if "forces_std" not in predictions[0]:
             raise DataError("active learning needs a model that reports its uncertainty")
-        per_atom = np.linalg.norm(prediction["forces_std"], axis=1)
-        sigma = float(np.max(per_atom) if self.score == "max_atom" else np.mean(per_atom))
-        return sigma, self.features(atoms)
+        graph = pack_samples(samples, None, None, np.float64 if self.potential.config.dtype == "float64"
+                             else np.float32)
+        features = np.asarray(self._features(self._first, graph))
+        scores = []
+        for index, prediction in enumerate(predictions):
+            per_atom = np.linalg.norm(prediction["forces_std"], axis=1)
+            sigma = float(np.max(per_atom) if self.score == "max_atom" else np.mean(per_atom))
+            scores.append((sigma, features[index]))
+        return scores
 
 
 def _plain_sources(spec) -> list:

@@ -162,19 +162,7 @@ class MolecularDynamics:
     # ----------------------------------------------------------------------------- setup
 
     def _initial_state(self, atoms: Atoms, temperature_K, seed) -> MDState:
-        atoms = atoms.copy()
-        momenta = atoms.get_momenta()
-        if not np.any(momenta) and temperature_K:
-            momenta = maxwell_boltzmann_momenta(atoms.get_masses(), temperature_K, seed)
-        n_padded = self._n_padded
-        positions = np.zeros((n_padded, 3))
-        positions[:self.n_atoms] = atoms.positions
-        padded_momenta = np.zeros((n_padded, 3))
-        padded_momenta[:self.n_atoms] = momenta
-        masses = np.ones((n_padded, 1))
-        masses[:self.n_atoms, 0] = atoms.get_masses()
-        atom_mask = np.zeros((n_padded, 1))
-        atom_mask[:self.n_atoms] = 1.0
+        positions, padded_momenta, masses, atom_mask = padded_start(atoms, self._n_padded, temperature_K, seed)
         cell = np.asarray(atoms.cell.array, np.float64) if self.pbc.any() else np.zeros((3, 3))
         self._rebuild_neighbours(positions[:self.n_atoms], cell)
         cast = lambda x: jnp.asarray(x, self.dtype)  # noqa: E731
@@ -195,11 +183,8 @@ class MolecularDynamics:
 
     def _rebuild_neighbours(self, positions: np.ndarray, cell: np.ndarray) -> None:
         """Host neighbour list at cutoff + skin, padded to a capacity that only grows."""
-        frame = Frame(positions=np.asarray(positions, np.float64), numbers=self.numbers,
-                      cell=np.asarray(cell, np.float64), pbc=self.pbc, charge=self.total_charge,
-                      spin=self.total_spin)
-        sample = build_sample(frame, self.potential.cutoff + self.skin, self.potential.k_cutoff,
-                              self.potential.molecules_only)
+        sample = neighbour_sample(self.potential, self.skin, positions, self.numbers, cell, self.pbc,
+                                  self.total_charge, self.total_spin)
         # Dense edge layout (mlip.graph): K slots per atom, a capacity that only grows; so
         # does the k-index capacity of a long-range term (a barostat changes the cell).
         self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
@@ -297,20 +282,8 @@ class MolecularDynamics:
         return {"step": self.steps_done, **current}
 
     def _describe_failure(self, status: int, detail: np.ndarray) -> str:
-        step = self.steps_done + 1
-        if status == _NOT_FINITE:
-            return f"step {step}: energy or forces are not finite; the model left its domain"
-        if status == _TOO_HOT:
-            return (f"step {step}: temperature {detail[1]:.0f} K exceeds the limit "
-                    f"{self.max_temperature_K:.0f} K; the system is exploding")
-        edge = int(detail[0])
-        i = int(np.asarray(self._template.receivers)[edge])
-        j = int(np.asarray(self._template.senders)[edge])
-        limit = self.min_distance_fraction * (covalent_radii[self.numbers[i]] + covalent_radii[self.numbers[j]])
-        distance = float(detail[1]) * limit / self.min_distance_fraction
-        return (f"step {step}: atoms {i} ({chemical_symbols[self.numbers[i]]}) and {j} "
-                f"({chemical_symbols[self.numbers[j]]}) are {distance:.3f} Å apart, closer than "
-                f"{limit:.3f} Å ({self.min_distance_fraction} x the sum of covalent radii)")
+        return describe_failure(status, detail, self.steps_done + 1, self._template, self.numbers,
+                                self.min_distance_fraction, self.max_temperature_K)
 
     # ----------------------------------------------------------------------------- results
 
@@ -394,10 +367,11 @@ def _observe(ensemble: Ensemble, state: MDState) -> tuple:
     return observables(state, ensemble)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run_block(program: _Program, ensemble: Ensemble, limits, params, state: MDState, template,
-               reference_positions, reference_cell, steps_to_run):
-    """Up to ``block_steps`` steps; returns (state, status, detail, executed, per-step records)."""
+def integrate_block(program: _Program, ensemble: Ensemble, limits, params, state: MDState, template,
+                    reference_positions, reference_cell, steps_to_run):
+    """Up to ``block_steps`` steps of one trajectory; returns (state, status, detail, executed,
+    per-step records). Traced, not compiled: `_run_block` compiles it for one trajectory,
+    `mlip.md.replicas` under `jax.vmap` for several."""
     skin, min_distance_fraction, max_temperature_K = limits[0], limits[1], limits[2]
     evaluate = _force_function(program, ensemble, params, template)
     dtype = state.positions.dtype
@@ -457,6 +431,53 @@ def _run_block(program: _Program, ensemble: Ensemble, limits, params, state: MDS
     carry = (state, jnp.asarray(_RUNNING, jnp.int32), jnp.zeros(2, dtype), jnp.asarray(0, jnp.int32))
     (state, status, detail, executed), records = jax.lax.scan(body, carry, None, length=program.block_steps)
     return state, status, detail, executed, records
+
+
+_run_block = functools.partial(jax.jit, static_argnums=0)(integrate_block)
+
+
+def describe_failure(status: int, detail: np.ndarray, step: int, template, numbers: np.ndarray,
+                     min_distance_fraction: float, max_temperature_K: float) -> str:
+    """The message of a block's failure status: what went wrong at ``step``, naming atoms and values."""
+    if status == _NOT_FINITE:
+        return f"step {step}: energy or forces are not finite; the model left its domain"
+    if status == _TOO_HOT:
+        return (f"step {step}: temperature {detail[1]:.0f} K exceeds the limit "
+                f"{max_temperature_K:.0f} K; the system is exploding")
+    edge = int(detail[0])
+    i = int(np.asarray(template.receivers)[edge])
+    j = int(np.asarray(template.senders)[edge])
+    limit = min_distance_fraction * (covalent_radii[numbers[i]] + covalent_radii[numbers[j]])
+    distance = float(detail[1]) * limit / min_distance_fraction
+    return (f"step {step}: atoms {i} ({chemical_symbols[numbers[i]]}) and {j} "
+            f"({chemical_symbols[numbers[j]]}) are {distance:.3f} Å apart, closer than "
+            f"{limit:.3f} Å ({min_distance_fraction} x the sum of covalent radii)")
+
+
+def neighbour_sample(potential, skin: float, positions: np.ndarray, numbers: np.ndarray, cell: np.ndarray,
+                     pbc: np.ndarray, charge: float, spin: float):
+    """The host neighbour list of one structure at the model's cutoff + ``skin`` (a `GraphSample`)."""
+    frame = Frame(positions=np.asarray(positions, np.float64), numbers=numbers, cell=np.asarray(cell, np.float64),
+                  pbc=pbc, charge=charge, spin=spin)
+    return build_sample(frame, potential.cutoff + skin, potential.k_cutoff, potential.molecules_only)
+
+
+def padded_start(atoms: Atoms, n_padded: int, temperature_K, seed: int) -> tuple:
+    """Positions, momenta, masses and atom mask of ``atoms`` padded to ``n_padded`` rows (NumPy).
+    Momenta are the structure's own, else drawn at ``temperature_K`` (seeded), else zero."""
+    n_atoms = len(atoms)
+    momenta = atoms.get_momenta()
+    if not np.any(momenta) and temperature_K:
+        momenta = maxwell_boltzmann_momenta(atoms.get_masses(), temperature_K, seed)
+    positions = np.zeros((n_padded, 3))
+    positions[:n_atoms] = atoms.positions
+    padded_momenta = np.zeros((n_padded, 3))
+    padded_momenta[:n_atoms] = momenta
+    masses = np.ones((n_padded, 1))
+    masses[:n_atoms, 0] = atoms.get_masses()
+    atom_mask = np.zeros((n_padded, 1))
+    atom_mask[:n_atoms] = 1.0
+    return positions, padded_momenta, masses, atom_mask
 
 
 def observables(state: MDState, ensemble: Ensemble) -> tuple:

@@ -1,0 +1,277 @@
+"""Several independent MD trajectories of one model, stepped together in one compiled block.
+
+    md = ReplicaDynamics(potential, params, [atoms_a, atoms_b, atoms_a],
+                         temperatures_K=[300, 600, 1200], seeds=[0, 1, 2], ensemble="langevin")
+    md.run(100)                 # every live replica 100 steps further
+    md.atoms(2)                 # replica 2 now (ase.Atoms with energy and forces)
+    md.stop(1, "σ too high")    # the caller ends a replica; the others go on
+    md.stopped                  # {replica: why it stopped}
+
+The block of `mlip.md.simulation` (integrator steps in `lax.scan`, the stability checks, the
+neighbour-list completeness check) runs under `jax.vmap` over the replicas: one program,
+one host round trip per block for all of them. A short trajectory of a small molecule
+spends most of its time in per-step overhead, so replicas cost little more than one
+(docs/benchmarks.md); on a GPU they fill the device. Each replica is exactly the
+trajectory `MolecularDynamics` would run with the same structure, temperature and seed
+(tested): its own neighbour list (rebuilt when it alone needs it), thermostat, noise
+stream and stability limits. A replica that becomes unstable stops with the message
+`MolecularDynamics` would raise, kept in ``stopped``; the others go on.
+
+The replicas share the ensemble, time step and model, and have the same number of atoms
+(it shapes the program); their structures, cells, temperatures and seeds may differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from mlip.compilation_cache import enable_compilation_cache
+from mlip.data.batching import PaddedSizes, pack_samples, padded_node_count, reciprocal_sizes, round_up_neighbours
+from mlip.errors import MLIPError
+from mlip.md import integrators
+from mlip.md.integrators import ENSEMBLES, Ensemble
+from mlip.md.simulation import (_REBUILD, _RUNNING, MDReport, MDStabilityError, _check_elements, _Program,
+                                describe_failure, integrate_block, neighbour_sample, padded_start)
+
+
+class ReplicaDynamics:
+    """Independent MD runs of one potential, stepped together.
+
+    Args:
+        potential, params: the model (see `mlip.training.checkpoint.load_potential`).
+        structures: one initial structure per replica, all with the same number of atoms
+            and the same periodicity. Momenta are used where set, else drawn at the
+            replica's temperature with its seed.
+        temperatures_K: one per replica (thermostat target and initial temperature);
+            None for NVE from the structures' own momenta.
+        seeds: one per replica (velocities and Langevin noise), default 0, 1, 2, ...
+        ensemble, timestep_fs, pressure_GPa, friction_per_fs, tdamp_fs, pdamp_fs, tchain,
+        pchain, skin, block_steps, min_distance_fraction: as `MolecularDynamics`, shared.
+        max_temperature_K: stop a replica above this temperature (default 5 × max(T, 300 K)
+            of each replica).
+    """
+
+    def __init__(self, potential, params, structures: Sequence[Atoms], temperatures_K: Optional[Sequence] = None,
+                 seeds: Optional[Sequence[int]] = None, ensemble: str = "langevin", timestep_fs: float = 0.5,
+                 pressure_GPa: float = 0.0, friction_per_fs: float = 0.01, tdamp_fs: Optional[float] = None,
+                 pdamp_fs: Optional[float] = None, tchain: int = 3, pchain: int = 3, skin: float = 0.5,
+                 block_steps: int = 50, min_distance_fraction: float = 0.5,
+                 max_temperature_K: Optional[float] = None):
+        structures = list(structures)
+        count = len(structures)
+        temperatures = [None] * count if temperatures_K is None else [t for t in temperatures_K]
+        seeds = list(range(count)) if seeds is None else [int(s) for s in seeds]
+        if count == 0 or len(temperatures) != count or len(seeds) != count:
+            raise MLIPError(f"need one temperature and one seed per structure (got {count} structures, "
+                            f"{len(temperatures)} temperatures, {len(seeds)} seeds)")
+        if ensemble not in ENSEMBLES:
+            raise MLIPError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
+        if timestep_fs <= 0 or skin < 0 or block_steps < 1:
+            raise MLIPError(f"need timestep_fs > 0, skin >= 0, block_steps >= 1 "
+                            f"(got {timestep_fs}, {skin}, {block_steps})")
+        sizes = sorted({len(atoms) for atoms in structures})
+        if len(sizes) > 1:
+            raise MLIPError(f"replicas stepped together need the same number of atoms (got {sizes}); "
+                            "group the structures by size, one ReplicaDynamics per group")
+        self.pbc = np.asarray(structures[0].pbc, bool)
+        for index, atoms in enumerate(structures):
+            if not np.array_equal(np.asarray(atoms.pbc, bool), self.pbc):
+                raise MLIPError(f"replica {index}: pbc {np.asarray(atoms.pbc).tolist()} differs from replica 0's "
+                                f"{self.pbc.tolist()}")
+            if ensemble != "nve" and not temperatures[index]:
+                raise MLIPError(f"replica {index}: ensemble {ensemble} needs a target temperature (> 0)")
+            _check_elements(np.asarray(atoms.numbers), potential.statistics.atomic_numbers)
+        if ensemble.startswith("npt") and not self.pbc.all():
+            raise MLIPError(f"ensemble {ensemble} needs a periodic cell in all three directions "
+                            f"(pbc is {self.pbc.tolist()})")
+        enable_compilation_cache()
+        self.potential = potential
+        self.params = jax.device_put(params)
+        self.count = count
+        self.n_atoms = sizes[0]
+        self.numbers = [np.asarray(atoms.numbers) for atoms in structures]
+        self.charges = [float(atoms.info.get("total_charge", 0.0)) for atoms in structures]
+        self.spins = [float(atoms.info.get("total_spin", 1.0)) for atoms in structures]
+        self.reference_energies = np.array([potential.reference_energy(numbers) for numbers in self.numbers])
+        self._n_padded = padded_node_count(self.n_atoms, dense=True)
+        self.skin = float(skin)
+        self.block_steps = int(block_steps)
+        self.timestep_fs = float(timestep_fs)
+        self.min_distance_fraction = float(min_distance_fraction)
+        self.max_temperatures_K = np.array([float(max_temperature_K or 5 * max(t or 0.0, 300.0))
+                                            for t in temperatures])
+        self.dtype = np.float64 if potential.config.dtype == "float64" else np.float32
+        dt = timestep_fs * units.fs
+        ensembles = [Ensemble(name=ensemble, timestep=dt, n_atoms=self.n_atoms, temperature_K=float(t or 0.0),
+                              pressure=pressure_GPa * units.GPa, friction=friction_per_fs / units.fs,
+                              tdamp=(tdamp_fs * units.fs) if tdamp_fs else 100 * dt,
+                              pdamp=(pdamp_fs * units.fs) if pdamp_fs else 1000 * dt, tchain=tchain, pchain=pchain)
+                     for t in temperatures]
+        self.ensemble = ensembles[0]  # the shared settings (name, time step, chains)
+        self._ensembles = jax.tree.map(lambda *values: np.asarray(values, self.dtype), *ensembles)
+        self.steps_done = np.zeros(count, np.int64)
+        self.stopped: dict[int, str] = {}
+        self.neighbour_list_builds = 0
+        self._samples: list = [None] * count
+        self._neighbour_capacity = 0
+        self._k_capacity = 0
+        self._mesh_shape: tuple = ()
+        self._program = _Program(potential, self.block_steps)
+        self._compilations_before = _run_replica_blocks._cache_size()
+        self._states = self._initial_states(structures, temperatures, seeds, ensembles)
+
+    @property
+    def live(self) -> np.ndarray:
+        """[replicas] True for a replica still running."""
+        return np.array([r not in self.stopped for r in range(self.count)])
+
+    # ----------------------------------------------------------------------------- setup
+
+    def _initial_states(self, structures, temperatures, seeds, ensembles):
+        cast = lambda x: jnp.asarray(x, self.dtype)  # noqa: E731
+        resting, keys = [], []
+        for atoms, temperature, seed, ensemble in zip(structures, temperatures, seeds, ensembles):
+            positions, momenta, masses, atom_mask = padded_start(atoms, self._n_padded, temperature, seed)
+            cell = np.asarray(atoms.cell.array, np.float64) if self.pbc.any() else np.zeros((3, 3))
+            key = jax.random.PRNGKey(seed)
+            keys.append(key)
+            resting.append(integrators.resting_state(ensemble, cast(positions), cast(momenta), cast(masses),
+                                                     cast(atom_mask), cast(cell), key))
+        states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *resting)
+        self._rebuild_neighbours(range(self.count), states)
+        # The initial forces: a step of zero length through the block program (see MolecularDynamics).
+        still = dataclasses.replace(self._ensembles, timestep=np.zeros(self.count, self.dtype))
+        no_limits = np.tile([1e30, 0.0, 1e30], (self.count, 1))
+        states, status, detail, _ = self._block(still, no_limits, states, np.ones(self.count))
+        for replica in np.flatnonzero(status != _RUNNING):
+            raise MDStabilityError(f"replica {replica}, initial structure: "
+                                   + self._describe(replica, int(status[replica]), detail[replica]))
+        return states.replace(key=jnp.stack(keys))  # the zero step drew no noise
+
+    def _rebuild_neighbours(self, replicas, states) -> None:
+        """Host neighbour lists of ``replicas`` at cutoff + skin; the shared capacity only grows."""
+        positions = np.asarray(jax.device_get(states.positions), np.float64)
+        cells = np.asarray(jax.device_get(states.cell), np.float64)
+        for r in replicas:
+            sample = neighbour_sample(self.potential, self.skin, positions[r, :self.n_atoms], self.numbers[r],
+                                      cells[r], self.pbc, self.charges[r], self.spins[r])
+            self._samples[r] = sample
+            self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
+            n_k, mesh_shape = reciprocal_sizes([sample])
+            self._k_capacity = max(self._k_capacity, n_k)
+            if mesh_shape:
+                self._mesh_shape = tuple(np.maximum(self._mesh_shape or (0, 0, 0), mesh_shape).tolist())
+            self.neighbour_list_builds += 1
+        # Every replica's graph at the shared sizes: the stacked templates are one array each.
+        sizes = PaddedSizes.dense(self._n_padded, self._neighbour_capacity, 2,
+                                  0 if self._mesh_shape else self._k_capacity, self._mesh_shape)
+        graphs = [pack_samples([sample], sizes, None, self.dtype) for sample in self._samples]
+        self._templates = jax.device_put(jax.tree.map(lambda *leaves: np.stack(leaves),
+                                                      *[graph.replace(targets={}) for graph in graphs]))
+        self._reference_positions = jnp.asarray(np.stack([graph.positions for graph in graphs]), self.dtype)
+        self._reference_cells = jnp.asarray(np.stack([sample.frame.cell for sample in self._samples]), self.dtype)
+        # A molecule whose list holds every ordered pair can never miss one (no rebuilds).
+        self._complete = np.array([not self.pbc.any() and sample.n_edges == self.n_atoms * (self.n_atoms - 1)
+                                   for sample in self._samples])
+
+    def _block(self, ensembles, limits, states, steps):
+        states, status, detail, executed, _ = _run_replica_blocks(
+            self._program, ensembles, jnp.asarray(limits, self.dtype), self.params, states, self._templates,
+            self._reference_positions, self._reference_cells, jnp.asarray(steps, jnp.int32))
+        return states, np.asarray(status), np.asarray(detail), np.asarray(executed)
+
+    # ----------------------------------------------------------------------------- host loop
+
+    def run(self, n_steps: int) -> MDReport:
+        """Advance every live replica ``n_steps`` steps; an unstable one stops (see ``stopped``)."""
+        start = time.perf_counter()
+        builds = self.neighbour_list_builds
+        target = self.steps_done + int(n_steps)
+        stalled = np.zeros(self.count, bool)
+        limits = np.stack([np.full(self.count, self.skin), np.full(self.count, self.min_distance_fraction),
+                           self.max_temperatures_K], axis=1)
+        while True:
+            steps = np.where(self.live, np.minimum(target - self.steps_done, self.block_steps), 0)
+            if not steps.any():
+                break
+            limits[:, 0] = np.where(self._complete, 1e30, self.skin)
+            self._states, status, detail, executed = self._block(self._ensembles, limits, self._states, steps)
+            self.steps_done += executed
+            rebuild = []
+            for r in np.flatnonzero(steps):
+                if status[r] == _REBUILD:
+                    if executed[r] == 0 and stalled[r]:
+                        self.stop(r, f"step {self.steps_done[r] + 1}: atoms moved more than skin/2 = "
+                                     f"{self.skin / 2} Å in one step; the time step ({self.timestep_fs} fs) is "
+                                     f"too large or the system is exploding")
+                        continue
+                    stalled[r] = executed[r] == 0
+                    rebuild.append(r)
+                elif status[r] != _RUNNING:
+                    self.stop(r, self._describe(r, int(status[r]), detail[r]))
+                else:
+                    stalled[r] = False
+            if rebuild:
+                self._rebuild_neighbours(rebuild, self._states)
+        return MDReport(steps=int(n_steps), seconds=time.perf_counter() - start,
+                        neighbour_list_builds=self.neighbour_list_builds - builds)
+
+    def stop(self, replica: int, reason: str) -> None:
+        """End ``replica`` here (its last state stays readable); the others go on."""
+        self.stopped.setdefault(int(replica), reason)
+
+    def _describe(self, replica: int, status: int, detail: np.ndarray) -> str:
+        template = jax.tree.map(lambda leaf: np.asarray(leaf)[replica], self._templates)
+        return describe_failure(status, detail, int(self.steps_done[replica]) + 1, template, self.numbers[replica],
+                                self.min_distance_fraction, float(self.max_temperatures_K[replica]))
+
+    # ----------------------------------------------------------------------------- results
+
+    def atoms(self, replica: int) -> Atoms:
+        """Replica ``replica`` now, with momenta, and energy and forces (and stress) attached."""
+        state = jax.tree.map(lambda leaf: np.asarray(leaf)[replica], jax.device_get(self._states))
+        n = self.n_atoms
+        cell = np.asarray(state.cell, np.float64)
+        atoms = Atoms(numbers=self.numbers[replica], positions=np.asarray(state.positions[:n], np.float64),
+                      cell=cell if self.pbc.any() else None, pbc=self.pbc,
+                      momenta=np.asarray(state.momenta[:n], np.float64))
+        results = {"energy": float(self.reference_energies[replica]) + float(state.energy),
+                   "forces": np.asarray(state.forces[:n], np.float64)}
+        if self.ensemble.changes_cell:
+            results["stress"] = np.asarray(state.stress, np.float64).reshape(9)[[0, 4, 8, 5, 2, 1]]
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        return atoms
+
+    def temperatures_K(self) -> np.ndarray:
+        """[replicas] current kinetic temperature of each replica, K."""
+        return np.asarray(jax.device_get(_temperatures(self._states, self.n_atoms)), np.float64)
+
+    @property
+    def compilations(self) -> int:
+        """Block programs compiled since these replicas started."""
+        return _run_replica_blocks._cache_size() - self._compilations_before
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_replica_blocks(program: _Program, ensembles: Ensemble, limits, params, states, templates,
+                        reference_positions, reference_cells, steps_to_run):
+    """`integrate_block` of every replica at once (params shared, everything else per replica)."""
+
+    def one(ensemble, limit, state, template, positions, cell, steps):
+        return integrate_block(program, ensemble, limit, params, state, template, positions, cell, steps)
+
+    return jax.vmap(one)(ensembles, limits, states, templates, reference_positions, reference_cells, steps_to_run)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _temperatures(states, n_atoms: int):
+    return jax.vmap(lambda state: integrators.temperature_K(state, n_atoms))(states)
