@@ -7,15 +7,17 @@
     md.stop(1, "σ too high")    # the caller ends a replica; the others go on
     md.stopped                  # {replica: why it stopped}
 
-The block of `mlip.md.simulation` (integrator steps in `lax.scan`, the stability checks, the
-neighbour-list completeness check) runs under `jax.vmap` over the replicas: one program,
-one host round trip per block for all of them. A short trajectory of a small molecule
-spends most of its time in per-step overhead, so replicas cost little more than one
-(docs/benchmarks.md); on a GPU they fill the device. Each replica is exactly the
-trajectory `MolecularDynamics` would run with the same structure, temperature and seed
-(tested): its own neighbour list (rebuilt when it alone needs it), thermostat, noise
-stream and stability limits. A replica that becomes unstable stops with the message
-`MolecularDynamics` would raise, kept in ``stopped``; the others go on.
+One compiled loop steps all replicas in lockstep: each step is the checked integrator
+step of `mlip.md.simulation` (stability checks, neighbour-list completeness check) under
+`jax.vmap`, one batched force call for all of them, and the loop returns to the host once
+every replica has run its steps or one of them needs its neighbour list rebuilt (or
+became unstable). Each replica is exactly the trajectory `MolecularDynamics` would run
+with the same structure, temperature and seed (tested): its own neighbour list, rebuilt
+when it alone needs it, its own thermostat, noise stream and stability limits. A replica
+that becomes unstable stops with the message `MolecularDynamics` would raise, kept in
+``stopped``; the others go on. What it buys depends on the device: on a CPU a small
+molecule's step is already compute-bound (docs/benchmarks.md measures it), on a GPU the
+replicas fill a device that one small molecule leaves idle.
 
 The replicas share the ensemble, time step and model, and have the same number of atoms
 (it shapes the program); their structures, cells, temperatures and seeds may differ.
@@ -40,7 +42,8 @@ from mlip.errors import MLIPError
 from mlip.md import integrators
 from mlip.md.integrators import ENSEMBLES, Ensemble
 from mlip.md.simulation import (_REBUILD, _RUNNING, MDReport, MDStabilityError, _check_elements, _Program,
-                                describe_failure, integrate_block, neighbour_sample, padded_start)
+                                _run_block, checked_step, describe_failure, neighbour_sample,
+                                padded_start)
 
 
 class ReplicaDynamics:
@@ -126,8 +129,9 @@ class ReplicaDynamics:
         self._k_capacity = 0
         self._mesh_shape: tuple = ()
         self._program = _Program(potential, self.block_steps)
-        self._compilations_before = _run_replica_blocks._cache_size()
+        self._compilations_before = _run_replica_blocks._cache_size() + _run_block._cache_size()
         self._states = self._initial_states(structures, temperatures, seeds, ensembles)
+        self._host_states = None
 
     @property
     def live(self) -> np.ndarray:
@@ -184,7 +188,15 @@ class ReplicaDynamics:
                                    for sample in self._samples])
 
     def _block(self, ensembles, limits, states, steps):
-        states, status, detail, executed, _ = _run_replica_blocks(
+        if self.count == 1:  # one trajectory: the program of MolecularDynamics, which a lone run is
+            first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)  # noqa: E731
+            state, status, detail, executed, _ = _run_block(
+                self._program, first(ensembles), jnp.asarray(limits[0], self.dtype), self.params, first(states),
+                first(self._templates), self._reference_positions[0], self._reference_cells[0],
+                jnp.asarray(steps[0], jnp.int32))
+            states = jax.tree.map(lambda leaf: leaf[None], state)
+            return states, np.asarray(status)[None], np.asarray(detail)[None], np.asarray(executed)[None]
+        states, status, detail, executed = _run_replica_blocks(
             self._program, ensembles, jnp.asarray(limits, self.dtype), self.params, states, self._templates,
             self._reference_positions, self._reference_cells, jnp.asarray(steps, jnp.int32))
         return states, np.asarray(status), np.asarray(detail), np.asarray(executed)
@@ -205,6 +217,7 @@ class ReplicaDynamics:
                 break
             limits[:, 0] = np.where(self._complete, 1e30, self.skin)
             self._states, status, detail, executed = self._block(self._ensembles, limits, self._states, steps)
+            self._host_states = None
             self.steps_done += executed
             rebuild = []
             for r in np.flatnonzero(steps):
@@ -238,7 +251,9 @@ class ReplicaDynamics:
 
     def atoms(self, replica: int) -> Atoms:
         """Replica ``replica`` now, with momenta, and energy and forces (and stress) attached."""
-        state = jax.tree.map(lambda leaf: np.asarray(leaf)[replica], jax.device_get(self._states))
+        if self._host_states is None:  # one transfer for every replica's snapshot
+            self._host_states = jax.device_get(self._states)
+        state = jax.tree.map(lambda leaf: np.asarray(leaf)[replica], self._host_states)
         n = self.n_atoms
         cell = np.asarray(state.cell, np.float64)
         atoms = Atoms(numbers=self.numbers[replica], positions=np.asarray(state.positions[:n], np.float64),
@@ -258,18 +273,87 @@ class ReplicaDynamics:
     @property
     def compilations(self) -> int:
         """Block programs compiled since these replicas started."""
-        return _run_replica_blocks._cache_size() - self._compilations_before
+        return _run_replica_blocks._cache_size() + _run_block._cache_size() - self._compilations_before
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _run_replica_blocks(program: _Program, ensembles: Ensemble, limits, params, states, templates,
                         reference_positions, reference_cells, steps_to_run):
-    """`integrate_block` of every replica at once (params shared, everything else per replica)."""
+    """Steps of every replica in lockstep (params shared, everything else per replica), until each
+    has run its ``steps_to_run`` or one of them stops (a list to rebuild, an unstable step).
 
-    def one(ensemble, limit, state, template, positions, cell, steps):
-        return integrate_block(program, ensemble, limit, params, state, template, positions, cell, steps)
+    Not `jax.vmap` of the one-trajectory block: its `lax.scan` runs ``block_steps`` iterations
+    whatever is left, and a vmapped `lax.cond` no longer skips the model, so the replicas would
+    pay for every step a block could hold (twice the steps with a snapshot every 25 of 50). Here
+    a step costs one vmapped force call and the loop ends with the work: a replica that must
+    wait (its list, or its steps done) waits at most until the host's next round trip."""
+    count = steps_to_run.shape[0]
+    dtype = reference_positions.dtype
 
-    return jax.vmap(one)(ensembles, limits, states, templates, reference_positions, reference_cells, steps_to_run)
+    forces = _union_forces(program.potential, ensembles.changes_cell)
+
+    def step_one(ensemble, limit, template, positions, cell, carry, go):
+        evaluate = lambda at, cell_now: forces(params, template, at, cell_now)  # noqa: E731
+        advance = checked_step(program, ensemble, limit, params, template, positions, cell, evaluate)
+        # A mask, not `lax.cond`: under vmap a cond runs both branches anyway, and it would
+        # batch the shared parameters along with everything it closes over.
+        return jax.tree.map(lambda new, old: jnp.where(go, new, old), advance(carry), carry)
+
+    step_all = jax.vmap(step_one)
+
+    def unfinished(carry):
+        _, status, _, executed = carry
+        return jnp.all(status == _RUNNING) & jnp.any(executed < steps_to_run)
+
+    def body(carry):
+        return step_all(ensembles, limits, templates, reference_positions, reference_cells, carry,
+                        carry[3] < steps_to_run)
+
+    carry = (states, jnp.full(count, _RUNNING, jnp.int32), jnp.zeros((count, 2), dtype), jnp.zeros(count, jnp.int32))
+    return jax.lax.while_loop(unfinished, body, carry)
+
+
+def _union_forces(potential, compute_stress: bool):
+    """``forces(params, template, positions, cell) -> (energy, forces, stress)`` of one replica, whose
+    `jax.vmap` evaluates all replicas as one graph of disjoint structures (a training batch's
+    layout), not the model vmapped: XLA runs the model on the union faster on a CPU (1.6–2.4 ms
+    against 1.7–5.4 per replica of a 14-atom molecule for 24 to 1)."""
+    # A posterior moves atoms by its mean forces (see mlip.md.simulation._force_function).
+    apply = getattr(potential, "apply_mean", potential.apply)
+
+    def evaluate(params, template, positions, cell):
+        graph = template.replace(positions=positions, cell=template.cell.at[0].set(cell))
+        outputs = apply(params, graph, True, compute_stress)
+        stress = outputs["stress"][0] if compute_stress else jnp.zeros((3, 3), positions.dtype)
+        return outputs["energy"][0], outputs["forces"], stress
+
+    batched_evaluate = jax.custom_batching.custom_vmap(evaluate)
+
+    @batched_evaluate.def_vmap
+    def _(count, batched, params, template, positions, cell):
+        if any(jax.tree.leaves(batched[0])):
+            raise NotImplementedError("replicas share the model's parameters")
+        spread = lambda tree, flags: jax.tree.map(  # noqa: E731
+            lambda leaf, flag: leaf if flag else jnp.broadcast_to(leaf, (count,) + leaf.shape), tree, flags)
+        template, positions, cell = spread(template, batched[1]), spread(positions, batched[2]), spread(cell, batched[3])
+        n_node, n_graph = template.positions.shape[1], template.n_node.shape[1]
+        node_offset = (jnp.arange(count, dtype=template.senders.dtype) * n_node)[:, None]
+        graph_offset = (jnp.arange(count, dtype=template.node_graph.dtype) * n_graph)[:, None]
+        flat = lambda leaf: leaf.reshape((leaf.shape[0] * leaf.shape[1],) + leaf.shape[2:])  # noqa: E731
+        union = template.replace(
+            positions=flat(positions), species=flat(template.species), cell=flat(template.cell.at[:, 0].set(cell)),
+            senders=flat(template.senders + node_offset), receivers=flat(template.receivers + node_offset),
+            shifts=flat(template.shifts), n_node=flat(template.n_node), n_edge=flat(template.n_edge),
+            node_graph=flat(template.node_graph + graph_offset), charge=flat(template.charge),
+            spin=flat(template.spin), fidelity=flat(template.fidelity), k_indices=flat(template.k_indices))
+        outputs = apply(params, union, True, compute_stress)
+        energy = outputs["energy"].reshape(count, n_graph)[:, 0]
+        forces = outputs["forces"].reshape(count, n_node, 3)
+        stress = (outputs["stress"].reshape(count, n_graph, 3, 3)[:, 0] if compute_stress
+                  else jnp.zeros((count, 3, 3), positions.dtype))
+        return (energy, forces, stress), (True, True, True)
+
+    return batched_evaluate
 
 
 @functools.partial(jax.jit, static_argnums=1)

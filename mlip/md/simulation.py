@@ -367,14 +367,17 @@ def _observe(ensemble: Ensemble, state: MDState) -> tuple:
     return observables(state, ensemble)
 
 
-def integrate_block(program: _Program, ensemble: Ensemble, limits, params, state: MDState, template,
-                    reference_positions, reference_cell, steps_to_run):
-    """Up to ``block_steps`` steps of one trajectory; returns (state, status, detail, executed,
-    per-step records). Traced, not compiled: `_run_block` compiles it for one trajectory,
-    `mlip.md.replicas` under `jax.vmap` for several."""
+def checked_step(program: _Program, ensemble: Ensemble, limits, params, template, reference_positions,
+                 reference_cell, evaluate=None):
+    """``advance(carry) -> carry``: one integrator step of one trajectory with the stability and
+    neighbour-list checks; carry = (state, status, detail, executed). A step that fails a check
+    is not taken (the state stays) and its status says why. Traced, not compiled: the block of
+    one trajectory (`integrate_block`) and of replicas (`mlip.md.replicas`) both call it.
+    ``evaluate(positions, cell) -> (energy, forces, stress)``: the model on ``template`` by default."""
     skin, min_distance_fraction, max_temperature_K = limits[0], limits[1], limits[2]
-    evaluate = _force_function(program, ensemble, params, template)
-    dtype = state.positions.dtype
+    if evaluate is None:
+        evaluate = _force_function(program, ensemble, params, template)
+    dtype = reference_positions.dtype
     real_edge = template.edge_mask
     radii = jnp.asarray(covalent_radii, dtype)
     pair_radius = radii[template.species[template.senders]] + radii[template.species[template.receivers]]
@@ -420,6 +423,16 @@ def integrate_block(program: _Program, ensemble: Ensemble, limits, params, state
                            jnp.where(new_status == _TOO_HOT, jnp.stack([0.0, temperature]).astype(dtype),
                                      detail))
         return state, new_status.astype(jnp.int32), detail, executed + accept.astype(jnp.int32)
+
+    return advance
+
+
+def integrate_block(program: _Program, ensemble: Ensemble, limits, params, state: MDState, template,
+                    reference_positions, reference_cell, steps_to_run):
+    """Up to ``block_steps`` steps of one trajectory; returns (state, status, detail, executed,
+    per-step records)."""
+    advance = checked_step(program, ensemble, limits, params, template, reference_positions, reference_cell)
+    dtype = reference_positions.dtype
 
     def body(carry, _):
         _, status, _, executed = carry
