@@ -1,6 +1,7 @@
 """Several MD trajectories at once: `ReplicaDynamics` against the same runs one after another.
 
     python scripts/benchmark_replicas.py [--replicas 1 6 24] [--steps 1000] [--docs]
+    python scripts/benchmark_replicas.py --table-only --docs       # the recorded results' table
 
 The model is the active-learning butane config's (configs/active_learning_butane.yaml: MACE,
 16 channels, a deep ensemble of 3 whose mean forces drive the MD), trained for
@@ -127,7 +128,12 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "benchmark_replicas"))
     parser.add_argument("--case", nargs=3, metavar=("RUN_DIR", "REPLICAS", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--docs", action="store_true")
+    parser.add_argument("--out-json", default=os.path.join(ROOT, "docs", "benchmark_replicas.json"))
+    parser.add_argument("--table-only", action="store_true", help="time nothing: the table of the recorded results")
     args = parser.parse_args(argv)
+    if args.table_only:
+        results = json.load(open(args.out_json))["results"]
+        return write_table(results, args.docs)
     if args.case:  # one case in a fresh process: no compilation shared between paths
         run_dir, replicas, path = args.case
         print(json.dumps(time_case(run_dir, int(replicas), args.steps, args.check_every, path == "together")))
@@ -144,11 +150,15 @@ def main(argv=None) -> int:
             print(results[-1], flush=True)
     record = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "steps": args.steps,
               "check_every": args.check_every, "epochs": args.epochs, "results": results}
-    with open(os.path.join(ROOT, "docs", "benchmark_replicas.json"), "w") as stream:
+    with open(args.out_json, "w") as stream:
         json.dump(record, stream, indent=1)
+    return write_table(results, args.docs)
+
+
+def write_table(results: list, docs: bool) -> int:
     text = table(results)
     print(text)
-    if args.docs:
+    if docs:
         replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- replicas -->", "<!-- /replicas -->",
                                text, "MD speed: several trajectories at once")
     return 0

@@ -5,13 +5,15 @@
 #   bash scripts/device_wheels.sh                       # here, once: .device/wheels (git-ignored)
 #   run(command="bash scripts/gpu_check.sh", carry=[".device"], timeout_s=540)
 #   run(command="bash scripts/gpu_check.sh md train", carry=[".device"])   # a rerun of some stages
+#   run(command="bash scripts/gpu_check.sh install replicas", carry=[".device"])   # not in the default
 #
-# Stages (default: all but mace):
+# Stages (default: all but replicas and mace):
 #   install   the carried wheels the image lacks (only those; never over the image's own)
 #   startup   scripts/benchmark_startup.py at 4000 atoms: cold with the default XLA flags (filling
 #             a compilation cache), warm from that cache, and cold with GPU autotuning off
 #   md        scripts/benchmark_md.py, mlip-md and mlip-md-small at 4000, 32000 and 108000 atoms
 #   train     mlip train configs/quickstart.yaml for 40 s: epochs and structures per second
+#   replicas  scripts/benchmark_replicas.py: 1, 6, 24 and 96 butane trajectories one by one and together
 #   mace      mace-ase (mace-torch, same architecture) on the GPU at 4000 and 32000 atoms
 # Results: $OUT/results.json (every stage's JSON, merged), $OUT/log.txt (all logs),
 # $OUT/benchmark_md.png; $OUT defaults to /tmp/gpu_check_out off the device.
@@ -76,6 +78,9 @@ for name in $STAGES; do
     train)
       stage train 75 "$PY" -m mlip.cli train configs/quickstart.yaml --set run_dir="$WORK/train" \
         --set training.max_time=40 --set training.progress_bar=false --set training.plots=false ;;
+    replicas)
+      stage replicas 150 "$PY" scripts/benchmark_replicas.py --replicas 1 6 24 96 --epochs 20 \
+        --work-dir "$WORK/replicas" --out-json "$WORK/replicas.json" ;;
     mace)
       mkdir -p "$WORK/peers/mace-venv/bin"
       ln -sf "$(command -v "$PY")" "$WORK/peers/mace-venv/bin/python"
@@ -93,6 +98,8 @@ results = {"stages": [json.loads(line) for line in open(os.path.join(work, "stag
            if os.path.exists(os.path.join(work, "stages.jsonl")) else []}
 for path in sorted(glob.glob(os.path.join(work, "startup_*.json"))):
     results[os.path.basename(path)[:-5]] = json.load(open(path))
+if os.path.exists(os.path.join(work, "replicas.json")):
+    results["replicas"] = json.load(open(os.path.join(work, "replicas.json")))
 for name in ("md", "mace"):
     path = os.path.join(work, name, "benchmark_md.json")
     if os.path.exists(path):
@@ -108,5 +115,5 @@ if os.path.exists(metrics):
                             "structures_per_s": round(epochs * 400 / seconds, 1)}
 with open(os.path.join(out, "results.json"), "w") as stream:
     json.dump(results, stream, indent=1)
-print(json.dumps({k: v for k, v in results.items() if k not in ("md", "mace")}, indent=1))
+print(json.dumps({k: v for k, v in results.items() if k not in ("md", "mace", "replicas")}, indent=1))
 EOF
