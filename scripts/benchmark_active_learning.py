@@ -335,6 +335,10 @@ def main(argv=None) -> int:
     parser.add_argument("--from-scratch", action="store_true",
                         help="finetune: false, every iteration trains from scratch (results and docs section "
                              "get the suffix _scratch)")
+    parser.add_argument("--exploration-steps", type=int, default=None,
+                        help="MD steps per trajectory changed to this, with a snapshot every steps/40 (the same "
+                             "number of snapshots, spread over a longer run; results and docs section get the "
+                             "suffix _mdN): does a longer exploration reach what only σ can find?")
     parser.add_argument("--iterations", type=int, nargs="+", default=[2, 4, 8],
                         help="retrain: the iterations whose training sets are retrained from scratch")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
@@ -351,6 +355,11 @@ def main(argv=None) -> int:
         system = {**system, "changes": {**changes, "finetune": False},
                   "results": system["results"].replace(".json", "_scratch.json"),
                   "marker": f"{system['marker']}-scratch"}
+    if args.exploration_steps is not None:
+        n = args.exploration_steps
+        exploration = {"steps": n, "check_every": max(1, n // 40)}
+        system = {**system, "changes": {**system["changes"], "exploration": exploration},
+                  "results": system["results"].replace(".json", f"_md{n}.json"), "marker": f"{system['marker']}-md{n}"}
     work_dir = args.work_dir or os.path.join(ROOT, "runs", system["results"][:-len(".json")])
     if args.part == "retrain":
         recorded = retrain(system, args.arms, args.seeds, work_dir, args.iterations, args.train_seeds)

@@ -332,10 +332,11 @@ def _union_forces(potential, compute_stress: bool):
     @batched_evaluate.def_vmap
     def _(count, batched, params, template, positions, cell):
         if any(jax.tree.leaves(batched[0])):
-            raise NotImplementedError("replicas share the model's parameters")
+            raise NotImplementedError("the union graph needs one set of parameters for every replica")
         spread = lambda tree, flags: jax.tree.map(  # noqa: E731
             lambda leaf, flag: leaf if flag else jnp.broadcast_to(leaf, (count,) + leaf.shape), tree, flags)
-        template, positions, cell = spread(template, batched[1]), spread(positions, batched[2]), spread(cell, batched[3])
+        template, positions = spread(template, batched[1]), spread(positions, batched[2])
+        cell = spread(cell, batched[3])
         n_node, n_graph = template.positions.shape[1], template.n_node.shape[1]
         node_offset = (jnp.arange(count, dtype=template.senders.dtype) * n_node)[:, None]
         graph_offset = (jnp.arange(count, dtype=template.node_graph.dtype) * n_graph)[:, None]
