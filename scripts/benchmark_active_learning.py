@@ -8,7 +8,8 @@ Each arm (``--arms``) runs the system's shipped config with the changes below, t
 side, one CPU core each, the same seeds: ``uncertainty`` picks by σ and farthest-point
 sampling; ``balanced`` the same with the batch shared evenly among the exploration
 temperatures (`selection.balance: temperature`); ``capped`` is σ selection with the window's
-top at 3× the labelled structures' median σ; ``random`` draws the same number of
+top at 3× the labelled structures' median σ; ``energy`` selects by the energy σ (over √N,
+after each member's offset on the labelled data); ``random`` draws the same number of
 snapshots uniformly from its own MD exploration (`selection.strategy: random`). Systems:
 
   * ``cuau``: configs/active_learning.yaml (EMT Cu/Au: 20 labelled cells to start, MD from two
@@ -62,13 +63,17 @@ SYSTEMS = {"cuau": {"config": "active_learning.yaml", "changes": {"exploration":
 # exploration temperatures; σ with the window's top at 3x the labelled structures' median σ
 # instead of the shipped 20x, which never binds on butane (are the most uncertain 1200 K
 # snapshots, with the largest forces and bond stretches, worth their labels?); snapshots drawn
-# uniformly from the exploration (the baseline).
+# uniformly from the exploration (the baseline). ``energy`` scores by the members' energy spread
+# over √N once each member's offset on the labelled data is taken off (selection.score: energy),
+# with the window's top out of the way: that spread is 30-40x the labelled structures' own on
+# gauche frames the model never saw, where the force σ ranks 1200 K snapshots first.
 ARMS = {"uncertainty": {"strategy": "uncertainty", "balance": "none"},
         "balanced": {"strategy": "uncertainty", "balance": "temperature"},
         "capped": {"strategy": "uncertainty", "balance": "none", "sigma_high": 3.0},
+        "energy": {"strategy": "uncertainty", "balance": "none", "score": "energy", "sigma_high": 1000.0},
         "random": {"strategy": "random"}}
 ARM_NAMES = {"uncertainty": "AL (σ)", "balanced": "AL (σ, balanced)", "capped": "AL (σ ≤ 3× median)",
-             "random": "random"}
+             "energy": "AL (σ_E)", "random": "random"}
 
 
 def rooted(sources):
@@ -105,8 +110,8 @@ def curve(al_dir: str) -> list:
                 if row["iteration"] != "final"]
 
 
-def run(system: dict, arms: list[str], seeds: list[int], work_dir: str) -> dict:
-    """Every (seed, arm) run, two at a time side by side, one core each."""
+def run(system: dict, arms: list[str], seeds: list[int], work_dir: str, first_core: int = 0) -> dict:
+    """Every (seed, arm) run, two at a time side by side, one core each (cores first_core, first_core + 1)."""
     os.makedirs(work_dir, exist_ok=True)
     results = os.path.join(ROOT, "docs", system["results"])
     recorded = json.load(open(results)) if os.path.exists(results) else {"curves": {}}
@@ -119,7 +124,8 @@ def run(system: dict, arms: list[str], seeds: list[int], work_dir: str) -> dict:
             if os.path.exists(os.path.join(work_dir, name, "state.json")):
                 command = ["mlip.cli", "active-learn", "--resume", os.path.join(work_dir, name)]
             log = open(os.path.join(work_dir, f"{name}.log"), "w")
-            processes[(arm, seed)] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", *command],
+            processes[(arm, seed)] = subprocess.Popen(["taskset", "-c", str(first_core + core), sys.executable, "-m",
+                                                       *command],
                                                       stdout=log, stderr=subprocess.STDOUT)
         for (arm, seed), process in processes.items():
             name = f"{arm}_seed{seed}"
@@ -339,6 +345,17 @@ def main(argv=None) -> int:
                         help="MD steps per trajectory changed to this, with a snapshot every steps/40 (the same "
                              "number of snapshots, spread over a longer run; results and docs section get the "
                              "suffix _mdN): does a longer exploration reach what only σ can find?")
+    parser.add_argument("--uncertainty-bias", type=float, default=None,
+                        help="exploration.uncertainty_bias (τ: MD on E − τσ_E) changed to this (results and docs "
+                             "section get the suffix _biasT): does exploration drawn to what the model does not "
+                             "know find more worth labelling?")
+    parser.add_argument("--random-from", default=None,
+                        help="run/table: where this results file has no random run of a seed, take that seed's "
+                             "from this results file in docs/ (an earlier round with the same config otherwise; "
+                             "epoch budgets make a run independent of the machine's speed)")
+    parser.add_argument("--first-core", type=int, default=0,
+                        help="run: the runs go on this core and the next (two invocations side by side, one job "
+                             "each: --first-core 0 and 1)")
     parser.add_argument("--iterations", type=int, nargs="+", default=[2, 4, 8],
                         help="retrain: the iterations whose training sets are retrained from scratch")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
@@ -360,6 +377,12 @@ def main(argv=None) -> int:
         exploration = {"steps": n, "check_every": max(1, n // 40)}
         system = {**system, "changes": {**system["changes"], "exploration": exploration},
                   "results": system["results"].replace(".json", f"_md{n}.json"), "marker": f"{system['marker']}-md{n}"}
+    if args.uncertainty_bias is not None:
+        tau = args.uncertainty_bias
+        exploration = {**system["changes"].get("exploration", {}), "uncertainty_bias": tau}
+        system = {**system, "changes": {**system["changes"], "exploration": exploration},
+                  "results": system["results"].replace(".json", f"_bias{tau:g}.json"),
+                  "marker": f"{system['marker']}-bias{tau:g}"}
     work_dir = args.work_dir or os.path.join(ROOT, "runs", system["results"][:-len(".json")])
     if args.part == "retrain":
         recorded = retrain(system, args.arms, args.seeds, work_dir, args.iterations, args.train_seeds)
@@ -371,8 +394,15 @@ def main(argv=None) -> int:
             replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
                                    f"<!-- /{marker} -->", text, "Active learning against random selection")
         return 0
-    recorded = (run(system, args.arms, args.seeds, work_dir) if args.part == "run"
+    recorded = (run(system, args.arms, args.seeds, work_dir, args.first_core) if args.part == "run"
                 else json.load(open(os.path.join(ROOT, "docs", system["results"]))))
+    if args.random_from:
+        earlier = json.load(open(os.path.join(ROOT, "docs", args.random_from)))["curves"]
+        seeds = {key.split("/")[1] for key in recorded["curves"]}
+        for seed in sorted(seeds):
+            if f"random/{seed}" not in recorded["curves"] and f"random/{seed}" in earlier:
+                recorded["curves"][f"random/{seed}"] = earlier[f"random/{seed}"]
+                recorded.setdefault("random_from", args.random_from)
     text = table(recorded)
     print(text)
     if args.docs:

@@ -45,9 +45,10 @@ def al_config(tmp_path, **changes):
         "test": str(tmp_path / "test.extxyz"),
         "oracle": {"calculator": "oracles.CountingEMT", "kwargs": {"log": str(tmp_path / "oracle.log")},
                    "workers": 2, "timeout_s": 60},
-        # 2 seeds x 2 temperatures; σ_stop so small that every trajectory stops at its first check
+        # 2 seeds x 2 temperatures; σ_stop so small that every trajectory stops at its first check;
+        # the trajectories move on the uncertainty-biased energy (E − σ_E)
         "exploration": {"temperatures": [300, 900], "steps": 20, "check_every": 5, "timestep_fs": 2.0,
-                        "sigma_stop": 1e-9},
+                        "sigma_stop": 1e-9, "uncertainty_bias": 1.0},
         # A window in units of the labelled structures' median σ, which takes in every snapshot.
         "selection": {"batch_size": 3, "sigma_low": 0.0, "sigma_high": 1e6, "thresholds": "relative",
                       "score": "mean_atom"},
@@ -193,3 +194,37 @@ def test_bond_check_finds_a_broken_molecule_and_not_a_hot_one():
     shifted = copper.copy()
     shifted.positions[0] += copper.cell[0]  # the same structure, one atom written in the next cell
     assert check.broken(shifted) == []
+
+
+def test_energy_score_is_the_energy_spread_over_root_n_after_each_members_offsets():
+    import jax
+
+    from conftest import emt_frames, make_potential
+    from mlip.active.learner import _Scorer
+    from mlip.training.evaluation import Predictor
+    from mlip.uq import PosteriorPotential, stack_samples
+    from mlip.uq.bias import fit_member_offsets
+
+    potential, params = make_potential((29, 79))
+    rng = np.random.default_rng(4)
+    stack = stack_samples([jax.tree.map(lambda leaf: np.asarray(leaf) * (1.0 + 0.3 * rng.normal(size=leaf.shape)),
+                                        params) for _ in range(3)])
+    posterior = PosteriorPotential(potential, "deep_ensemble", ddof=1)
+    known, other = emt_frames(4, seed=9), emt_frames(3, seed=5)
+    for atoms in known + other:
+        atoms.calc = None
+    # No offsets: the posterior's own energy σ over √N.
+    plain = _Scorer(posterior, stack, "energy", np.zeros((3, 119))).score_many(other)
+    from mlip.data.batching import build_sample
+    from mlip.data.reader import frame_from_atoms
+
+    predictions = Predictor(posterior, compute_stress=False).predict(
+        stack, [build_sample(frame_from_atoms(atoms), potential.cutoff) for atoms in other])
+    expected = [float(np.squeeze(p["energy_std"])) / np.sqrt(len(a)) for p, a in zip(predictions, other)]
+    np.testing.assert_allclose([score for score, _ in plain], expected, rtol=1e-8)
+    # Offsets fitted on the known cells take the members' constant disagreement out there.
+    offsets = fit_member_offsets(posterior, stack, known)
+    fitted = _Scorer(posterior, stack, "energy", offsets)
+    before = [score for score, _ in _Scorer(posterior, stack, "energy", np.zeros((3, 119))).score_many(known)]
+    after = [score for score, _ in fitted.score_many(known)]
+    assert np.median(after) < 0.5 * np.median(before)

@@ -177,6 +177,83 @@ def test_vmapped_prediction_equals_a_loop_over_members(tiny_posterior, periodic_
     assert np.all(np.asarray(outputs["forces_std"])[np.asarray(periodic_batch.node_mask)] > 0)
 
 
+def test_uncertainty_bias_is_tau_sigma_off_the_energy_with_forces_and_stress_its_derivatives(tiny_posterior):
+    from mlip.data.batching import build_samples, pack_samples
+    from mlip.data.reader import LabelKeys, atoms_to_frame
+    from mlip.md import MolecularDynamics
+    from mlip.uq import PosteriorPotential, UncertaintyBiasedPotential, stack_samples
+    from mlip.uq.bias import fit_member_offsets
+
+    def batch_of(structures):  # float64 positions: finite differences need them
+        frames = [atoms_to_frame(atoms, LabelKeys(), f"bias@{i}") for i, atoms in enumerate(structures)]
+        return pack_samples(build_samples(frames, 3.0), None, None, np.float64)
+
+    periodic_batch = batch_of(emt_frames(3, seed=5))
+
+    potential, params, _, apply_posterior = tiny_posterior
+    rng = np.random.default_rng(3)
+    stack = stack_samples([jax.tree.map(lambda leaf: np.asarray(leaf) * (1.0 + 0.3 * rng.normal(size=leaf.shape)),
+                                        params) for _ in range(3)])
+    tau = 2.0
+    posterior = PosteriorPotential(potential, "deep_ensemble", ddof=1)
+    # Offsets per member and element fitted on other cells: a member's constant shift is no uncertainty.
+    known = emt_frames(4, seed=9)
+    offsets = fit_member_offsets(posterior, stack, known)
+    assert offsets.shape == (3, 119) and np.allclose(offsets.sum(axis=0), 0.0) and not offsets[:, 1].any()
+    members = np.asarray(jax.jit(lambda p, g: posterior.sample_outputs(p, g, False, False)["energy"])(
+        stack, batch_of(known)))[:, :4]
+    fitted = np.stack([[offsets[m, atoms.numbers].sum() for atoms in known] for m in range(3)])
+    residual = members - members.mean(axis=0) - fitted
+    assert np.abs(residual).sum() < 0.5 * np.abs(members - members.mean(axis=0)).sum()  # least squares
+    biased = UncertaintyBiasedPotential(posterior, strength=tau, member_offsets=offsets)
+    apply_biased = jax.jit(lambda p, g: biased.apply_mean(p, g, True, True))
+    energy_of = jax.jit(lambda p, g: biased.apply_mean(p, g, False, False)["energy"])
+    outputs, plain = apply_biased(stack, periodic_batch), apply_posterior(stack, periodic_batch)
+    real = np.asarray(periodic_batch.graph_mask)
+    member_energies = np.asarray(jax.jit(lambda p, g: posterior.sample_outputs(p, g, False, False)["energy"])(
+        stack, periodic_batch))[:, real]
+    numbers = [atoms.numbers for atoms in emt_frames(3, seed=5)]
+    shifted = member_energies - np.stack([[offsets[m, z].sum() for z in numbers] for m in range(3)])
+    np.testing.assert_allclose(np.asarray(outputs["energy"])[real],
+                               np.asarray(plain["energy"])[real] - tau * shifted.std(axis=0, ddof=1), rtol=1e-10)
+    assert np.all(shifted.std(axis=0, ddof=1) > 1e-3)  # the bias is not negligible here
+
+    def total(positions, cell):
+        return float(np.sum(np.asarray(energy_of(stack, periodic_batch.replace(positions=positions, cell=cell)))[real]))
+
+    positions, cell, h = np.asarray(periodic_batch.positions), np.asarray(periodic_batch.cell), 1e-4
+    for atom, axis in [(0, 0), (1, 2), (5, 1)]:
+        step = np.zeros_like(positions)
+        step[atom, axis] = h
+        derivative = (total(positions + step, cell) - total(positions - step, cell)) / (2 * h)
+        assert float(outputs["forces"][atom, axis]) == pytest.approx(-derivative, rel=1e-6, abs=1e-9)
+    # Stress: a symmetric strain of graph 0 alone, r -> r (I + ε), cell -> cell (I + ε).
+    in_graph = (np.asarray(periodic_batch.node_graph) == 0)[:, None]
+    strain = np.zeros((3, 3))
+    strain[0, 1] = strain[1, 0] = 0.5 * h
+
+    def strained(sign):
+        deformation = np.eye(3) + sign * strain
+        moved = np.where(in_graph, positions @ deformation, positions)
+        return total(moved, np.concatenate([cell[:1] @ deformation, cell[1:]]))
+
+    volume = abs(np.linalg.det(cell[0]))
+    derivative = (strained(1) - strained(-1)) / (2 * h)
+    assert float(outputs["stress"][0, 0, 1]) == pytest.approx(derivative / volume, rel=1e-5, abs=1e-9)
+
+    # MD moves on the biased energy: the structure it ends on carries E − τσ there.
+    atoms = emt_frames(1, seed=11)[0]
+    md = MolecularDynamics(biased, stack, atoms, ensemble="langevin", temperature_K=300, timestep_fs=1.0, seed=1)
+    md.run(4)
+    final = md.atoms
+    graph = batch_of([final])
+    expected = float(energy_of(stack, graph)[0]) + potential.reference_energy(final.numbers)
+    assert final.get_potential_energy() == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(Exception, match="epistemic spread"):
+        UncertaintyBiasedPotential(posterior, 1.0).apply_mean(
+            stack_samples([params]), periodic_batch)
+
+
 def test_recalibration_scales_every_standard_deviation():
     from mlip.uq import Recalibration, predictive_moments, standard_deviations
 

@@ -39,6 +39,11 @@ class ExplorationConfig(StrictModel):
     sigma_stop: Optional[PositiveFloat] = Field(
         None, description="stop a trajectory once a snapshot's score passes this (in the unit of "
                           "selection.thresholds); null: selection.sigma_high")
+    uncertainty_bias: NonNegativeFloat = Field(
+        0.0, description="τ: MD moves on E − τσ_E, the ensemble's mean energy lowered by τ times its energy "
+                         "spread, so it is drawn to structures the model does not know (hyperactive learning, "
+                         "METHODS.md §6.2; mlip.uq.UncertaintyBiasedPotential); 0: plain MD. Snapshots are "
+                         "scored and labelled as ever; only the path the trajectories take changes")
     max_bond_stretch: Optional[PositiveFloat] = Field(
         None, description="molecules: stop a trajectory, keeping none of it from there on, once a bond of its "
                           "seed structure (pairs within 1.2x their covalent radii's sum) is longer than this "
@@ -50,9 +55,12 @@ class SelectionConfig(StrictModel):
     """Uncertain and diverse: σ_low < score <= σ_high, then farthest-point sampling on features."""
 
     batch_size: PositiveInt = Field(10, description="labels bought per iteration at most")
-    score: Literal["max_atom", "mean_atom"] = Field(
+    score: Literal["max_atom", "mean_atom", "energy"] = Field(
         "max_atom", description="a structure's uncertainty: the largest force σ over its atoms (finds one bad "
-                                "atom in a big cell) or the mean over its atoms (how unsure the whole cell is)")
+                                "atom in a big cell), the mean over its atoms (how unsure the whole cell is), or "
+                                "energy: σ_E/√N, the members' energy spread once each member's per-element offset "
+                                "on the labelled data is taken off (a new conformer rather than a hot one; "
+                                "METHODS.md §6.1)")
     thresholds: Literal["absolute", "relative"] = Field(
         "absolute", description="absolute: sigma_low, sigma_high and exploration.sigma_stop in eV/Å; relative: "
                                 "multiples of the median score of the labelled structures under the current "

@@ -261,7 +261,13 @@ class ActiveLearner:
 
         potential, params = load_potential(self._run_dir(iteration))
         selection = self.config.selection
-        scorer = _Scorer(potential, params, selection.score)
+        offsets = None
+        if selection.score == "energy" or self.config.exploration.uncertainty_bias > 0:
+            from mlip.uq.bias import fit_member_offsets
+
+            # σ_E beyond each member's constant offset on what is labelled (see mlip.uq.bias).
+            offsets = fit_member_offsets(potential, params, self._labelled_structures())
+        scorer = _Scorer(potential, params, selection.score, offsets)
         relative = selection.thresholds == "relative"
         known_scores, known = self._known(scorer, with_scores=relative)
         # Relative thresholds: in units of what the labelled structures score under this model.
@@ -309,6 +315,7 @@ class ActiveLearner:
 
     def _explore(self, potential, params, iteration: int, scorer: "_Scorer", sigma_stop: float):
         """Snapshots of MD from every seed at every temperature, with their σ score and features.
+        With ``exploration.uncertainty_bias`` the MD moves on the biased energy E − τσ_E.
 
         The trajectories of seeds with the same number of atoms step together (`ReplicaDynamics`:
         one compiled program for all of them); each is the run `MolecularDynamics` would make
@@ -323,8 +330,13 @@ class ActiveLearner:
         for run in runs:
             groups.setdefault(len(self.seeds[run[0]]), []).append(run)
         found = []  # (seed index, temperature index, step, snapshot, σ, features)
+        moving = potential
+        if exploration.uncertainty_bias > 0:
+            from mlip.uq.bias import UncertaintyBiasedPotential
+
+            moving = UncertaintyBiasedPotential(potential, exploration.uncertainty_bias, scorer.offsets)
         for group in groups.values():
-            md = ReplicaDynamics(potential, params, [self.seeds[seed_index] for seed_index, _, _ in group],
+            md = ReplicaDynamics(moving, params, [self.seeds[seed_index] for seed_index, _, _ in group],
                                  temperatures_K=[temperature for _, _, temperature in group],
                                  seeds=[self.config.seed + 1000 * iteration + 100 * seed_index + t_index
                                         for seed_index, t_index, _ in group],
@@ -366,10 +378,8 @@ class ActiveLearner:
         return ([entry[3] for entry in found], np.asarray([entry[4] for entry in found]),
                 np.asarray([entry[5] for entry in found]))
 
-    def _known(self, scorer: "_Scorer", with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
-        """Scores (only where asked: they cost a posterior prediction each) and features of the
-        labelled structures: what known looks like to this model (the unit of relative
-        thresholds; candidates near them count as covered)."""
+    def _labelled_structures(self) -> list:
+        """The initial structures and every label bought so far."""
         import ase.io
 
         from mlip.data.reader import read_atoms
@@ -380,6 +390,13 @@ class ActiveLearner:
         labelled = os.path.join(self.dir, "labelled.extxyz")
         if os.path.exists(labelled):
             structures += ase.io.read(labelled, ":")
+        return structures
+
+    def _known(self, scorer: "_Scorer", with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
+        """Scores (only where asked: they cost a posterior prediction each) and features of the
+        labelled structures: what known looks like to this model (the unit of relative
+        thresholds; candidates near them count as covered)."""
+        structures = self._labelled_structures()
         if not with_scores:
             return None, np.asarray([scorer.features(atoms) for atoms in structures])
         scored = [scorer(atoms) for atoms in structures]
@@ -427,14 +444,20 @@ class ActiveLearner:
 
 
 class _Scorer:
-    """The σ score (max or mean over atoms of the force σ) and mean features of single structures."""
+    """The σ score (max or mean over atoms of the force σ, or the energy σ over √N) and mean features of
+    single structures. ``offsets``: each member's per-element energy offset (`fit_member_offsets`), taken
+    off before the energy σ."""
 
-    def __init__(self, potential, params, score: str = "max_atom"):
+    def __init__(self, potential, params, score: str = "max_atom", offsets: Optional[np.ndarray] = None):
         import jax
 
         from mlip.training.evaluation import Predictor
 
-        self.potential, self.params, self.score = potential, params, score
+        self.potential, self.params, self.score, self.offsets = potential, params, score, offsets
+        if score == "energy":
+            if offsets is None:
+                raise ValueError("the energy score needs the members' offsets")
+            self._member_energies = jax.jit(lambda p, graph: potential.sample_outputs(p, graph, False, False)["energy"])
         self.predictor = Predictor(potential, compute_stress=False)
         # Features of the first posterior sample: a descriptor, not a prediction.
         inner = getattr(potential, "potential", potential)
@@ -471,6 +494,13 @@ class _Scorer:
         graph = pack_samples(samples, None, None, np.float64 if self.potential.config.dtype == "float64"
                              else np.float32)
         features = np.asarray(self._features(self._first, graph))
+        if self.score == "energy":
+            # σ_E / √N (METHODS.md §6.1) of the members' energies less their offsets on the labelled data.
+            energies = np.asarray(self._member_energies(self.params, graph), np.float64)[:, :len(structures)]
+            energies = energies - np.stack([self.offsets[:, atoms.numbers].sum(axis=1) for atoms in structures], 1)
+            spread = energies.std(axis=0, ddof=getattr(self.potential, "ddof", 1))
+            return [(float(spread[index] / np.sqrt(len(atoms))), features[index])
+                    for index, atoms in enumerate(structures)]
         scores = []
         for index, prediction in enumerate(predictions):
             per_atom = np.linalg.norm(prediction["forces_std"], axis=1)

@@ -2,9 +2,11 @@
 
 A posterior is a parameter pytree with a leading sample axis; `PosteriorPotential`
 predicts its mean and standard deviations by one `jax.vmap` of `Potential.apply`.
-`mlip.uq.calibration` scores predicted σ against errors and fits recalibration scales.
+`mlip.uq.calibration` scores predicted σ against errors and fits recalibration scales;
+`UncertaintyBiasedPotential` lowers a posterior's MD energy where it is unsure (exploration).
 """
 
+from mlip.uq.bias import UncertaintyBiasedPotential
 from mlip.uq.posterior import (PosteriorPotential, Recalibration, has_uncertainty, predictive_moments,
                                sample_count, select_sample, stack_samples, standard_deviations)
 
@@ -17,4 +19,5 @@ __all__ = [
     "select_sample",
     "stack_samples",
     "standard_deviations",
+    "UncertaintyBiasedPotential",
 ]
