@@ -274,6 +274,33 @@ def test_replicas_step_together_exactly_as_each_alone(cuau, ensemble):
     assert together.steps_done.tolist() == [12, 12, 12] and not together.stopped
 
 
+def test_replicas_of_an_ewald_model_and_of_a_biased_ensemble_follow_their_lone_runs(cuau):
+    import jax
+
+    from mlip.md.replicas import ReplicaDynamics
+    from mlip.uq import PosteriorPotential, UncertaintyBiasedPotential, stack_samples
+
+    # Reciprocal-space sums per cell on the union graph; σ_E per replica for the bias.
+    les, les_params = make_potential([29, 79], r_max=4.0, scale=0.05,
+                                     long_range={"name": "les", "sigma": 1.0, "k_resolution": 1.5})
+    potential, params = cuau
+    rng = np.random.default_rng(2)
+    members = stack_samples([jax.tree.map(lambda leaf: np.asarray(leaf) * (1 + 0.2 * rng.normal(size=leaf.shape)),
+                                          params) for _ in range(3)])
+    biased = UncertaintyBiasedPotential(PosteriorPotential(potential, "deep_ensemble"), strength=1.0)
+    structures, temperatures, seeds = [cuau_cell(seed=1), cuau_cell(seed=2)], [300.0, 900.0], [5, 6]
+    for model, model_params in [(les, les_params), (biased, members)]:
+        settings = dict(ensemble="langevin", timestep_fs=2.0, skin=0.3, max_temperature_K=1e6)
+        together = ReplicaDynamics(model, model_params, structures, temperatures, seeds, **settings)
+        together.run(6)
+        for replica, (atoms, temperature, seed) in enumerate(zip(structures, temperatures, seeds)):
+            alone = MolecularDynamics(model, model_params, atoms, temperature_K=temperature, seed=seed, **settings)
+            alone.run(6)
+            np.testing.assert_allclose(together.atoms(replica).positions, alone.atoms.positions, atol=1e-9)
+            assert together.atoms(replica).get_potential_energy() == pytest.approx(
+                alone.atoms.get_potential_energy(), abs=1e-9)
+
+
 def test_an_unstable_replica_stops_with_its_message_and_the_others_go_on(cuau):
     from mlip.md.replicas import ReplicaDynamics
 
