@@ -6,7 +6,7 @@
 
 The biased energy of each structure is E_b = μ_E − τ σ_E (hyperactive learning, van der
 Oord et al. 2023; METHODS.md §6.2), with μ_E and σ_E the mean and the epistemic spread of
-the samples' total energies (the raw spread: no recalibration, no aleatoric part). MD on
+the samples' total energies (epistemic only: no recalibration, no aleatoric part). MD on
 E_b is drawn towards configurations the model does not know, so an exploration reaches
 rare ones (a torsion barrier, a second conformer) sooner than unbiased MD at the same
 temperature. Its trajectories are for finding structures to label, never for observables.
@@ -82,6 +82,9 @@ class UncertaintyBiasedPotential:
         """``energy`` [G] = μ − τσ per graph, ``forces`` and ``stress`` its derivatives, node energies unbiased."""
         samples = self.posterior.sample_outputs(posterior_params, graph, compute_forces, compute_stress)
         energies = samples["energy"]  # [M, G]
+        # Via the first sample (as `predictive_moments`): in float32 the total energies' common part
+        # would swamp their differences.
+        mean = energies[0] + (energies - energies[0]).mean(axis=0)
         count = energies.shape[0]
         if count - self.posterior.ddof < 1:
             raise MLIPError(f"an uncertainty bias needs an epistemic spread: {count} prediction(s) with "
@@ -92,15 +95,10 @@ class UncertaintyBiasedPotential:
             per_node = jnp.asarray(self.member_offsets, energies.dtype)[:, graph.species]  # [M, N]
             per_node = jnp.where(graph.node_mask, per_node, 0.0)
             energies = energies - jax.ops.segment_sum(per_node.T, graph.node_graph, energies.shape[1]).T
-        # Deviations from the mean via the first sample (as `predictive_moments`): in float32 the
-        # total energies' common part would swamp the differences.
         differences = energies - energies[0]
-        deviations = differences - differences.mean(axis=0)
-        mean = energies[0] + differences.mean(axis=0)
+        deviations = differences - differences.mean(axis=0)  # d_s, offsets taken off
         sigma = jnp.sqrt(jnp.sum(deviations**2, axis=0) / (count - self.posterior.ddof) + _SIGMA_FLOOR**2)
         outputs = {name: jnp.mean(samples[name], axis=0) for name in MEAN_ONLY_OUTPUTS if name in samples}
-        if self.member_offsets is not None:  # the mean of the offsets is zero: the mean energy is the posterior's
-            mean = jnp.mean(samples["energy"], axis=0)
         outputs["energy"] = mean - self.strength * sigma
         # τ ∇σ = −coefficient · Σ_s d_s (F_s − F̄) per graph.
         coefficient = self.strength / (sigma * (count - self.posterior.ddof))  # [G]
