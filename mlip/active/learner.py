@@ -261,15 +261,16 @@ class ActiveLearner:
 
         potential, params = load_potential(self._run_dir(iteration))
         selection = self.config.selection
+        labelled = self._labelled_structures()
         offsets = None
         if selection.score == "energy" or self.config.exploration.uncertainty_bias > 0:
             from mlip.uq.bias import fit_member_offsets
 
             # σ_E beyond each member's constant offset on what is labelled (see mlip.uq.bias).
-            offsets = fit_member_offsets(potential, params, self._labelled_structures())
+            offsets = fit_member_offsets(potential, params, labelled)
         scorer = _Scorer(potential, params, selection.score, offsets)
         relative = selection.thresholds == "relative"
-        known_scores, known = self._known(scorer, with_scores=relative)
+        known_scores, known = self._known(scorer, labelled, with_scores=relative)
         # Relative thresholds: in units of what the labelled structures score under this model.
         unit = float(np.median(known_scores)) if relative else 1.0
         sigma_low, sigma_high = selection.sigma_low * unit, selection.sigma_high * unit
@@ -392,11 +393,11 @@ class ActiveLearner:
             structures += ase.io.read(labelled, ":")
         return structures
 
-    def _known(self, scorer: "_Scorer", with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
+    @staticmethod
+    def _known(scorer: "_Scorer", structures: list, with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
         """Scores (only where asked: they cost a posterior prediction each) and features of the
-        labelled structures: what known looks like to this model (the unit of relative
+        labelled ``structures``: what known looks like to this model (the unit of relative
         thresholds; candidates near them count as covered)."""
-        structures = self._labelled_structures()
         if not with_scores:
             return None, np.asarray([scorer.features(atoms) for atoms in structures])
         scored = [scorer(atoms) for atoms in structures]
@@ -455,9 +456,11 @@ class _Scorer:
 
         self.potential, self.params, self.score, self.offsets = potential, params, score, offsets
         if score == "energy":
+            from mlip.uq.bias import sample_energies
+
             if offsets is None:
                 raise ValueError("the energy score needs the members' offsets")
-            self._member_energies = jax.jit(lambda p, graph: potential.sample_outputs(p, graph, False, False)["energy"])
+            self._member_energies = sample_energies(potential)
         self.predictor = Predictor(potential, compute_stress=False)
         # Features of the first posterior sample: a descriptor, not a prediction.
         inner = getattr(potential, "potential", potential)
@@ -488,19 +491,21 @@ class _Scorer:
         if not structures:
             return []
         samples = [self._sample(atoms) for atoms in structures]
-        predictions = self.predictor.predict(self.params, samples)
-        if "forces_std" not in predictions[0]:
-            raise DataError("active learning needs a model that reports its uncertainty")
         graph = pack_samples(samples, None, None, np.float64 if self.potential.config.dtype == "float64"
                              else np.float32)
         features = np.asarray(self._features(self._first, graph))
         if self.score == "energy":
-            # σ_E / √N (METHODS.md §6.1) of the members' energies less their offsets on the labelled data.
-            energies = np.asarray(self._member_energies(self.params, graph), np.float64)[:, :len(structures)]
-            energies = energies - np.stack([self.offsets[:, atoms.numbers].sum(axis=1) for atoms in structures], 1)
-            spread = energies.std(axis=0, ddof=getattr(self.potential, "ddof", 1))
+            from mlip.uq.bias import offset_free_energy_spread
+
+            # σ_E / √N (METHODS.md §6.1) of the members' energies less their offsets on the labelled data;
+            # no forces needed.
+            energies = np.asarray(self._member_energies(self.params, graph))[:, :len(structures)]
+            spread = offset_free_energy_spread(energies, self.offsets, structures, self.potential.ddof)
             return [(float(spread[index] / np.sqrt(len(atoms))), features[index])
                     for index, atoms in enumerate(structures)]
+        predictions = self.predictor.predict(self.params, samples)
+        if "forces_std" not in predictions[0]:
+            raise DataError("active learning needs a model that reports its uncertainty")
         scores = []
         for index, prediction in enumerate(predictions):
             per_atom = np.linalg.norm(prediction["forces_std"], axis=1)

@@ -33,6 +33,7 @@ shrinks as the model learns. Keep it near the thermal energy (τ σ_E ≲ a few 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -115,6 +116,18 @@ class UncertaintyBiasedPotential:
         return outputs
 
 
+@functools.lru_cache(maxsize=4)
+def sample_energies(posterior):
+    """``energies(posterior_params, graph) -> [S, G]``, each sample's graph energies (jitted once per posterior)."""
+    return jax.jit(lambda params, graph: posterior.sample_outputs(params, graph, False, False)["energy"])
+
+
+def offset_free_energy_spread(energies, member_offsets: np.ndarray, structures: list, ddof: int) -> np.ndarray:
+    """[n] eV: σ_E of each structure, from its samples' energies [S, n] less their per-element offsets."""
+    offsets = np.stack([member_offsets[:, atoms.numbers].sum(axis=1) for atoms in structures], axis=1)
+    return (np.asarray(energies, np.float64) - offsets).std(axis=0, ddof=ddof)
+
+
 def fit_member_offsets(posterior, posterior_params: Any, structures: list, batch_size: int = 32) -> np.ndarray:
     """[S, 119] eV: each sample's energy offset per element on ``structures`` (ase.Atoms), by least squares.
 
@@ -128,8 +141,11 @@ def fit_member_offsets(posterior, posterior_params: Any, structures: list, batch
 
     if not structures:
         raise MLIPError("fit_member_offsets needs at least one structure")
+    if not hasattr(posterior, "sample_outputs"):
+        raise MLIPError("member offsets (the energy score, an uncertainty bias) need a model with parameter "
+                        f"samples (an ensemble or a posterior), not a {type(posterior).__name__}")
     dtype = np.float64 if posterior.config.dtype == "float64" else np.float32
-    member_energies = jax.jit(lambda params, graph: posterior.sample_outputs(params, graph, False, False)["energy"])
+    member_energies = sample_energies(posterior)
     samples = [build_sample(frame_from_atoms(atoms), posterior.cutoff, posterior.k_cutoff, posterior.molecules_only)
                for atoms in structures]
     energies = []
