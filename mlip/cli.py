@@ -192,6 +192,16 @@ def command_md(args) -> int:
 
     potential, params = load_potential(args.run_dir, args.which, args.rotation_average, args.fidelity)
     atoms = read_structure(args.structure)
+    if args.uncertainty_bias < 0:
+        raise MLIPError(f"--uncertainty-bias must be >= 0 (got {args.uncertainty_bias})")
+    if args.uncertainty_bias:
+        from mlip.uq.bias import UncertaintyBiasedPotential, fit_member_offsets
+
+        reference = _bias_reference(args)
+        offsets = fit_member_offsets(potential, params, reference)
+        potential = UncertaintyBiasedPotential(potential, args.uncertainty_bias, offsets)
+        print(f"md: moving on E - {args.uncertainty_bias:g} sigma_E (members' offsets fitted on "
+              f"{len(reference)} reference structures); for finding structures to label, not for observables")
     summary = run_md(potential, params, atoms, trajectory=args.trajectory, steps=args.steps,
                      interval=args.interval, progress_bar=not args.no_progress, ensemble=args.ensemble,
                      timestep_fs=args.timestep, temperature_K=args.temperature, pressure_GPa=args.pressure,
@@ -206,6 +216,38 @@ def command_md(args) -> int:
     print(line)
     print(f"trajectory: {summary['trajectory']}  log: {summary['log']}")
     return 0
+
+
+# Structures enough to fix one energy offset per member and element (`fit_member_offsets`).
+_BIAS_REFERENCE_STRUCTURES = 200
+
+
+def _bias_reference(args) -> list:
+    """The structures the members' energy offsets are fitted on: ``--bias-reference``, or the run's training data."""
+    from mlip.data.reader import read_atoms, split_data_spec
+
+    if args.bias_reference:
+        structures = read_atoms(args.bias_reference)
+    else:
+        import yaml
+
+        from mlip.training.config import source_list
+
+        config_path = os.path.join(args.run_dir, "config.yaml")
+        try:
+            with open(config_path) as stream:
+                train = (yaml.safe_load(stream).get("data") or {}).get("train")
+            sources = source_list(train)
+        except (OSError, yaml.YAMLError, ValueError) as error:
+            raise MLIPError(f"{config_path}: cannot read the run's training data for the uncertainty bias "
+                            f"({error}); give --bias-reference DATA") from error
+        missing = [entry.source for entry in sources if not os.path.exists(split_data_spec(entry.source)[0])]
+        if not sources or missing:
+            raise MLIPError(f"{config_path}: the run's training data {missing or ''} is not found from here; give "
+                            "--bias-reference DATA (structures like the training data, labels not needed)")
+        structures = [atoms for entry in sources for atoms in read_atoms(entry.source)]
+    stride = max(1, -(-len(structures) // _BIAS_REFERENCE_STRUCTURES))
+    return structures[::stride]
 
 
 def command_active_learn(args) -> int:
@@ -312,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="multi-fidelity model: the level of theory to run at (default: the last listed)")
     md.add_argument("--rotation-average", type=int, default=None, metavar="K",
                     help="transip models: average over K fixed rotations (closer to invariant, K× the cost)")
+    md.add_argument("--uncertainty-bias", type=float, default=0.0, metavar="TAU",
+                    help="move on E - TAU*sigma_E, drawn to structures the model does not know (a model with "
+                         "uncertainty: an ensemble or a posterior; hyperactive learning): for finding structures to "
+                         "label, never for observables (default 0: plain MD)")
+    md.add_argument("--bias-reference", metavar="DATA",
+                    help="structures like the training data (path@index, no labels needed) on which each member's "
+                         "energy offset is taken off before sigma_E (default: the run's training data)")
     md.add_argument("--no-progress", action="store_true", help="no progress bar")
     md.set_defaults(handler=command_md)
 

@@ -349,6 +349,12 @@ def main(argv=None) -> int:
                         help="exploration.uncertainty_bias (τ: MD on E − τσ_E) changed to this (results and docs "
                              "section get the suffix _biasT): does exploration drawn to what the model does not "
                              "know find more worth labelling?")
+    parser.add_argument("--selection-batch", type=int, default=None,
+                        help="selection.batch_size changed to this, with --max-labels (default: the config's "
+                             "budget) and as many iterations as that takes (results and docs section get the suffix "
+                             "_batchN_labelsM): do smaller batches, each chosen by a model that saw the last, "
+                             "buy more per label?")
+    parser.add_argument("--max-labels", type=int, default=None, help="budget.max_labels, with --selection-batch")
     parser.add_argument("--random-from", default=None,
                         help="run/table: where this results file has no random run of a seed, take that seed's "
                              "from this results file in docs/ (an earlier round with the same config otherwise; "
@@ -383,6 +389,15 @@ def main(argv=None) -> int:
         system = {**system, "changes": {**system["changes"], "exploration": exploration},
                   "results": system["results"].replace(".json", f"_bias{tau:g}.json"),
                   "marker": f"{system['marker']}-bias{tau:g}"}
+    if args.selection_batch is not None:
+        n = args.selection_batch
+        config = yaml.safe_load(open(os.path.join(ROOT, "configs", system["config"])))
+        labels = args.max_labels or config["budget"]["max_labels"]
+        selection = {**system["changes"].get("selection", {}), "batch_size": n}
+        budget = {"max_labels": labels, "max_iterations": -(-labels // n)}
+        system = {**system, "changes": {**system["changes"], "selection": selection, "budget": budget},
+                  "results": system["results"].replace(".json", f"_batch{n}_labels{labels}.json"),
+                  "marker": f"{system['marker']}-batch{n}-labels{labels}"}
     work_dir = args.work_dir or os.path.join(ROOT, "runs", system["results"][:-len(".json")])
     if args.part == "retrain":
         recorded = retrain(system, args.arms, args.seeds, work_dir, args.iterations, args.train_seeds)

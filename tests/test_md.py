@@ -195,6 +195,47 @@ def test_md_cli_writes_trajectory_log_and_summary(cuau, tmp_path):
     assert os.path.exists(tmp_path / "md.log")
 
 
+def test_md_cli_moves_an_ensemble_on_its_uncertainty_biased_energy(cuau, tmp_path, capsys):
+    import jax
+    from conftest import emt_frames
+
+    from mlip.cli import main
+    from mlip.training.checkpoint import model_metadata, save_pytree, write_json
+    from mlip.uq import stack_samples
+
+    potential, params = cuau
+    rng = np.random.default_rng(0)
+    members = stack_samples([jax.tree.map(lambda x: np.asarray(x) * (1 + 0.3 * rng.normal(size=np.shape(x))),
+                                          params) for _ in range(3)])
+    runs = {}
+    for name, stored, uncertainty in [("single", params, None),
+                                      ("ensemble", members, {"method": "deep_ensemble", "members": 3})]:
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        write_json(str(runs[name] / "model.json"), model_metadata(potential, uncertainty))
+        save_pytree(str(runs[name] / "best.msgpack"), stored)
+    structure, reference = tmp_path / "start.extxyz", tmp_path / "reference.extxyz"
+    ase.io.write(structure, cuau_cell())
+    ase.io.write(reference, emt_frames(4, seed=2))  # two compositions: each member's offsets are fitted
+
+    def first_energy(run, *options):
+        trajectory = tmp_path / f"{run}{len(options)}.extxyz"
+        code = main(["md", str(runs[run]), "--structure", str(structure), "--ensemble", "langevin",
+                     "--temperature", "300", "--steps", "4", "--interval", "4", "--trajectory", str(trajectory),
+                     "--no-progress", *options])
+        return code, (ase.io.read(trajectory, 0).get_potential_energy() if code == 0 else None)
+
+    code, plain = first_energy("ensemble")
+    code_biased, biased = first_energy("ensemble", "--uncertainty-bias", "2", "--bias-reference", str(reference))
+    assert code == code_biased == 0 and biased < plain - 1e-6  # E − τσ_E, σ_E > 0
+    assert "moving on E - 2 sigma_E" in capsys.readouterr().out
+    # Without --bias-reference it needs the run's training data (config.yaml), and says so.
+    assert first_energy("ensemble", "--uncertainty-bias", "1")[0] == 2
+    assert "--bias-reference" in capsys.readouterr().err
+    assert first_energy("single", "--uncertainty-bias", "1", "--bias-reference", str(reference))[0] == 2
+    assert "parameter samples" in capsys.readouterr().err
+
+
 def test_small_molecule_never_rebuilds_its_complete_neighbour_list():
     potential, params = make_potential([1, 6, 8], r_max=6.0, scale=0.05)  # > every distance
     atoms = molecule("CH3CH2OH")

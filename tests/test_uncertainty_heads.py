@@ -238,6 +238,35 @@ def test_shallow_ensemble_members_match_their_mean(shallow_model):
         np.testing.assert_allclose(means[name], predicted[name], rtol=1e-10, atol=1e-12)
 
 
+def test_uncertainty_bias_of_a_shallow_ensemble_is_the_derivative_of_its_biased_energy(shallow_model):
+    # Its samples are readout members, whose forces take K backward passes (not parameter samples).
+    from mlip.uq import PosteriorPotential, UncertaintyBiasedPotential, stack_samples
+    from mlip.uq.bias import fit_member_offsets
+
+    potential, params, graph, apply = shallow_model
+    posterior, stack = PosteriorPotential(potential, "shallow_ensemble"), stack_samples([params])
+    offsets = fit_member_offsets(posterior, stack, emt_frames(4, seed=8))
+    assert offsets.shape == (3, 119)  # one row per readout member
+    biased = UncertaintyBiasedPotential(posterior, strength=1.5, member_offsets=offsets)
+    outputs = jax.jit(lambda p, g: biased.apply_mean(p, g, True, False))(stack, graph)
+    energy_of = jax.jit(lambda p, g: biased.apply_mean(p, g, False, False)["energy"])
+    real = np.asarray(graph.graph_mask)
+    members = np.asarray(apply(params, graph)["energy_members"])[:, real]
+    species, node_graph = np.asarray(graph.species), np.asarray(graph.node_graph)
+    shifted = members - np.stack([[offsets[k, species[node_graph == g]].sum()
+                                   for g in np.flatnonzero(real)] for k in range(3)])
+    np.testing.assert_allclose(np.asarray(outputs["energy"])[real],
+                               members.mean(axis=0) - 1.5 * shifted.std(axis=0, ddof=1), rtol=1e-8)
+    positions, h = np.asarray(graph.positions), 1e-4
+    for atom, axis in [(0, 0), (3, 2)]:
+        step = np.zeros_like(positions)
+        step[atom, axis] = h
+        energies = [float(np.sum(np.asarray(energy_of(stack, graph.replace(positions=positions + sign * step)))[real]))
+                    for sign in (1, -1)]
+        assert float(outputs["forces"][atom, axis]) == pytest.approx(-(energies[0] - energies[1]) / (2 * h),
+                                                                     rel=1e-6, abs=1e-9)
+
+
 def test_shallow_ensemble_with_identical_heads_has_zero_spread_and_keeps_it(shallow_model):
     from mlip.training.loss import gaussian_nll_terms, loss_terms
     from mlip.training.config import LossConfig

@@ -126,6 +126,8 @@ class ReplicaDynamics:
         self.stopped: dict[int, str] = {}
         self.neighbour_list_builds = 0
         self._samples: list = [None] * count
+        self._graphs: list = [None] * count  # each replica's packed graph at ``self._sizes``
+        self._sizes = None
         self._neighbour_capacity = 0
         self._k_capacity = 0
         self._mesh_shape: tuple = ()
@@ -176,10 +178,14 @@ class ReplicaDynamics:
             if mesh_shape:
                 self._mesh_shape = tuple(np.maximum(self._mesh_shape or (0, 0, 0), mesh_shape).tolist())
             self.neighbour_list_builds += 1
-        # Every replica's graph at the shared sizes: the stacked templates are one array each.
+        # Every replica's graph at the shared sizes: the stacked templates are one array each. Only
+        # the rebuilt replicas are packed again, unless the shared sizes grew.
         sizes = PaddedSizes.dense(self._n_padded, self._neighbour_capacity, 2,
                                   0 if self._mesh_shape else self._k_capacity, self._mesh_shape)
-        graphs = [pack_samples([sample], sizes, None, self.dtype) for sample in self._samples]
+        repack = range(self.count) if sizes != self._sizes else replicas
+        for r in repack:
+            self._graphs[r] = pack_samples([self._samples[r]], sizes, None, self.dtype)
+        self._sizes, graphs = sizes, self._graphs
         self._templates = jax.device_put(jax.tree.map(lambda *leaves: np.stack(leaves),
                                                       *[graph.replace(targets={}) for graph in graphs]))
         self._reference_positions = jnp.asarray(np.stack([graph.positions for graph in graphs]), self.dtype)
