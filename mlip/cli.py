@@ -224,7 +224,7 @@ _BIAS_REFERENCE_STRUCTURES = 200
 
 def _bias_reference(args) -> list:
     """The structures the members' energy offsets are fitted on: ``--bias-reference``, or the run's training data."""
-    from mlip.data.reader import read_atoms, split_data_spec
+    from mlip.data.reader import read_atoms
 
     if args.bias_reference:
         structures = read_atoms(args.bias_reference)
@@ -237,15 +237,13 @@ def _bias_reference(args) -> list:
         try:
             with open(config_path) as stream:
                 train = (yaml.safe_load(stream).get("data") or {}).get("train")
-            sources = source_list(train)
-        except (OSError, yaml.YAMLError, ValueError) as error:
+            structures = [atoms for entry in source_list(train) for atoms in read_atoms(entry.source)]
+        except (OSError, yaml.YAMLError, ValueError, MLIPError) as error:
             raise MLIPError(f"{config_path}: cannot read the run's training data for the uncertainty bias "
-                            f"({error}); give --bias-reference DATA") from error
-        missing = [entry.source for entry in sources if not os.path.exists(split_data_spec(entry.source)[0])]
-        if not sources or missing:
-            raise MLIPError(f"{config_path}: the run's training data {missing or ''} is not found from here; give "
-                            "--bias-reference DATA (structures like the training data, labels not needed)")
-        structures = [atoms for entry in sources for atoms in read_atoms(entry.source)]
+                            f"({error}); give --bias-reference DATA (structures like the training data, "
+                            "labels not needed)") from error
+        if not structures:
+            raise MLIPError(f"{config_path}: names no training data; give --bias-reference DATA")
     stride = max(1, -(-len(structures) // _BIAS_REFERENCE_STRUCTURES))
     return structures[::stride]
 
