@@ -52,16 +52,20 @@ from benchmark_common import versions as peer_versions  # noqa: E402  (scripts/ 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each data set: the labelled file the split is cut from, its isolated-atom E0s, the default
-# split, and whether the extrapolation figures of scripts/benchmark_extrapolation.py apply.
+# split, whether the extrapolation figures of scripts/benchmark_extrapolation.py apply, and
+# mlip's config (configs/).
 DATASETS = {
     "ethanol": {"data": "ethanol_gfn2_500K.extxyz", "e0s": "ethanol_gfn2_e0s.json",
-                "train": "0:500", "valid": "500:600", "test": "600:1000", "extrapolation": False},
+                "train": "0:500", "valid": "500:600", "test": "600:1000", "extrapolation": False,
+                "mlip_config": "benchmark_ethanol.yaml"},
     # Train on trans n-butane at 300 K; test held out at 300 K, hotter MD and torsion scans.
     "butane": {"data": "butane_gfn2_300K.extxyz", "e0s": "butane_gfn2_e0s.json",
-               "train": "0:450", "valid": "450:500", "test": "500:", "extrapolation": True},
+               "train": "0:450", "valid": "450:500", "test": "500:", "extrapolation": True,
+               "mlip_config": "benchmark_butane.yaml"},
 }
 
-# One architecture for both MACE implementations: the same as configs/benchmark_ethanol.yaml.
+# mace-torch's architecture: configs/benchmark_ethanol.yaml's, mlip's on ethanol (mlip's butane
+# config differs only in a 4 Å cutoff; --mace-r-max gives mace-torch the same).
 MACE_ARCHITECTURE = {"r_max": 5.0, "num_channels": 32, "max_L": 1, "max_ell": 3, "correlation": 3,
                      "num_interactions": 2, "batch_size": 5, "lr": 0.01}
 
@@ -144,13 +148,15 @@ def small_config(work_dir: str) -> str:
     return path
 
 
-def train_mlip(split: dict, work_dir: str, budget_s: float, small: bool = False) -> dict:
-    """mlip with configs/benchmark_ethanol.yaml, or (small) its training with configs/small.yaml's model."""
+def train_mlip(split: dict, work_dir: str, budget_s: float, small: bool = False,
+               config_name: str = "benchmark_ethanol.yaml") -> dict:
+    """mlip with configs/``config_name``, or (small) configs/benchmark_ethanol.yaml's training with
+    configs/small.yaml's model."""
     start = time.monotonic()
     name = "mlip-small" if small else "mlip"
     run_dir = os.path.join(work_dir, f"{name}_run")
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = small_config(work_dir) if small else os.path.join(ROOT, "configs", "benchmark_ethanol.yaml")
+    config = small_config(work_dir) if small else os.path.join(ROOT, "configs", config_name)
     # mlip stops itself on time (training.max_time counts from the start of its training
     # loop); 20 s are left for start-up and data loading, the rest of the budget is the
     # same hard limit every framework gets.
@@ -166,8 +172,11 @@ def train_mlip(split: dict, work_dir: str, budget_s: float, small: bool = False)
     # evaluation and plots, which the peers do outside their budget.
     training_end = os.path.getmtime(os.path.join(run_dir, "last.msgpack"))
     result["training_s"] = round(training_end - (time.time() - (time.monotonic() - start)), 1)
+    import yaml
+
+    backbone = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))["model"]["backbone"]
     result.update(epochs=summary["epochs"], model=run_dir, python=sys.executable,
-                  n_params=_mlip_parameter_count(run_dir))
+                  n_params=_mlip_parameter_count(run_dir), r_max=backbone["r_max"])
     return result
 
 
@@ -216,7 +225,7 @@ def peer_plan(name: str, work_dir: str, budget_s: float, probe_s: float, epoch_s
 def mace_arguments(split: dict, mace_dir: str) -> list:
     e0s = json.load(open(split["e0s"]))
     e0_text = "{" + ",".join(f"{z}:{v}" for z, v in e0s.items()) + "}"
-    a = MACE_ARCHITECTURE
+    a = {**MACE_ARCHITECTURE, "r_max": split.get("mace_r_max") or MACE_ARCHITECTURE["r_max"]}
     return [
         "--name=model", f"--train_file={split['train']}", f"--valid_file={split['valid']}",
         f"--E0s={e0_text}", "--energy_key=REF_energy", "--forces_key=REF_forces",
@@ -269,7 +278,8 @@ def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, probe_s: 
     model = os.path.join(mace_dir, "model_stagetwo.model")
     if not os.path.exists(model):
         model = os.path.join(mace_dir, "model.model")
-    result.update(plan, epochs=epochs + 1, model=model, python=os.path.join(venv, "bin", "python"))
+    result.update(plan, epochs=epochs + 1, model=model, python=os.path.join(venv, "bin", "python"),
+                  r_max=split.get("mace_r_max") or MACE_ARCHITECTURE["r_max"])
     return result
 
 
@@ -393,7 +403,7 @@ def write_extrapolation_report(results: dict, meta: dict, section: str = "extrap
         results[name]["extrapolation"] = with_barrier_errors(results[name]["extrapolation"])
     ours = results.get("mlip", {}).get("extrapolation")
     lines = [f"Run on {meta['date']}, {meta['cpu']} ({meta['cores']} cores), {meta['budget_s']:.0f} s per "
-             f"framework, one after the other. Command: `{meta['command']}`",
+             f"framework, one after the other. Command: `{meta['command']}`" + _carried_note(meta),
              "",
              "| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, key in EXTRAPOLATION_ROWS:
@@ -453,6 +463,31 @@ def write_extrapolation_mean_report(section: str = "extrapolation-peers-mean") -
                            "Extrapolation (n-butane): mean over seeds")
 
 
+def carry_over_recorded(results: dict, json_path: str) -> dict:
+    """Adds to ``results`` the frameworks recorded in ``json_path`` that this run did not train.
+
+    Returns {framework: the date of the run it comes from}. Only valid while the machine runs
+    at the recorded speed: compare this run's epochs with the recorded ones.
+    """
+    if not os.path.exists(json_path):
+        raise SystemExit(f"--keep-recorded: nothing recorded at {json_path}")
+    recorded = json.load(open(json_path))
+    carried = {}
+    for name, row in recorded["results"].items():
+        if name not in results:
+            carried[name] = recorded["meta"].get("carried_over", {}).get(name, recorded["meta"]["date"])
+            results[name] = row
+    return carried
+
+
+def _carried_note(meta: dict) -> str:
+    carried = meta.get("carried_over") or {}
+    if not carried:
+        return ""
+    return (" Carried over from their own earlier run on this machine (`--keep-recorded`): "
+            + ", ".join(f"{name} ({date})" for name, date in carried.items()) + ".")
+
+
 def versions(peer_dir: str) -> dict:
     return {"python": platform.python_version(), **peer_versions(peer_dir)}
 
@@ -471,7 +506,7 @@ def write_report(results: dict, meta: dict, section: str, json_path: str,
         f"Data: `{meta['data']}`, train {meta['n_train']} / valid {meta['n_valid']} / test {meta['n_test']} "
         f"frames; isolated-atom E0s from `{meta['e0s']}` for mlip and mace, apax "
         "fits its own per-element shift.",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}`" + _carried_note(meta),
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         "",
         "| framework | model | params | epochs | training wall s | test E MAE meV/atom | E RMSE | "
@@ -487,7 +522,8 @@ def write_report(results: dict, meta: dict, section: str, json_path: str,
             lines.append(f"| {name} | {descriptions[name]} | | | | failed: {row['error'][:80]} | | | | |")
             continue
         ratio = f"{row['forces_mae_mev_per_a'] / ours:.2f}" if ours else ""
-        lines.append(f"| {name} | {descriptions[name]} | {row.get('n_params', '')} | {row.get('epochs', '')} | "
+        description = descriptions[name] + (f", r_max {row['r_max']:g} Å" if "r_max" in row else "")
+        lines.append(f"| {name} | {description} | {row.get('n_params', '')} | {row.get('epochs', '')} | "
                      f"{row.get('training_s', row['wall_s'])} | {row['energy_mae_mev_per_atom']:.2f} | {row['energy_rmse_mev_per_atom']:.2f} | "
                      f"{row['forces_mae_mev_per_a']:.1f} | {row['forces_rmse_mev_per_a']:.1f} | {ratio} |")
     lines_text = "\n".join(lines)
@@ -526,6 +562,12 @@ def main(argv=None) -> None:
                         help="seconds per mace epoch (plans its stage two); default: timed by a probe")
     parser.add_argument("--apax-epoch-s", type=float, default=None,
                         help="seconds per apax epoch (plans its lr decay); default: timed by a probe")
+    parser.add_argument("--mace-r-max", type=float, default=None,
+                        help=f"mace-torch's cutoff (default {MACE_ARCHITECTURE['r_max']} Å); with --section, "
+                             "a side run that leaves the recorded tables alone")
+    parser.add_argument("--keep-recorded", action="store_true",
+                        help="frameworks not in --frameworks keep their results from this seed's recorded json "
+                             "(their run's date noted in the table): retrain mlip alone against the peers' runs")
     parser.add_argument("--mean-over-seeds", action="store_true",
                         help="train nothing: the mean over the seeds of the butane runs recorded in docs/, "
                              "as a table in docs/benchmarks.md")
@@ -541,14 +583,15 @@ def main(argv=None) -> None:
     data = os.path.join(ROOT, "data", dataset["data"])
     split = write_split(args.work_dir, data, os.path.join(ROOT, "data", dataset["e0s"]),
                         *(getattr(args, part) or dataset[part] for part in ("train", "valid", "test")))
-    split["seed"] = args.seed
+    split.update(seed=args.seed, mace_r_max=args.mace_r_max)
     extrapolation_sets = extrapolation_files(args.work_dir) if dataset["extrapolation"] else {}
     results = {}
     for name in args.frameworks.split(","):
         print(f"training {name} for {args.budget_s:.0f} s ...", flush=True)
         try:
             if name in ("mlip", "mlip-small"):
-                run = train_mlip(split, args.work_dir, args.budget_s, small=name == "mlip-small")
+                run = train_mlip(split, args.work_dir, args.budget_s, small=name == "mlip-small",
+                                 config_name=dataset["mlip_config"])
             elif name == "mace":
                 run = train_mace(split, args.work_dir, args.budget_s, os.path.join(args.peer_dir, "mace-venv"),
                                  args.probe_s, args.mace_epoch_s)
@@ -573,10 +616,13 @@ def main(argv=None) -> None:
             "command": "python scripts/benchmark_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "versions": versions(args.peer_dir)}
     suffix = ("" if args.dataset == "ethanol" else f"_{args.dataset}") + (f"_seed{args.seed}" if args.seed else "")
+    json_path = args.json or os.path.join(ROOT, "docs", f"benchmark_accuracy{suffix}.json")
+    if args.keep_recorded:
+        meta["carried_over"] = carry_over_recorded(results, json_path)
     if extrapolation_sets:
-        write_extrapolation_report(results, meta, "extrapolation-peers" + suffix.replace("_butane", "").replace("_", "-"))
-    write_report(results, meta, args.section or "accuracy" + suffix.replace("_", "-"),
-                 args.json or os.path.join(ROOT, "docs", f"benchmark_accuracy{suffix}.json"),
+        write_extrapolation_report(results, meta, f"extrapolation-{args.section}" if args.section else
+                                   "extrapolation-peers" + suffix.replace("_butane", "").replace("_", "-"))
+    write_report(results, meta, args.section or "accuracy" + suffix.replace("_", "-"), json_path,
                  heading=f"Accuracy at equal wall-clock budget ({args.dataset})")
 
 

@@ -241,6 +241,23 @@ def test_uncertainty_bias_is_tau_sigma_off_the_energy_with_forces_and_stress_its
     derivative = (strained(1) - strained(-1)) / (2 * h)
     assert float(outputs["stress"][0, 0, 1]) == pytest.approx(derivative / volume, rel=1e-5, abs=1e-9)
 
+    # Draws from one posterior (SWAG, Laplace, SG-MCMC, IVON: ddof 0) take the same path with
+    # σ over M instead of M − 1: the energy and a force component again.
+    draws = UncertaintyBiasedPotential(PosteriorPotential(potential, "swag", ddof=0), strength=tau,
+                                       member_offsets=offsets)
+    draws_energy_of = jax.jit(lambda p, g: draws.apply_mean(p, g, False, False)["energy"])
+    draws_outputs = jax.jit(lambda p, g: draws.apply_mean(p, g, True, False))(stack, periodic_batch)
+    np.testing.assert_allclose(np.asarray(draws_outputs["energy"])[real],
+                               np.asarray(plain["energy"])[real] - tau * shifted.std(axis=0, ddof=0), rtol=1e-10)
+    step = np.zeros_like(positions)
+    step[1, 2] = h
+
+    def draws_total(moved):
+        return float(np.sum(np.asarray(draws_energy_of(stack, periodic_batch.replace(positions=moved)))[real]))
+
+    derivative = (draws_total(positions + step) - draws_total(positions - step)) / (2 * h)
+    assert float(draws_outputs["forces"][1, 2]) == pytest.approx(-derivative, rel=1e-6, abs=1e-9)
+
     # MD moves on the biased energy: the structure it ends on carries E − τσ there.
     atoms = emt_frames(1, seed=11)[0]
     md = MolecularDynamics(biased, stack, atoms, ensemble="langevin", temperature_K=300, timestep_fs=1.0, seed=1)

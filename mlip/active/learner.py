@@ -456,11 +456,9 @@ class _Scorer:
 
         self.potential, self.params, self.score, self.offsets = potential, params, score, offsets
         if score == "energy":
-            from mlip.uq.bias import sample_energies
-
             if offsets is None:
                 raise ValueError("the energy score needs the members' offsets")
-            self._member_energies = sample_energies(potential)
+            self._member_energies = potential.sample_energies
         self.predictor = Predictor(potential, compute_stress=False)
         # Features of the first posterior sample: a descriptor, not a prediction.
         inner = getattr(potential, "potential", potential)

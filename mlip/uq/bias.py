@@ -33,7 +33,6 @@ shrinks as the model learns. Keep it near the thermal energy (τ σ_E ≲ a few 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Optional
 
 import jax
@@ -116,12 +115,6 @@ class UncertaintyBiasedPotential:
         return outputs
 
 
-@functools.lru_cache(maxsize=4)
-def sample_energies(posterior):
-    """``energies(posterior_params, graph) -> [S, G]``, each sample's graph energies (jitted once per posterior)."""
-    return jax.jit(lambda params, graph: posterior.sample_outputs(params, graph, False, False)["energy"])
-
-
 def offset_free_energy_spread(energies, member_offsets: np.ndarray, structures: list, ddof: int) -> np.ndarray:
     """[n] eV: σ_E of each structure, from its samples' energies [S, n] less their per-element offsets."""
     offsets = np.stack([member_offsets[:, atoms.numbers].sum(axis=1) for atoms in structures], axis=1)
@@ -145,7 +138,7 @@ def fit_member_offsets(posterior, posterior_params: Any, structures: list, batch
         raise MLIPError("member offsets (the energy score, an uncertainty bias) need a model with parameter "
                         f"samples (an ensemble or a posterior), not a {type(posterior).__name__}")
     dtype = np.float64 if posterior.config.dtype == "float64" else np.float32
-    member_energies = sample_energies(posterior)
+    member_energies = posterior.sample_energies
     samples = [build_sample(frame_from_atoms(atoms), posterior.cutoff, posterior.k_cutoff, posterior.molecules_only)
                for atoms in structures]
     energies = []

@@ -25,6 +25,7 @@ the ASE calculator and MD use an ensemble exactly as they use a single model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -256,6 +257,12 @@ class PosteriorPotential:
         outputs = map_samples(lambda params: self.potential.apply(params, graph, compute_forces, compute_stress),
                               posterior_params, self.parallel_samples)
         return flatten_members(outputs)
+
+    @functools.cached_property
+    def sample_energies(self) -> Callable:
+        """``(posterior_params, graph) -> [S, G]``: each sample's graph energies, jitted once and kept on
+        this posterior (it goes with it, where a module-level cache would keep posteriors alive)."""
+        return jax.jit(lambda params, graph: self.sample_outputs(params, graph, False, False)["energy"])
 
     def apply_mean(self, posterior_params: Any, graph, compute_forces: bool = True,
                    compute_stress: bool = False) -> dict:
