@@ -27,6 +27,12 @@ Peers run in their own virtual environments (mace-torch needs torch, apax its ow
 its results go to their own json and docs sections (suffix ``_seedN``), beside seed 0's;
 ``--mean-over-seeds`` then tabulates every recorded butane seed's mean per figure.
 
+mlip's config is per data set (configs/benchmark_ethanol.yaml, configs/benchmark_butane.yaml).
+``--frameworks mlip --keep-recorded`` retrains mlip alone and keeps the peers' recorded results
+of the same seed, their date in the table: for a change of mlip's config, valid while the
+machine runs at the recorded speed (compare the epochs). ``--mace-r-max`` gives mace-torch
+another cutoff (with ``--section`` and ``--json``, a side run beside the recorded tables).
+
 This is a benchmark script, never part of the test suite.
 """
 
