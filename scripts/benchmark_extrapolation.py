@@ -122,16 +122,13 @@ VARIANTS = {"mlip": {}, "mlip+zbl": {"model": {"repulsion": {"name": "zbl"}}},
             "mlip+ensemble3": {"uncertainty": {"method": "deep_ensemble", "members": 3}},
             # Aimed at the gauche well the trans frames never reach, which every seed of the plain
             # model puts 80-120 meV too high: a cutoff that leaves out the trans 1-4 C-C pair
-            # (3.9 A), so no pair term can tie the energy to that distance; a coarser angular
-            # basis; one interaction layer instead of two.
+            # (3.9 A), so no pair term can tie the energy to that distance.
             "mlip+r_max4": {"model": {"backbone": {"r_max": 4.0}}},
             "mlip+r_max4.5": {"model": {"backbone": {"r_max": 4.5}}},
             # Below the trans 1-4 C-C pair even at 1200 K (3.7-4.15 A), where a 4 A cutoff has it
             # in and out of the envelope's tail.
             "mlip+r_max3.5": {"model": {"backbone": {"r_max": 3.5}}},
-            "mlip+r_max3.75": {"model": {"backbone": {"r_max": 3.75}}},
-            "mlip+max_ell2": {"model": {"backbone": {"max_ell": 2}}},
-            "mlip+layers1": {"model": {"backbone": {"num_interactions": 1}}}}
+            "mlip+r_max3.75": {"model": {"backbone": {"r_max": 3.75}}}}
 
 
 def merged(base: dict, change: dict) -> dict:
