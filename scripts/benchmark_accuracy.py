@@ -231,7 +231,7 @@ def peer_plan(name: str, work_dir: str, budget_s: float, probe_s: float, epoch_s
 def mace_arguments(split: dict, mace_dir: str) -> list:
     e0s = json.load(open(split["e0s"]))
     e0_text = "{" + ",".join(f"{z}:{v}" for z, v in e0s.items()) + "}"
-    a = {**MACE_ARCHITECTURE, "r_max": split.get("mace_r_max") or MACE_ARCHITECTURE["r_max"]}
+    a = {**MACE_ARCHITECTURE, "r_max": split["mace_r_max"]}
     return [
         "--name=model", f"--train_file={split['train']}", f"--valid_file={split['valid']}",
         f"--E0s={e0_text}", "--energy_key=REF_energy", "--forces_key=REF_forces",
@@ -285,7 +285,7 @@ def train_mace(split: dict, work_dir: str, budget_s: float, venv: str, probe_s: 
     if not os.path.exists(model):
         model = os.path.join(mace_dir, "model.model")
     result.update(plan, epochs=epochs + 1, model=model, python=os.path.join(venv, "bin", "python"),
-                  r_max=split.get("mace_r_max") or MACE_ARCHITECTURE["r_max"])
+                  r_max=split["mace_r_max"])
     return result
 
 
@@ -589,7 +589,7 @@ def main(argv=None) -> None:
     data = os.path.join(ROOT, "data", dataset["data"])
     split = write_split(args.work_dir, data, os.path.join(ROOT, "data", dataset["e0s"]),
                         *(getattr(args, part) or dataset[part] for part in ("train", "valid", "test")))
-    split.update(seed=args.seed, mace_r_max=args.mace_r_max)
+    split.update(seed=args.seed, mace_r_max=args.mace_r_max or MACE_ARCHITECTURE["r_max"])
     extrapolation_sets = extrapolation_files(args.work_dir) if dataset["extrapolation"] else {}
     results = {}
     for name in args.frameworks.split(","):

@@ -200,8 +200,7 @@ def test_uncertainty_bias_is_tau_sigma_off_the_energy_with_forces_and_stress_its
     known = emt_frames(4, seed=9)
     offsets = fit_member_offsets(posterior, stack, known)
     assert offsets.shape == (3, 119) and np.allclose(offsets.sum(axis=0), 0.0) and not offsets[:, 1].any()
-    members = np.asarray(jax.jit(lambda p, g: posterior.sample_outputs(p, g, False, False)["energy"])(
-        stack, batch_of(known)))[:, :4]
+    members = np.asarray(posterior.sample_energies(stack, batch_of(known)))[:, :4]
     fitted = np.stack([[offsets[m, atoms.numbers].sum() for atoms in known] for m in range(3)])
     residual = members - members.mean(axis=0) - fitted
     assert np.abs(residual).sum() < 0.5 * np.abs(members - members.mean(axis=0)).sum()  # least squares
@@ -210,16 +209,15 @@ def test_uncertainty_bias_is_tau_sigma_off_the_energy_with_forces_and_stress_its
     energy_of = jax.jit(lambda p, g: biased.apply_mean(p, g, False, False)["energy"])
     outputs, plain = apply_biased(stack, periodic_batch), apply_posterior(stack, periodic_batch)
     real = np.asarray(periodic_batch.graph_mask)
-    member_energies = np.asarray(jax.jit(lambda p, g: posterior.sample_outputs(p, g, False, False)["energy"])(
-        stack, periodic_batch))[:, real]
+    member_energies = np.asarray(posterior.sample_energies(stack, periodic_batch))[:, real]
     numbers = [atoms.numbers for atoms in emt_frames(3, seed=5)]
     shifted = member_energies - np.stack([[offsets[m, z].sum() for z in numbers] for m in range(3)])
     np.testing.assert_allclose(np.asarray(outputs["energy"])[real],
                                np.asarray(plain["energy"])[real] - tau * shifted.std(axis=0, ddof=1), rtol=1e-10)
     assert np.all(shifted.std(axis=0, ddof=1) > 1e-3)  # the bias is not negligible here
 
-    def total(positions, cell):
-        return float(np.sum(np.asarray(energy_of(stack, periodic_batch.replace(positions=positions, cell=cell)))[real]))
+    def total(positions, cell, energy=energy_of):
+        return float(np.sum(np.asarray(energy(stack, periodic_batch.replace(positions=positions, cell=cell)))[real]))
 
     positions, cell, h = np.asarray(periodic_batch.positions), np.asarray(periodic_batch.cell), 1e-4
     for atom, axis in [(0, 0), (1, 2), (5, 1)]:
@@ -251,11 +249,8 @@ def test_uncertainty_bias_is_tau_sigma_off_the_energy_with_forces_and_stress_its
                                np.asarray(plain["energy"])[real] - tau * shifted.std(axis=0, ddof=0), rtol=1e-10)
     step = np.zeros_like(positions)
     step[1, 2] = h
-
-    def draws_total(moved):
-        return float(np.sum(np.asarray(draws_energy_of(stack, periodic_batch.replace(positions=moved)))[real]))
-
-    derivative = (draws_total(positions + step) - draws_total(positions - step)) / (2 * h)
+    derivative = (total(positions + step, cell, draws_energy_of)
+                  - total(positions - step, cell, draws_energy_of)) / (2 * h)
     assert float(draws_outputs["forces"][1, 2]) == pytest.approx(-derivative, rel=1e-6, abs=1e-9)
 
     # MD moves on the biased energy: the structure it ends on carries E − τσ there.
