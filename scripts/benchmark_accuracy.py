@@ -71,7 +71,7 @@ DATASETS = {
 }
 
 # mace-torch's architecture: configs/benchmark_ethanol.yaml's, mlip's on ethanol (mlip's butane
-# config differs only in a 4 Å cutoff; --mace-r-max gives mace-torch the same).
+# config differs only in a 4.5 Å cutoff; --mace-r-max gives mace-torch the same).
 MACE_ARCHITECTURE = {"r_max": 5.0, "num_channels": 32, "max_L": 1, "max_ell": 3, "correlation": 3,
                      "num_interactions": 2, "batch_size": 5, "lr": 0.01}
 
