@@ -224,10 +224,10 @@ _BIAS_REFERENCE_STRUCTURES = 200
 
 def _bias_reference(args) -> list:
     """The structures the members' energy offsets are fitted on: ``--bias-reference``, or the run's training data."""
-    from mlip.data.reader import read_atoms
+    from mlip.data.reader import evenly_strided, read_atoms
 
     if args.bias_reference:
-        structures = read_atoms(args.bias_reference)
+        structures = read_atoms(args.bias_reference, at_most=_BIAS_REFERENCE_STRUCTURES)
     else:
         import yaml
 
@@ -237,15 +237,15 @@ def _bias_reference(args) -> list:
         try:
             with open(config_path) as stream:
                 train = (yaml.safe_load(stream).get("data") or {}).get("train")
-            structures = [atoms for entry in source_list(train) for atoms in read_atoms(entry.source)]
+            structures = [atoms for entry in source_list(train)
+                          for atoms in read_atoms(entry.source, at_most=_BIAS_REFERENCE_STRUCTURES)]
         except (OSError, yaml.YAMLError, ValueError, MLIPError) as error:
             raise MLIPError(f"{config_path}: cannot read the run's training data for the uncertainty bias "
                             f"({error}); give --bias-reference DATA (structures like the training data, "
                             "labels not needed)") from error
         if not structures:
             raise MLIPError(f"{config_path}: names no training data; give --bias-reference DATA")
-    stride = max(1, -(-len(structures) // _BIAS_REFERENCE_STRUCTURES))
-    return structures[::stride]
+    return evenly_strided(structures, _BIAS_REFERENCE_STRUCTURES)
 
 
 def command_active_learn(args) -> int:

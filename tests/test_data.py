@@ -12,7 +12,7 @@ from ase.neighborlist import neighbor_list
 
 from mlip.data.batching import BatchIterator, PaddedSizes, build_samples, pack_samples, round_up_to_bucket, sizes_for
 from mlip.data.neighbours import neighbour_list
-from mlip.data.reader import LabelKeys, read_frames, split_data_spec
+from mlip.data.reader import LabelKeys, read_atoms, read_frames, split_data_spec
 from mlip.data.statistics import compute_statistics, fit_e0_least_squares, load_e0_file
 from mlip.errors import DataError
 
@@ -30,6 +30,23 @@ def test_reads_labels_under_any_key(tmp_path):
     frames = read_frames(path, LabelKeys(energy="dft_energy", forces="dft_forces"))
     assert frames[0].energy == -2075.5
     np.testing.assert_allclose(frames[0].forces, 1.0)
+
+
+def test_at_most_reads_every_kth_frame_of_the_selection(tmp_path):
+    # The uncertainty bias's reference structures: a stride over a large training file, which
+    # for extended XYZ parses only the frames it keeps.
+    frames = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.7 + 0.01 * k]]) for k in range(30)]
+    path = _write(tmp_path / "many.extxyz", frames)
+
+    def lengths(images):
+        return [round(float(atoms.positions[1, 2]), 2) for atoms in images]
+
+    wanted = lengths(frames[2:29])[::6]  # 27 frames, at most 5: every 6th
+    assert lengths(read_atoms(f"{path}@2:29", at_most=5)) == wanted
+    assert lengths(read_atoms(f"{path}@2:29", at_most=50)) == lengths(frames[2:29])
+    assert lengths(read_atoms(f"{path}@::-1", at_most=10)) == lengths(frames[::-1])[::3]
+    ase.io.write(tmp_path / "many.traj", frames)  # a format read whole, then strided
+    assert lengths(read_atoms(str(tmp_path / "many.traj"), at_most=7)) == lengths(frames)[::5]
 
 
 def test_reads_plain_energy_from_ase_calculator_results(tmp_path):

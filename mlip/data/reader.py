@@ -18,6 +18,7 @@ are read, converted from kcal/mol and kcal/mol/Å (or the file's ``e_unit``) to 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 from typing import Optional, Sequence
@@ -108,15 +109,21 @@ def split_data_spec(spec: str) -> tuple[str, str]:
     return spec, ":"
 
 
-def read_atoms(spec: str) -> list:
-    """Read the ASE ``Atoms`` objects selected by ``path@index``."""
+def read_atoms(spec: str, at_most: Optional[int] = None) -> list:
+    """Read the ASE ``Atoms`` objects selected by ``path@index``.
+
+    With ``at_most``, every k-th frame of the selection, k as small as keeps it to at most that
+    many; an extended XYZ file then has only those frames parsed (its frames are counted first).
+    """
     import ase.io
 
     path, index = split_data_spec(spec)
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found (from data source '{spec}')")
+    if at_most is not None:
+        index = _strided_xyz_index(path, index, at_most) or index
     if path.endswith(".npz"):
-        return read_npz(path, index)
+        return evenly_strided(read_npz(path, index), at_most)
     try:
         images = ase.io.read(path, index=index)
     except (ValueError, IndexError, KeyError) as error:
@@ -127,7 +134,47 @@ def read_atoms(spec: str) -> list:
         images = [images]
     if len(images) == 0:
         raise DataError(f"{spec}: the selection '{index}' contains no frames")
-    return images
+    return evenly_strided(images, at_most)
+
+
+def evenly_strided(images: list, at_most: Optional[int]) -> list:
+    """Every k-th of ``images``, k as small as keeps at most ``at_most`` of them."""
+    if at_most is None or len(images) <= at_most:
+        return images
+    return images[::-(-len(images) // at_most)]
+
+
+def _strided_xyz_index(path: str, index: str, at_most: int) -> Optional[str]:
+    """The ASE index of every k-th frame of ``index`` in an (extended) XYZ file, k as small as
+    keeps at most ``at_most``, so that ASE parses only those; None where that cannot be worked
+    out cheaply (another format, a single-frame index, a backward slice, a malformed file)."""
+    from ase.io.formats import string2index
+
+    if not path.endswith((".xyz", ".extxyz")):
+        return None
+    try:
+        selection = string2index(index)
+    except ValueError:
+        return None
+    if not isinstance(selection, slice) or (selection.step or 1) < 0:
+        return None
+    count = 0
+    with open(path) as stream:  # a frame: the atom count, a comment line, one line per atom
+        for line in stream:
+            if not line.strip():
+                continue
+            try:
+                atoms_in_frame = int(line)
+            except ValueError:
+                return None
+            if sum(1 for _ in itertools.islice(stream, atoms_in_frame + 1)) < atoms_in_frame + 1:
+                return None
+            count += 1
+    frames = range(count)[selection]
+    if len(frames) <= at_most:
+        return index
+    frames = frames[::-(-len(frames) // at_most)]
+    return f"{frames.start}:{frames.stop}:{frames.step}"
 
 
 # Energy units of sGDML-style files (``e_unit``) in eV; rMD17 and MD22 are kcal/mol.
