@@ -137,8 +137,10 @@ def read_atoms(spec: str, at_most: Optional[int] = None) -> list:
     return evenly_strided(images, at_most)
 
 
-def evenly_strided(images: list, at_most: Optional[int]) -> list:
+def evenly_strided(images: Sequence, at_most: Optional[int]) -> Sequence:
     """Every k-th of ``images``, k as small as keeps at most ``at_most`` of them."""
+    if at_most is not None and at_most < 1:
+        raise ValueError(f"at_most must be at least 1, not {at_most}")
     if at_most is None or len(images) <= at_most:
         return images
     return images[::-(-len(images) // at_most)]
@@ -159,7 +161,7 @@ def _strided_xyz_index(path: str, index: str, at_most: int) -> Optional[str]:
     if not isinstance(selection, slice) or (selection.step or 1) < 0:
         return None
     count = 0
-    with open(path) as stream:  # a frame: the atom count, a comment line, one line per atom
+    with open(path, errors="replace") as stream:  # a frame: the atom count, a comment line, one line per atom
         for line in stream:
             if not line.strip():
                 continue
@@ -173,7 +175,7 @@ def _strided_xyz_index(path: str, index: str, at_most: int) -> Optional[str]:
     frames = range(count)[selection]
     if len(frames) <= at_most:
         return index
-    frames = frames[::-(-len(frames) // at_most)]
+    frames = evenly_strided(frames, at_most)
     return f"{frames.start}:{frames.stop}:{frames.step}"
 
 
