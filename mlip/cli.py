@@ -253,7 +253,7 @@ def command_active_learn(args) -> int:
     from mlip.active.learner import ActiveLearner
 
     if args.resume:
-        learner = ActiveLearner.resume(args.resume)
+        learner = ActiveLearner.resume(args.resume, args.set or ())
     elif args.config:
         learner = ActiveLearner.from_file(args.config, args.set or ())
         if os.path.exists(os.path.join(learner.dir, "state.json")):
@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     active = commands.add_parser("active-learn", help="explore with MD, label uncertain structures, retrain")
     active.add_argument("config", nargs="?", help="YAML active-learning config")
     active.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value")
-    active.add_argument("--resume", metavar="AL_DIR", help="continue a stopped run where it stopped")
+    active.add_argument("--resume", metavar="AL_DIR", help="continue a stopped run where it stopped (with "
+                        "--set budget.max_labels=N: a run that spent its budget goes on)")
     active.set_defaults(handler=command_active_learn)
 
     validate = commands.add_parser("validate", help="check a config without running anything")

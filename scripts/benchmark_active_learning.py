@@ -56,7 +56,9 @@ SYSTEMS = {"cuau": {"config": "active_learning.yaml", "changes": {"exploration":
                     "results": "benchmark_active_learning.json", "marker": "active-learning"},
            "butane": {"config": "active_learning_butane.yaml",
                       "changes": {"finetune": True, "finetune_epochs": 150},
-                      "results": "benchmark_active_learning_butane.json", "marker": "active-learning-butane"}}
+                      "results": "benchmark_active_learning_butane.json", "marker": "active-learning-butane",
+                      # iid: the reference MD the test set's MD frames come from, less the test frames
+                      "iid_pool": ["data/butane_gfn2_600K.extxyz@0:100", "data/butane_gfn2_1200K.extxyz@0:100"]}}
 
 
 # Selection of each arm: σ and diversity; the same with the batch shared evenly among the
@@ -139,6 +141,46 @@ def run(system: dict, arms: list[str], seeds: list[int], work_dir: str, first_co
     return recorded
 
 
+def training_config(learner, folder: str, frames: list, seed: int) -> str:
+    """The config of ``learner``'s iteration 0 (the same model and epochs) on its initial structures and
+    ``frames``, with ``seed``, written to ``folder``; its path."""
+    import ase.io
+
+    os.makedirs(folder, exist_ok=True)
+    tree = learner.run_config(0)
+    tree["data"]["train"] = [source for source in tree["data"]["train"]
+                             if not str(source.get("source", "")).endswith("labelled.extxyz")]
+    if frames:
+        subset = os.path.join(folder, "labelled.extxyz")
+        ase.io.write(subset, frames, format="extxyz")
+        tree["data"]["train"].append({"source": subset})
+    tree.update(run_dir=os.path.join(folder, "run"), seed=seed)
+    path = os.path.join(folder, "config.yaml")
+    with open(path, "w") as stream:
+        yaml.safe_dump(tree, stream)
+    return path
+
+
+def train_side_by_side(jobs: list, results: str, recorded: dict) -> None:
+    """Trainings (key, config path, folder, labels bought), two at a time, one core each; each one's test
+    force MAE goes into ``recorded["points"][key]``, saved to ``results`` as it finishes."""
+    for first in range(0, len(jobs), 2):
+        processes = {}
+        for core, (key, path, folder, _) in enumerate(jobs[first:first + 2]):
+            log = open(os.path.join(folder, "train.log"), "w")
+            processes[key] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "mlip.cli",
+                                               "train", path], stdout=log, stderr=subprocess.STDOUT)
+        for (key, path, folder, bought), process in zip(jobs[first:first + 2], processes.values()):
+            if process.wait() != 0:
+                raise SystemExit(f"training {key} failed: see {folder}/train.log")
+            summary = json.load(open(os.path.join(folder, "run", "summary.json")))
+            recorded["points"][key] = {"bought": bought, "test_forces_mae": 1e3 * summary["test"]["forces_mae"]}
+            print(f"{key}: {bought} bought, {recorded['points'][key]['test_forces_mae']:.1f} meV/Å", flush=True)
+            recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1})
+            with open(results, "w") as stream:
+                json.dump(recorded, stream, indent=1)
+
+
 def retrain(system: dict, arms: list[str], seeds: list[int], work_dir: str, iterations: list[int],
             train_seeds: list[int]) -> dict:
     """Every (arm, seed) run's labelled set at each iteration in ``iterations``, trained from scratch
@@ -159,36 +201,87 @@ def retrain(system: dict, arms: list[str], seeds: list[int], work_dir: str, iter
                 bought = [atoms for atoms in labelled if atoms.info["al_iteration"] < iteration]
                 for train_seed in train_seeds:
                     key = f"{arm}/seed{seed}/iter{iteration}/train{train_seed}"
-                    if key in recorded["points"]:
-                        continue
-                    folder = os.path.join(work_dir, "retrain", key.replace("/", "_"))
-                    os.makedirs(folder, exist_ok=True)
-                    tree = learner.run_config(0)  # its last source is the whole labelled set
-                    tree["data"]["train"] = tree["data"]["train"][:-1]
-                    if bought:
-                        subset = os.path.join(folder, "labelled.extxyz")
-                        ase.io.write(subset, bought, format="extxyz")
-                        tree["data"]["train"].append({"source": subset})
-                    tree.update(run_dir=os.path.join(folder, "run"), seed=train_seed)
-                    path = os.path.join(folder, "config.yaml")
-                    with open(path, "w") as stream:
-                        yaml.safe_dump(tree, stream)
-                    jobs.append((key, path, folder, len(bought)))
-    for first in range(0, len(jobs), 2):
-        processes = {}
-        for core, (key, path, folder, _) in enumerate(jobs[first:first + 2]):
-            log = open(os.path.join(folder, "train.log"), "w")
-            processes[key] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "mlip.cli",
-                                               "train", path], stdout=log, stderr=subprocess.STDOUT)
-        for (key, path, folder, bought), process in zip(jobs[first:first + 2], processes.values()):
-            if process.wait() != 0:
-                raise SystemExit(f"retrain {key} failed: see {folder}/train.log")
-            summary = json.load(open(os.path.join(folder, "run", "summary.json")))
-            recorded["points"][key] = {"bought": bought, "test_forces_mae": 1e3 * summary["test"]["forces_mae"]}
-            print(f"{key}: {bought} bought, {recorded['points'][key]['test_forces_mae']:.1f} meV/Å", flush=True)
-            recorded.update(machine={"cpu": cpu_model(), "cores_per_run": 1})
-            with open(results, "w") as stream:
-                json.dump(recorded, stream, indent=1)
+                    if key not in recorded["points"]:
+                        folder = os.path.join(work_dir, "retrain", key.replace("/", "_"))
+                        jobs.append((key, training_config(learner, folder, bought, train_seed), folder, len(bought)))
+    train_side_by_side(jobs, results, recorded)
+    return recorded
+
+
+def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]) -> dict:
+    """Random selection from the same MD pool as σ: for each iteration of a seed's σ run (``uncertainty``
+    arm, finished), as many snapshots as it bought, drawn uniformly from the snapshots its exploration
+    found (``iter_k/explored.extxyz``, the pool σ chose from), labelled by the same oracle. Each label is
+    on disk before it is used, and a rerun buys none twice. The first n labels, for each n in ``points``,
+    are trained from scratch with the σ run's iteration-0 config and seed, as its own iterations were."""
+    import collections
+
+    import ase.io
+
+    from mlip.active.learner import ActiveLearner, _write_atomically
+    from mlip.active.oracle import labelled_atoms
+
+    results = os.path.join(ROOT, "docs", system["results"].replace(".json", "_pool.json"))
+    recorded = json.load(open(results)) if os.path.exists(results) else {"points": {}}
+    jobs = []
+    for seed in seeds:
+        al_dir = os.path.join(work_dir, f"uncertainty_seed{seed}")
+        learner = ActiveLearner.resume(al_dir)
+        bought = collections.Counter(atoms.info["al_iteration"]
+                                     for atoms in ase.io.read(os.path.join(al_dir, "labelled.extxyz"), ":"))
+        labels_dir = os.path.join(work_dir, f"pool-random_seed{seed}", "labels")
+        os.makedirs(labels_dir, exist_ok=True)
+        for iteration in sorted(bought):
+            explored = ase.io.read(os.path.join(al_dir, f"iter_{iteration:03d}", "explored.extxyz"), ":")
+            rng = np.random.default_rng(seed * 7919 + iteration)  # as the loop's own random arm draws
+            chosen = rng.choice(len(explored), min(bought[iteration], len(explored)), replace=False)
+            todo = [(f"{iteration:03d}-{rank:04d}", explored[index]) for rank, index in enumerate(chosen)]
+            todo = [(name, atoms) for name, atoms in todo
+                    if not os.path.exists(os.path.join(labels_dir, f"{name}.extxyz"))]
+
+            def store(result, todo=todo, iteration=iteration):
+                name, atoms = todo[result.index]
+                if not result.ok:
+                    print(f"  label {name} failed: {result.error}", flush=True)
+                    return
+                _write_atomically(os.path.join(labels_dir, f"{name}.extxyz"),
+                                  [labelled_atoms(atoms, result, {"oracle": learner.oracle.name,
+                                                                  "al_iteration": iteration})])
+
+            if todo:
+                learner.oracle.label([atoms for _, atoms in todo], on_result=store)
+        frames = [ase.io.read(os.path.join(labels_dir, name)) for name in sorted(os.listdir(labels_dir))]
+        for n in points:
+            key = f"pool-random/seed{seed}/bought{n}"
+            if n <= len(frames) and key not in recorded["points"]:
+                folder = os.path.join(work_dir, "pool", key.replace("/", "_"))
+                jobs.append((key, training_config(learner, folder, frames[:n], learner.config.seed), folder, n))
+    train_side_by_side(jobs, results, recorded)
+    return recorded
+
+
+def iid(system: dict, seeds: list[int], work_dir: str, points: list[int]) -> dict:
+    """What labels are worth when drawn from the held-out distribution itself: n frames drawn uniformly
+    from the reference MD that the test set's MD frames come from, less the test frames (butane: 600 K
+    and 1200 K frames 0-99; the test set holds 100-199), trained with the σ run's iteration-0 config and
+    seed. No selection from an exploration pool can draw closer to the test set than this."""
+    from mlip.active.learner import ActiveLearner
+    from mlip.data.reader import read_atoms
+
+    results = os.path.join(ROOT, "docs", system["results"].replace(".json", "_iid.json"))
+    recorded = json.load(open(results)) if os.path.exists(results) else {"points": {}}
+    pool = [atoms for source in system["iid_pool"] for atoms in read_atoms(os.path.join(ROOT, source))]
+    jobs = []
+    for seed in seeds:
+        learner = ActiveLearner.resume(os.path.join(work_dir, f"uncertainty_seed{seed}"))
+        order = np.random.default_rng(seed).permutation(len(pool))
+        for n in points:
+            key = f"iid/seed{seed}/bought{n}"
+            if key not in recorded["points"]:
+                folder = os.path.join(work_dir, "iid", key.replace("/", "_"))
+                jobs.append((key, training_config(learner, folder, [pool[i] for i in order[:n]],
+                                                  learner.config.seed), folder, n))
+    train_side_by_side(jobs, results, recorded)
     return recorded
 
 
@@ -262,6 +355,51 @@ def goal_row(seed: str, bought: int, target: float, arm: str, points: list) -> s
             f"| {ratio} |")
 
 
+def pool_table(system: dict) -> str:
+    """Test force MAE against labels bought: σ's own runs, random selection from their MD pools, and
+    labels drawn from the held-out distribution (where measured), per seed and the mean over seeds with
+    every arm; then the issue's goal against random from the same pool."""
+    docs = os.path.join(ROOT, "docs")
+    curves = json.load(open(os.path.join(docs, system["results"])))["curves"]
+    arms = {"AL (σ)": {}, "random from σ's MD pool": {}, "drawn from the held-out distribution": {}}
+    for key, points in curves.items():
+        arm, seed = key.split("/")
+        if arm == "uncertainty":
+            arms["AL (σ)"][seed] = {n - points[0][0]: error for n, error in points}
+    for suffix, name in (("_pool.json", "random from σ's MD pool"), ("_iid.json", "drawn from the held-out distribution")):
+        path = os.path.join(docs, system["results"].replace(".json", suffix))
+        for key, point in (json.load(open(path))["points"] if os.path.exists(path) else {}).items():
+            arms[name].setdefault(key.split("/")[1], {})[point["bought"]] = point["test_forces_mae"]
+    for seed, points in arms["AL (σ)"].items():  # every arm starts from the σ run's iteration 0
+        for name in list(arms)[1:]:
+            if seed in arms[name]:
+                arms[name][seed].setdefault(0, points[0])
+    seeds = sorted({seed for by_seed in arms.values() for seed in by_seed}, key=lambda s: int(s[4:]))
+    counts = sorted({n for by_seed in arms.values() for points in by_seed.values() for n in points})
+    lines = ["| seed | selection | " + " | ".join(f"{n} bought" for n in counts) + " |",
+             "|---|---|" + "---|" * len(counts)]
+    means = {}
+    for name, by_seed in arms.items():
+        for seed in seeds:
+            if seed in by_seed:
+                lines.append(f"| {seed[4:]} | {name} | " + " | ".join(
+                    f"{by_seed[seed][n]:.1f}" if n in by_seed[seed] else "–" for n in counts) + " |")
+        with_all = [n for n in counts if by_seed and all(n in points for points in by_seed.values())]
+        means[name] = [(n, float(np.mean([points[n] for points in by_seed.values()]))) for n in with_all]
+        if len(by_seed) > 1:
+            lines.append(f"| mean of {len(by_seed)} | {name} | " + " | ".join(
+                f"{dict(means[name])[n]:.1f}" if n in dict(means[name]) else "–" for n in counts) + " |")
+    lines += ["", "The issue's goal against random selection from the same MD pool: labels σ bought to reach "
+              "its final error.", "", GOAL_HEADER, "|---|---|---|---|---|"]
+    pooled = arms["random from σ's MD pool"]
+    for seed in [*seeds, "mean"]:
+        rnd = means["random from σ's MD pool"] if seed == "mean" else sorted(pooled.get(seed, {}).items())
+        al = means["AL (σ)"] if seed == "mean" else sorted(arms["AL (σ)"].get(seed, {}).items())
+        if rnd and al and rnd[-1][0] > 0:
+            lines.append(goal_row(seed.replace("seed", ""), rnd[-1][0], rnd[-1][1], "uncertainty", al))
+    return "\n".join(lines)
+
+
 def plot(curves: dict, retrained: dict, path: str) -> None:
     """Test force MAE against labels bought: each arm's mean over seeds (thick) and each seed (thin);
     with ``retrained``, the mean of the labelled sets trained from scratch (squares)."""
@@ -329,7 +467,7 @@ def table(recorded: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["run", "table", "retrain"])
+    parser.add_argument("part", choices=["run", "table", "retrain", "pool", "iid"])
     parser.add_argument("--system", choices=sorted(SYSTEMS), default="cuau")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["uncertainty", "random"],
@@ -354,7 +492,10 @@ def main(argv=None) -> int:
                              "budget) and as many iterations as that takes (results and docs section get the suffix "
                              "_batchN_labelsM): do smaller batches, each chosen by a model that saw the last, "
                              "buy more per label?")
-    parser.add_argument("--max-labels", type=int, default=None, help="budget.max_labels, with --selection-batch")
+    parser.add_argument("--max-labels", type=int, default=None,
+                        help="budget.max_labels changed to this, with as many iterations as it takes (results and "
+                             "docs section get the suffix _labelsM): does random close the gap, or AL pull away, "
+                             "with a larger budget?")
     parser.add_argument("--random-from", default=None,
                         help="run/table: where this results file has no random run of a seed, take that seed's "
                              "from this results file in docs/ (an earlier round with the same config otherwise; "
@@ -366,6 +507,8 @@ def main(argv=None) -> int:
                         help="retrain: the iterations whose training sets are retrained from scratch")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
                         help="retrain: training seeds per labelled set (their errors are averaged)")
+    parser.add_argument("--points", type=int, nargs="+", default=[5, 10, 20, 30, 40],
+                        help="pool, iid: the label counts at which a model is trained from scratch")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
     system = SYSTEMS[args.system]
@@ -389,16 +532,31 @@ def main(argv=None) -> int:
         system = {**system, "changes": {**system["changes"], "exploration": exploration},
                   "results": system["results"].replace(".json", f"_bias{tau:g}.json"),
                   "marker": f"{system['marker']}-bias{tau:g}"}
-    if args.selection_batch is not None:
-        n = args.selection_batch
+    if args.selection_batch is not None or args.max_labels is not None:
         config = yaml.safe_load(open(os.path.join(ROOT, "configs", system["config"])))
+        n = args.selection_batch or config["selection"]["batch_size"]
         labels = args.max_labels or config["budget"]["max_labels"]
         selection = {**system["changes"].get("selection", {}), "batch_size": n}
         budget = {"max_labels": labels, "max_iterations": -(-labels // n)}
+        suffix = (f"_batch{n}" if args.selection_batch is not None else "") + f"_labels{labels}"
         system = {**system, "changes": {**system["changes"], "selection": selection, "budget": budget},
-                  "results": system["results"].replace(".json", f"_batch{n}_labels{labels}.json"),
-                  "marker": f"{system['marker']}-batch{n}-labels{labels}"}
+                  "results": system["results"].replace(".json", f"{suffix}.json"),
+                  "marker": system["marker"] + suffix.replace("_", "-")}
     work_dir = args.work_dir or os.path.join(ROOT, "runs", system["results"][:-len(".json")])
+    if args.part in ("pool", "iid"):
+        if args.part == "pool":
+            pool_random(system, args.seeds, work_dir, args.points)
+        elif "iid_pool" not in system:
+            raise SystemExit(f"iid: no held-out reference MD to draw from for --system {args.system}")
+        else:
+            iid(system, args.seeds, work_dir, args.points)
+        text = pool_table(system)
+        print(text)
+        if args.docs:
+            marker = f"{system['marker']}-pool"
+            replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
+                                   f"<!-- /{marker} -->", text, "Active learning against random selection")
+        return 0
     if args.part == "retrain":
         recorded = retrain(system, args.arms, args.seeds, work_dir, args.iterations, args.train_seeds)
         curves = json.load(open(os.path.join(ROOT, "docs", system["results"])))["curves"]

@@ -120,6 +120,24 @@ def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_pat
     run0 = yaml.safe_load(open(os.path.join(al_dir, "iter_000", "run", "config.yaml")))
     assert run0["training"]["max_epochs"] == 2
 
+    # A larger budget continues the finished run (iteration 2's exploration, 3 more labels, iteration 3);
+    # nothing but the budget can change, and a budget the run has spent is said to be spent.
+    capsys.readouterr()
+    assert main(["active-learn", "--resume", al_dir, "--set", "seed=3"]) == 2
+    assert "only budget.max_labels and budget.max_iterations" in capsys.readouterr().err
+    assert main(["active-learn", "--resume", al_dir, "--set", "budget.max_labels=5"]) == 2
+    assert "would stop it again (2 iterations done)" in capsys.readouterr().err
+    assert main(["active-learn", "--resume", al_dir, "--set", "budget.max_labels=7",
+                 "--set", "budget.max_iterations=3"]) == 0
+    calls = oracle_calls(tmp_path)
+    assert len(calls) == len(os.listdir(os.path.join(al_dir, "labels"))) == 7 and len(set(calls)) == 7
+    rows = list(__import__("csv").DictReader(open(os.path.join(al_dir, "report.csv"))))
+    assert [(r["iteration"], int(r["labels_total"])) for r in rows] == [("0", 6), ("1", 9), ("2", 10), ("3", 13),
+                                                                          ("final", 13)]
+    assert os.path.exists(os.path.join(al_dir, "final_10", "run", "summary.json"))  # the first final model, kept
+    assert yaml.safe_load(open(os.path.join(al_dir, "config.yaml")))["budget"] == {"max_labels": 7,
+                                                                                     "max_iterations": 3}
+
 
 def test_a_bad_oracle_is_a_clear_error_before_anything_runs(tmp_path):
     from mlip.active.learner import ActiveLearner

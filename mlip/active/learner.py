@@ -27,7 +27,8 @@ Each iteration k, in ``al_dir/iter_<k>/``:
 Nothing is lost: ``state.json`` (written atomically) holds the iteration and phase;
 ``mlip active-learn --resume AL_DIR`` goes on from there: a killed training run resumes
 from its last epoch, and a killed labelling round labels only the candidates that have
-neither a label file nor a failure record, so no label is bought twice. The loop stops
+neither a label file nor a failure record, so no label is bought twice; with ``--set
+budget.max_labels=N`` (or ``max_iterations``) a run that stopped on its budget continues. The loop stops
 on the label budget, the iteration count, or when no explored structure is uncertain; with
 ``final_from_scratch`` it then trains the final model on every label from scratch
 (``final/run``, the report's row ``final``), which a warm-start chain's noise does not reach.
@@ -78,11 +79,23 @@ class ActiveLearner:
         return cls(load_active_learning_config(path, overrides), os.path.dirname(os.path.abspath(path)))
 
     @classmethod
-    def resume(cls, al_dir: str) -> "ActiveLearner":
+    def resume(cls, al_dir: str, overrides=()) -> "ActiveLearner":
+        """The run in ``al_dir``, to continue where it stopped. ``overrides`` (``budget.KEY=VALUE``) raise
+        its budget: a run that stopped on its budget goes on from its last model's exploration. Nothing
+        else can change: what is on disk was made with the rest."""
         path = os.path.join(al_dir, "config.yaml")
         if not os.path.exists(path):
             raise ConfigError(f"{al_dir}: no config.yaml; is this a directory of `mlip active-learn`?")
-        return cls.from_file(path)
+        for override in overrides:
+            key = str(override).partition("=")[0].strip()
+            if not key.startswith("budget."):
+                raise ConfigError(f"--resume {al_dir}: --set {key} cannot change on a run under way (its labels "
+                                  f"and models were made with it); only budget.max_labels and "
+                                  f"budget.max_iterations can, to continue it")
+        learner = cls.from_file(path, overrides)
+        if overrides:
+            learner._continue_with_budget()
+        return learner
 
     # ------------------------------------------------------------------ configuration
     def _training_tree(self, training, config_dir: str) -> dict:
@@ -148,13 +161,35 @@ class ActiveLearner:
         records = [json.loads(line) for line in open(path) if line.strip()]
         return {record["id"]: record["error"] for record in records}
 
+    def _write_config(self) -> None:
+        atomic_write_text(os.path.join(self.dir, "config.yaml"),
+                          yaml.safe_dump({**self.config.model_dump(mode="json"), "training": self.training_tree},
+                                         sort_keys=False))
+
+    def _continue_with_budget(self) -> None:
+        """The raised budget saved; a run that stopped on its budget reopened at its last model's
+        exploration (the final model trained then, if any, moved to ``final_<labels>``)."""
+        state = self._state()
+        if state.get("phase") in ("done", "final"):
+            reason = self._stop_reason(state["iteration"])
+            if reason is not None:
+                raise ConfigError(f"{self.dir}: stopped with {state['stop_reason']}; the budget given would stop "
+                                  f"it again ({reason}): raise budget.max_labels or budget.max_iterations")
+            final = os.path.dirname(self._run_dir(FINAL))
+            if os.path.exists(final):
+                os.replace(final, f"{final}_{self._labelled_count()}")
+            state["rows"] = [row for row in state["rows"] if row["iteration"] != FINAL]
+            state.update(phase="explore", seconds={})
+            print(f"[iteration {state['iteration']}] the budget raised: continuing after "
+                  f"{state.pop('stop_reason')}", file=sys.stderr, flush=True)
+            self._save(state)
+        self._write_config()
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         os.makedirs(self.dir, exist_ok=True)
-        config_path = os.path.join(self.dir, "config.yaml")
-        if not os.path.exists(config_path):
-            atomic_write_text(config_path, yaml.safe_dump({**self.config.model_dump(mode="json"),
-                                                           "training": self.training_tree}, sort_keys=False))
+        if not os.path.exists(os.path.join(self.dir, "config.yaml")):
+            self._write_config()
         state = self._state()
         while state["phase"] != "done":
             iteration, phase = state["iteration"], state["phase"]
