@@ -154,6 +154,20 @@ def test_a_bad_oracle_is_a_clear_error_before_anything_runs(tmp_path):
     assert not os.path.exists(config["al_dir"])
 
 
+def test_a_larger_budget_does_not_reopen_a_run_that_found_nothing_uncertain(tmp_path):
+    from mlip.active.learner import ActiveLearner
+
+    path, config = al_config(tmp_path)
+    os.makedirs(config["al_dir"])
+    with open(path) as source, open(os.path.join(config["al_dir"], "config.yaml"), "w") as target:
+        target.write(source.read())
+    state = {"iteration": 1, "phase": "done", "stop_reason": "no explored structure is uncertain", "rows": []}
+    with open(os.path.join(config["al_dir"], "state.json"), "w") as stream:
+        json.dump(state, stream)
+    with pytest.raises(ConfigError, match="a larger budget does not change that"):
+        ActiveLearner.resume(config["al_dir"], ["budget.max_labels=50"])
+
+
 def test_selection_takes_uncertain_and_spread_out_structures():
     features = np.array([[0.0, 0.0], [0.01, 0.0], [5.0, 5.0], [0.02, 0.01], [9.0, 0.0]])
     scores = np.array([0.9, 0.85, 0.5, 0.8, 2.0])  # the last is above σ_high: unphysical

@@ -61,6 +61,7 @@ REPORT_COLUMNS = ["iteration", "labels_total", "labels_bought", "labels_failed",
                   "test_forces_mae", "test_energy_mae_per_atom", "explored", "uncertain_fraction", "sigma_median",
                   "sigma_max", "sigma_low", "sigma_high", "selected_from", "train_s", "explore_s", "label_s"]
 FINAL = "final"  # the iteration name of the final model's training (final_from_scratch)
+NOTHING_UNCERTAIN = "no explored structure"  # how a stop for want of candidates reads
 
 
 class ActiveLearner:
@@ -171,6 +172,9 @@ class ActiveLearner:
         exploration (the final model trained then, if any, moved to ``final_<labels>``)."""
         state = self._state()
         if state.get("phase") in ("done", "final"):
+            if state["stop_reason"].startswith(NOTHING_UNCERTAIN):
+                raise ConfigError(f"{self.dir}: stopped with {state['stop_reason']}; a larger budget does not "
+                                  f"change that (its exploration would find the same)")
             reason = self._stop_reason(state["iteration"])
             if reason is not None:
                 raise ConfigError(f"{self.dir}: stopped with {state['stop_reason']}; the budget given would stop "
@@ -209,9 +213,9 @@ class ActiveLearner:
                 timings["explore_s"] = round(time.monotonic() - start, 1)
                 state["row"].update(exploration)
                 if not exploration["selected"]:
-                    reason = "no explored structure is uncertain"
+                    reason = f"{NOTHING_UNCERTAIN} is uncertain"
                     if exploration["above_sigma_high"]:
-                        reason = (f"no explored structure between sigma_low and sigma_high: "
+                        reason = (f"{NOTHING_UNCERTAIN} between sigma_low and sigma_high: "
                                   f"{exploration['above_sigma_high']} of {exploration['explored']} are above "
                                   f"sigma_high, where the model is not trusted (train longer, raise "
                                   f"selection.sigma_high, or set selection.when_none_trusted: edge)")
