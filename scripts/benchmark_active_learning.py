@@ -37,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Optional
 
 import numpy as np
 import yaml
@@ -355,12 +356,14 @@ def goal_row(seed: str, bought: int, target: float, arm: str, points: list) -> s
             f"| {ratio} |")
 
 
-def pool_table(system: dict) -> str:
+def pool_table(system: dict, plot_path: Optional[str] = None) -> str:
     """Test force MAE against labels bought: σ's own runs, random selection from their MD pools, and
     labels drawn from the held-out distribution (where measured), per seed and the mean over seeds with
-    every arm; then the issue's goal against random from the same pool."""
+    every arm; then the issue's goal against random from the same pool. With ``plot_path``, the mean
+    curves drawn there."""
     docs = os.path.join(ROOT, "docs")
-    curves = json.load(open(os.path.join(docs, system["results"])))["curves"]
+    path = os.path.join(docs, system["results"])
+    curves = json.load(open(path))["curves"] if os.path.exists(path) else {}  # σ's runs, once finished
     arms = {"AL (σ)": {}, "random from σ's MD pool": {}, "drawn from the held-out distribution": {}}
     for key, points in curves.items():
         arm, seed = key.split("/")
@@ -397,6 +400,23 @@ def pool_table(system: dict) -> str:
         al = means["AL (σ)"] if seed == "mean" else sorted(arms["AL (σ)"].get(seed, {}).items())
         if rnd and al and rnd[-1][0] > 0:
             lines.append(goal_row(seed.replace("seed", ""), rnd[-1][0], rnd[-1][1], "uncertainty", al))
+    if plot_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(5.5, 4.0))
+        for (name, points), style in zip(means.items(), ("o-", "s--", "^:")):
+            if points:
+                axis.plot(*zip(*points), style, lw=2, label=f"{name}, mean of {len(arms[name])}")
+        axis.set_xlabel("labels bought")
+        axis.set_ylabel("test force MAE (meV/Å)")
+        axis.set_ylim(bottom=0)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(plot_path, dpi=120)
+        plt.close(figure)
     return "\n".join(lines)
 
 
@@ -550,7 +570,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"iid: no held-out reference MD to draw from for --system {args.system}")
         else:
             iid(system, args.seeds, work_dir, args.points)
-        text = pool_table(system)
+        text = pool_table(system, os.path.join(ROOT, "docs", system["results"].replace(".json", "_pool.png"))
+                          if args.docs else None)
         print(text)
         if args.docs:
             marker = f"{system['marker']}-pool"
