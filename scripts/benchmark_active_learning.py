@@ -3,6 +3,8 @@
     python scripts/benchmark_active_learning.py run [--system cuau|butane] [--seeds 0 1 2] [--docs]
     python scripts/benchmark_active_learning.py table [--system cuau|butane] [--docs]
     python scripts/benchmark_active_learning.py retrain --system butane --iterations 2 8 [--docs]
+    python scripts/benchmark_active_learning.py pool --system butane --from-scratch --max-labels 60 [--docs]
+    python scripts/benchmark_active_learning.py iid --system butane --from-scratch --max-labels 60 [--docs]
 
 Each arm (``--arms``) runs the system's shipped config with the changes below, two runs side by
 side, one CPU core each, the same seeds: ``uncertainty`` picks by σ and farthest-point
@@ -24,6 +26,13 @@ initial frames and every label bought before them) and trains a model on it from
 the iteration-0 config (the same model, epochs and seed for every arm). A run's own curve
 chains warm starts, and each point carries that chain's training noise; the retrained points
 measure what the labels themselves are worth. Results: docs/benchmark_active_learning_butane_retrain.json.
+
+``pool`` is random selection from the same MD pool as σ: for each iteration of a finished σ run,
+as many snapshots as σ bought, drawn uniformly from the snapshots that iteration's exploration
+found, labelled by the same oracle, and trained from scratch at the label counts of ``--points``
+(the ``random`` arm instead draws from an exploration of its own model). ``iid`` draws the labels
+from the held-out distribution itself (the reference MD the test frames come from, less the test
+frames): what labels are worth when no selection is needed. Results: docs/..._pool.json, _iid.json.
 
 Goal (issue 18): AL reaches random selection's final force error with at most a third of its
 labels. Results: docs/benchmark_active_learning[_butane].json (and docs/benchmarks.md with --docs).
