@@ -410,34 +410,40 @@ def pool_table(system: dict, plot_path: Optional[str] = None) -> str:
         if rnd and al and rnd[-1][0] > 0:
             lines.append(goal_row(seed.replace("seed", ""), rnd[-1][0], rnd[-1][1], "uncertainty", al))
     if plot_path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(5.5, 4.0))
+        figure, axis = error_axes()
         for (name, points), style in zip(means.items(), ("o-", "s--", "^:")):
             if points:
                 axis.plot(*zip(*points), style, lw=2, label=f"{name}, mean of {len(arms[name])}")
-        axis.set_xlabel("labels bought")
-        axis.set_ylabel("test force MAE (meV/Å)")
-        axis.set_ylim(bottom=0)
-        axis.legend(fontsize=7)
-        figure.tight_layout()
-        figure.savefig(plot_path, dpi=120)
-        plt.close(figure)
+        save_error_axes(figure, axis, plot_path)
     return "\n".join(lines)
 
 
-def plot(curves: dict, retrained: dict, path: str) -> None:
-    """Test force MAE against labels bought: each arm's mean over seeds (thick) and each seed (thin);
-    with ``retrained``, the mean of the labelled sets trained from scratch (squares)."""
+def error_axes():
+    """A figure of test force MAE against labels bought, to draw in."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5.5, 4.0))
+    return plt.subplots(figsize=(5.5, 4.0))
+
+
+def save_error_axes(figure, axis, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    axis.set_xlabel("labels bought")
+    axis.set_ylabel("test force MAE (meV/Å)")
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot(curves: dict, retrained: dict, path: str) -> None:
+    """Test force MAE against labels bought: each arm's mean over seeds (thick) and each seed (thin);
+    with ``retrained``, the mean of the labelled sets trained from scratch (squares)."""
+    figure, axis = error_axes()
     # Arms with three seeds or more (one or two runs of an arm are no curve to read).
     arms = [arm for arm in ARMS if sum(key.startswith(f"{arm}/") for key in curves) >= 3]
     for index, arm in enumerate(arms):
@@ -458,13 +464,7 @@ def plot(curves: dict, retrained: dict, path: str) -> None:
             bought = sorted(by_bought)
             axis.plot(bought, [np.mean(by_bought[b]) for b in bought], "s--", color=color, mfc="white",
                       label=f"{ARM_NAMES[arm]}, its sets from scratch, mean of {len(seeds)}")
-    axis.set_xlabel("labels bought")
-    axis.set_ylabel("test force MAE (meV/Å)")
-    axis.set_ylim(bottom=0)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_error_axes(figure, axis, path)
 
 
 def table(recorded: dict) -> str:
@@ -492,6 +492,15 @@ def table(recorded: dict) -> str:
             initial, target, bought = rnd[0][0], rnd[-1][1], rnd[-1][0] - rnd[0][0]
             lines.append(goal_row(seed[4:], bought, target, arm, [(labels - initial, error) for labels, error in al]))
     return "\n".join(lines)
+
+
+def publish(text: str, marker: str, docs: bool) -> int:
+    """Print a table; with ``docs``, also put it in docs/benchmarks.md between its markers."""
+    print(text)
+    if docs:
+        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
+                               f"<!-- /{marker} -->", text, "Active learning against random selection")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -581,22 +590,11 @@ def main(argv=None) -> int:
             iid(system, args.seeds, work_dir, args.points)
         text = pool_table(system, os.path.join(ROOT, "docs", system["results"].replace(".json", "_pool.png"))
                           if args.docs else None)
-        print(text)
-        if args.docs:
-            marker = f"{system['marker']}-pool"
-            replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
-                                   f"<!-- /{marker} -->", text, "Active learning against random selection")
-        return 0
+        return publish(text, f"{system['marker']}-pool", args.docs)
     if args.part == "retrain":
         recorded = retrain(system, args.arms, args.seeds, work_dir, args.iterations, args.train_seeds)
         curves = json.load(open(os.path.join(ROOT, "docs", system["results"])))["curves"]
-        text = retrain_table(recorded, curves)
-        print(text)
-        if args.docs:
-            marker = f"{system['marker']}-retrain"
-            replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
-                                   f"<!-- /{marker} -->", text, "Active learning against random selection")
-        return 0
+        return publish(retrain_table(recorded, curves), f"{system['marker']}-retrain", args.docs)
     recorded = (run(system, args.arms, args.seeds, work_dir, args.first_core) if args.part == "run"
                 else json.load(open(os.path.join(ROOT, "docs", system["results"]))))
     if args.random_from:
@@ -606,16 +604,11 @@ def main(argv=None) -> int:
             if f"random/{seed}" not in recorded["curves"] and f"random/{seed}" in earlier:
                 recorded["curves"][f"random/{seed}"] = earlier[f"random/{seed}"]
                 recorded.setdefault("random_from", args.random_from)
-    text = table(recorded)
-    print(text)
     if args.docs:
         retrain_path = os.path.join(ROOT, "docs", system["results"].replace(".json", "_retrain.json"))
         retrained = json.load(open(retrain_path))["points"] if os.path.exists(retrain_path) else {}
         plot(recorded["curves"], retrained, os.path.join(ROOT, "docs", system["results"].replace(".json", ".png")))
-        marker = system["marker"]
-        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
-                               f"<!-- /{marker} -->", text, "Active learning against random selection")
-    return 0
+    return publish(table(recorded), system["marker"], args.docs)
 
 
 if __name__ == "__main__":
