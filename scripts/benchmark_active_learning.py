@@ -274,7 +274,7 @@ def iid(system: dict, seeds: list[int], work_dir: str, points: list[int]) -> dic
     """What labels are worth when drawn from the held-out distribution itself: n frames drawn uniformly
     from the reference MD that the test set's MD frames come from, less the test frames (butane: 600 K
     and 1200 K frames 0-99; the test set holds 100-199), trained with the σ run's iteration-0 config and
-    seed. No selection from an exploration pool can draw closer to the test set than this."""
+    seed. A selection that needs a third of random's labels has to beat this."""
     from mlip.active.learner import ActiveLearner
     from mlip.data.reader import read_atoms
 
