@@ -228,7 +228,7 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
 
     import ase.io
 
-    from mlip.active.learner import ActiveLearner, _write_atomically
+    from mlip.active.learner import ActiveLearner, write_frames_atomically
     from mlip.active.oracle import labelled_atoms
 
     results = os.path.join(ROOT, "docs", system["results"].replace(".json", "_pool.json"))
@@ -254,7 +254,7 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
                 if not result.ok:
                     print(f"  label {name} failed: {result.error}", flush=True)
                     return
-                _write_atomically(os.path.join(labels_dir, f"{name}.extxyz"),
+                write_frames_atomically(os.path.join(labels_dir, f"{name}.extxyz"),
                                   [labelled_atoms(atoms, result, {"oracle": learner.oracle.name,
                                                                   "al_iteration": iteration})])
 

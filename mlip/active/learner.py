@@ -340,7 +340,7 @@ class ActiveLearner:
             atoms = explored[index].copy()
             atoms.info.update(candidate_id=f"{iteration:03d}-{rank:04d}", al_iteration=iteration)
             candidates.append(atoms)
-        _write_atomically(os.path.join(folder, "candidates.extxyz"), candidates)
+        write_frames_atomically(os.path.join(folder, "candidates.extxyz"), candidates)
         uncertain = candidate_mask(scores, sigma_low, np.inf)
         print(f"[iteration {iteration}] explored {len(explored)} snapshots, {int(uncertain.sum())} above σ_low "
               f"{sigma_low:.3g}, {int(np.sum(scores > sigma_high))} above σ_high {sigma_high:.3g}; "
@@ -462,7 +462,7 @@ class ActiveLearner:
             if result.ok:
                 labelled = labelled_atoms(atoms, result, {"oracle": self.oracle.name, "al_iteration": iteration,
                                                           "label_seconds": round(result.seconds, 3)})
-                _write_atomically(os.path.join(labels_dir, f"{identifier}.extxyz"), [labelled])
+                write_frames_atomically(os.path.join(labels_dir, f"{identifier}.extxyz"), [labelled])
             else:
                 _append_line(os.path.join(self.dir, "failed.jsonl"),
                              json.dumps({"id": identifier, "iteration": iteration, "error": result.error}))
@@ -480,7 +480,7 @@ class ActiveLearner:
         frames = [ase.io.read(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
                   if name.endswith(".extxyz")]
         if frames:
-            _write_atomically(os.path.join(self.dir, "labelled.extxyz"), frames)
+            write_frames_atomically(os.path.join(self.dir, "labelled.extxyz"), frames)
 
 
 class _Scorer:
@@ -562,7 +562,7 @@ def _read_seeds(spec: str) -> list:
     return read_atoms(spec)
 
 
-def _write_atomically(path: str, frames: list) -> None:
+def write_frames_atomically(path: str, frames: list) -> None:
     import ase.io
 
     buffer = io.StringIO()
