@@ -563,6 +563,7 @@ def _read_seeds(spec: str) -> list:
 
 
 def write_frames_atomically(path: str, frames: list) -> None:
+    """``frames`` as extended XYZ at ``path``, all at once: a kill never leaves half a file."""
     import ase.io
 
     buffer = io.StringIO()
