@@ -12,7 +12,10 @@ sampling; ``balanced`` the same with the batch shared evenly among the explorati
 temperatures (`selection.balance: temperature`); ``capped`` is σ selection with the window's
 top at 3× the labelled structures' median σ; ``energy`` selects by the energy σ (over √N,
 after each member's offset on the labelled data); ``random`` draws the same number of
-snapshots uniformly from its own MD exploration (`selection.strategy: random`). Systems:
+snapshots uniformly from its own MD exploration (`selection.strategy: random`); ``error`` is
+σ selection with each snapshot's σ replaced by the model's true force error, the oracle asked
+for every snapshot without counting or training on those answers: a perfect uncertainty, the
+ceiling of selection by σ in this loop. Systems:
 
   * ``cuau``: configs/active_learning.yaml (EMT Cu/Au: 20 labelled cells to start, MD from two
     seed cells at 300 and 1000 K, 10 labels per iteration; 50 held-out cells);
@@ -83,9 +86,11 @@ ARMS = {"uncertainty": {"strategy": "uncertainty", "balance": "none"},
         "balanced": {"strategy": "uncertainty", "balance": "temperature"},
         "capped": {"strategy": "uncertainty", "balance": "none", "sigma_high": 3.0},
         "energy": {"strategy": "uncertainty", "balance": "none", "score": "energy", "sigma_high": 1000.0},
-        "random": {"strategy": "random"}}
+        "random": {"strategy": "random"},
+        # σ replaced by the model's true error (see `run_scored_by_error`): the ceiling of σ selection
+        "error": {"strategy": "uncertainty", "balance": "none"}}
 ARM_NAMES = {"uncertainty": "AL (σ)", "balanced": "AL (σ, balanced)", "capped": "AL (σ ≤ 3× median)",
-             "energy": "AL (σ_E)", "random": "random"}
+             "energy": "AL (σ_E)", "random": "random", "error": "AL (true error, oracle)"}
 
 
 def rooted(sources):
@@ -135,8 +140,12 @@ def run(system: dict, arms: list[str], seeds: list[int], work_dir: str, first_co
             command = ["mlip.cli", "active-learn", config_for(system, arm, seed, work_dir)]
             if os.path.exists(os.path.join(work_dir, name, "state.json")):
                 command = ["mlip.cli", "active-learn", "--resume", os.path.join(work_dir, name)]
+            if arm == "error":  # the same loop, scored by this script
+                command = [os.path.abspath(__file__), "scored-by-error", command[-1]]
+            else:
+                command = ["-m", *command]
             log = open(os.path.join(work_dir, f"{name}.log"), "w")
-            processes[(arm, seed)] = subprocess.Popen(["taskset", "-c", str(first_core + core), sys.executable, "-m",
+            processes[(arm, seed)] = subprocess.Popen(["taskset", "-c", str(first_core + core), sys.executable,
                                                        *command],
                                                       stdout=log, stderr=subprocess.STDOUT)
         for (arm, seed), process in processes.items():
@@ -149,6 +158,54 @@ def run(system: dict, arms: list[str], seeds: list[int], work_dir: str, first_co
         with open(results, "w") as stream:
             json.dump(recorded, stream, indent=1)
     return recorded
+
+
+def run_scored_by_error(config_or_dir: str) -> int:
+    """``mlip active-learn`` with each snapshot's σ score replaced by the model's true error on it: the
+    mean over atoms of |F_model − F_oracle|, the posterior mean's forces against the oracle's, asked in
+    this process for every explored and every labelled structure. Those answers are neither counted as
+    bought nor trained on; only the selected snapshots are labelled and bought as in any run. The
+    thresholds, the trajectory stop and the diversity work on this score as they do on σ: this is the
+    loop with a perfect uncertainty, the best selection by σ could do."""
+    import numpy as np
+
+    from mlip.active import learner as learner_module
+    from mlip.active.oracle import make_calculator
+
+    class ErrorScorer(learner_module._Scorer):
+        def score_many(self, structures):
+            from mlip.data.batching import pack_samples
+
+            if not structures:
+                return []
+            samples = [self._sample(atoms) for atoms in structures]
+            graph = pack_samples(samples, None, None, np.float64 if self.potential.config.dtype == "float64"
+                                 else np.float32)
+            features = np.asarray(self._features(self._first, graph))
+            predictions = self.predictor.predict(self.params, samples)
+            scores = []
+            for atoms, prediction, feature in zip(structures, predictions, features):
+                reference = atoms.copy()
+                reference.calc = calculator
+                error = np.linalg.norm(prediction["forces"] - reference.get_forces(), axis=1)
+                scores.append((float(np.mean(error)), feature))
+            return scores
+
+    if os.path.isdir(config_or_dir):
+        active = learner_module.ActiveLearner.resume(config_or_dir)
+    else:
+        active = learner_module.ActiveLearner.from_file(config_or_dir)
+    if active.config.selection.score != "mean_atom":
+        raise SystemExit("scored-by-error: the config's selection.score must be mean_atom (the error is a mean)")
+    calculator = make_calculator(active.config.oracle.calculator, active.config.oracle.kwargs)
+    learner_module._Scorer = ErrorScorer
+    from mlip.cli import _compilation_cache, _enable_precision
+
+    _compilation_cache()
+    _enable_precision(active.run_config(0).get("model", {}).get("dtype", "float32"))
+    state = active.run()
+    print(f"active learning scored by the true error: {state['stop_reason']}")
+    return 0
 
 
 def training_config(learner, folder: str, frames: list, seed: int) -> str:
@@ -365,55 +422,69 @@ def goal_row(seed: str, bought: int, target: float, arm: str, points: list) -> s
             f"| {ratio} |")
 
 
+POOL_ARMS = {"uncertainty": "AL (σ)", "pool": "random from σ's MD pool",
+             "iid": "drawn from the held-out distribution", "error": "AL (true error, oracle)"}
+
+
 def pool_table(system: dict, plot_path: Optional[str] = None) -> str:
-    """Test force MAE against labels bought: σ's own runs, random selection from their MD pools, and
-    labels drawn from the held-out distribution (where measured), per seed and the mean over seeds with
-    every arm; then the issue's goal against random from the same pool. With ``plot_path``, the mean
-    curves drawn there."""
+    """Test force MAE against labels bought: σ's own runs, random selection from their MD pools, labels
+    drawn from the held-out distribution, and runs selecting by the true error (where measured), per
+    seed and the mean over seeds with every arm; then the issue's goal against random from the same
+    pool, for σ and the true error. With ``plot_path``, the mean curves drawn there."""
     docs = os.path.join(ROOT, "docs")
     path = os.path.join(docs, system["results"])
-    curves = json.load(open(path))["curves"] if os.path.exists(path) else {}  # σ's runs, once finished
-    arms = {"AL (σ)": {}, "random from σ's MD pool": {}, "drawn from the held-out distribution": {}}
+    curves = json.load(open(path))["curves"] if os.path.exists(path) else {}  # the loop's runs, once finished
+    arms = {name: {} for name in POOL_ARMS}
     for key, points in curves.items():
         arm, seed = key.split("/")
-        if arm == "uncertainty":
-            arms["AL (σ)"][seed] = {n - points[0][0]: error for n, error in points}
-    for suffix, name in (("_pool.json", "random from σ's MD pool"), ("_iid.json", "drawn from the held-out distribution")):
+        if arm in ("uncertainty", "error"):
+            arms[arm][seed] = {n - points[0][0]: error for n, error in points}
+    for suffix, arm in (("_pool.json", "pool"), ("_iid.json", "iid")):
         path = os.path.join(docs, system["results"].replace(".json", suffix))
         for key, point in (json.load(open(path))["points"] if os.path.exists(path) else {}).items():
-            arms[name].setdefault(key.split("/")[1], {})[point["bought"]] = point["test_forces_mae"]
-    for seed, points in arms["AL (σ)"].items():  # every arm starts from the σ run's iteration 0
-        for name in list(arms)[1:]:
-            if seed in arms[name]:
-                arms[name][seed].setdefault(0, points[0])
+            arms[arm].setdefault(key.split("/")[1], {})[point["bought"]] = point["test_forces_mae"]
+    for seed, points in arms["uncertainty"].items():  # every arm starts from the σ run's iteration 0
+        for arm in ("pool", "iid"):
+            if seed in arms[arm]:
+                arms[arm][seed].setdefault(0, points[0])
     seeds = sorted({seed for by_seed in arms.values() for seed in by_seed}, key=lambda s: int(s[4:]))
     counts = sorted({n for by_seed in arms.values() for points in by_seed.values() for n in points})
     lines = ["| seed | selection | " + " | ".join(f"{n} bought" for n in counts) + " |",
              "|---|---|" + "---|" * len(counts)]
-    means = {}
-    for name, by_seed in arms.items():
+
+    def mean_curve(by_seed: dict) -> list:
+        """(labels bought, mean error) where every seed of ``by_seed`` has a point."""
+        return [(n, float(np.mean([points[n] for points in by_seed.values()])))
+                for n in counts if by_seed and all(n in points for points in by_seed.values())]
+
+    for arm, by_seed in arms.items():
         for seed in seeds:
             if seed in by_seed:
-                lines.append(f"| {seed[4:]} | {name} | " + " | ".join(
+                lines.append(f"| {seed[4:]} | {POOL_ARMS[arm]} | " + " | ".join(
                     f"{by_seed[seed][n]:.1f}" if n in by_seed[seed] else "–" for n in counts) + " |")
-        with_all = [n for n in counts if by_seed and all(n in points for points in by_seed.values())]
-        means[name] = [(n, float(np.mean([points[n] for points in by_seed.values()]))) for n in with_all]
         if len(by_seed) > 1:
-            lines.append(f"| mean of {len(by_seed)} | {name} | " + " | ".join(
-                f"{dict(means[name])[n]:.1f}" if n in dict(means[name]) else "–" for n in counts) + " |")
-    lines += ["", "The issue's goal against random selection from the same MD pool: labels σ bought to reach "
-              "its final error.", "", GOAL_HEADER, "|---|---|---|---|---|"]
-    pooled = arms["random from σ's MD pool"]
-    for seed in [*seeds, "mean"]:
-        rnd = means["random from σ's MD pool"] if seed == "mean" else sorted(pooled.get(seed, {}).items())
-        al = means["AL (σ)"] if seed == "mean" else sorted(arms["AL (σ)"].get(seed, {}).items())
-        if rnd and al and rnd[-1][0] > 0:
-            lines.append(goal_row(seed.replace("seed", ""), rnd[-1][0], rnd[-1][1], "uncertainty", al))
+            mean = dict(mean_curve(by_seed))
+            lines.append(f"| mean of {len(by_seed)} | {POOL_ARMS[arm]} | " + " | ".join(
+                f"{mean[n]:.1f}" if n in mean else "–" for n in counts) + " |")
+    lines += ["", "The issue's goal against random selection from the same MD pool: labels bought to reach "
+              "its final error (mean: over the seeds both arms ran).", "", GOAL_HEADER, "|---|---|---|---|---|"]
+    pooled = arms["pool"]
+    for arm in ("uncertainty", "error"):
+        shared = [seed for seed in seeds if seed in arms[arm] and seed in pooled]
+        for seed in [*shared, "mean"] if len(shared) > 1 else shared:
+            if seed == "mean":
+                rnd = mean_curve({s: pooled[s] for s in shared})
+                al = mean_curve({s: arms[arm][s] for s in shared})
+            else:
+                rnd, al = sorted(pooled[seed].items()), sorted(arms[arm][seed].items())
+            if rnd and al and rnd[-1][0] > 0:
+                lines.append(goal_row(seed.replace("seed", ""), rnd[-1][0], rnd[-1][1], arm, al))
     if plot_path:
         figure, axis = error_axes()
-        for (name, points), style in zip(means.items(), ("o-", "s--", "^:")):
-            if points:
-                axis.plot(*zip(*points), style, lw=2, label=f"{name}, mean of {len(arms[name])}")
+        for (arm, by_seed), style in zip(arms.items(), ("o-", "s--", "^:", "d-.")):
+            if by_seed:
+                axis.plot(*zip(*mean_curve(by_seed)), style, lw=2,
+                          label=f"{POOL_ARMS[arm]}, mean of {len(by_seed)}")
         save_error_axes(figure, axis, plot_path)
     return "\n".join(lines)
 
@@ -504,6 +575,9 @@ def publish(text: str, marker: str, docs: bool) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scored-by-error"]:  # one run of the error arm (started by `run`)
+        return run_scored_by_error(argv[1])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["run", "table", "retrain", "pool", "iid"])
     parser.add_argument("--system", choices=sorted(SYSTEMS), default="cuau")
