@@ -174,14 +174,9 @@ def run_scored_by_error(config_or_dir: str) -> int:
 
     class ErrorScorer(learner_module._Scorer):
         def score_many(self, structures):
-            from mlip.data.batching import pack_samples
-
             if not structures:
                 return []
-            samples = [self._sample(atoms) for atoms in structures]
-            graph = pack_samples(samples, None, None, np.float64 if self.potential.config.dtype == "float64"
-                                 else np.float32)
-            features = np.asarray(self._features(self._first, graph))
+            samples, _, features = self.packed(structures)
             predictions = self.predictor.predict(self.params, samples)
             scores = []
             for atoms, prediction, feature in zip(structures, predictions, features):

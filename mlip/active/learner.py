@@ -45,7 +45,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import yaml
@@ -512,25 +512,25 @@ class _Scorer:
                             self.potential.molecules_only)
 
     def features(self, atoms) -> np.ndarray:
-        from mlip.data.batching import pack_samples
-
-        graph = pack_samples([self._sample(atoms)], None, None, np.float64 if self.potential.config.dtype ==
-                             "float64" else np.float32)
-        return np.asarray(self._features(self._first, graph))[0]
+        return self.packed([atoms])[2][0]
 
     def __call__(self, atoms) -> tuple[float, np.ndarray]:
         return self.score_many([atoms])[0]
 
-    def score_many(self, structures) -> list[tuple[float, np.ndarray]]:
-        """(σ score, features) of each structure, predicted together (a batch per call)."""
+    def packed(self, structures) -> tuple[list, Any, np.ndarray]:
+        """The structures' samples, their packed graph, and their [n, d] features."""
         from mlip.data.batching import pack_samples
 
-        if not structures:
-            return []
         samples = [self._sample(atoms) for atoms in structures]
         graph = pack_samples(samples, None, None, np.float64 if self.potential.config.dtype == "float64"
                              else np.float32)
-        features = np.asarray(self._features(self._first, graph))
+        return samples, graph, np.asarray(self._features(self._first, graph))
+
+    def score_many(self, structures) -> list[tuple[float, np.ndarray]]:
+        """(σ score, features) of each structure, predicted together (a batch per call)."""
+        if not structures:
+            return []
+        samples, graph, features = self.packed(structures)
         if self.score == "energy":
             from mlip.uq.bias import offset_free_energy_spread
 
