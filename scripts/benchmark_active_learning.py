@@ -307,8 +307,8 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
                     print(f"  label {name} failed: {result.error}", flush=True)
                     return
                 write_frames_atomically(os.path.join(labels_dir, f"{name}.extxyz"),
-                                  [labelled_atoms(atoms, result, {"oracle": learner.oracle.name,
-                                                                  "al_iteration": iteration})])
+                                        [labelled_atoms(atoms, result, {"oracle": learner.oracle.name,
+                                                                        "al_iteration": iteration})])
 
             if todo:
                 learner.oracle.label([atoms for _, atoms in todo], on_result=store)
@@ -417,8 +417,8 @@ def goal_row(seed: str, bought: int, target: float, arm: str, points: list) -> s
             f"| {ratio} |")
 
 
-POOL_ARMS = {"uncertainty": "AL (σ)", "pool": "random from σ's MD pool",
-             "iid": "drawn from the held-out distribution", "error": "AL (true error, oracle)"}
+POOL_ARMS = {"uncertainty": ARM_NAMES["uncertainty"], "pool": "random from σ's MD pool",
+             "iid": "drawn from the held-out distribution", "error": ARM_NAMES["error"]}
 
 
 def pool_table(system: dict, plot_path: Optional[str] = None) -> str:
