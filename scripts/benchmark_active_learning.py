@@ -5,6 +5,7 @@
     python scripts/benchmark_active_learning.py retrain --system butane --iterations 2 8 [--docs]
     python scripts/benchmark_active_learning.py pool --system butane --from-scratch --max-labels 60 [--docs]
     python scripts/benchmark_active_learning.py iid --system butane --from-scratch --max-labels 60 [--docs]
+    python scripts/benchmark_active_learning.py subsets --system butane --from-scratch --max-labels 60 --bought 60
 
 Each arm (``--arms``) runs the system's shipped config with the changes below, two runs side by
 side, one CPU core each, the same seeds: ``uncertainty`` picks by σ and farthest-point
@@ -71,7 +72,20 @@ SYSTEMS = {"cuau": {"config": "active_learning.yaml", "changes": {"exploration":
                       "changes": {"finetune": True, "finetune_epochs": 150},
                       "results": "benchmark_active_learning_butane.json", "marker": "active-learning-butane",
                       # iid: the reference MD the test set's MD frames come from, less the test frames
-                      "iid_pool": ["data/butane_gfn2_600K.extxyz@0:100", "data/butane_gfn2_1200K.extxyz@0:100"]}}
+                      "iid_pool": ["data/butane_gfn2_600K.extxyz@0:100", "data/butane_gfn2_1200K.extxyz@0:100"],
+                      "subsets": {"600 K": "data/butane_gfn2_600K.extxyz@100:200",
+                                  "1200 K": "data/butane_gfn2_1200K.extxyz@100:200",
+                                  "torsion scans": "data/butane_gfn2_torsions.extxyz"}},
+           # Run as shipped (from scratch every iteration, fixed epochs): a heterogeneous pool
+           "cuau-surfaces": {"config": "active_learning_cuau_surfaces.yaml", "changes": {},
+                             "results": "benchmark_active_learning_cuau_surfaces.json",
+                             "marker": "active-learning-cuau-surfaces",
+                             # iid: the spare frames, the same MD as the test frames' (independent trajectories)
+                             "iid_pool": ["data/cuau_surfaces_emt.extxyz@68:132"],
+                             "subsets": {"alloy cell": "data/cuau_surfaces_emt.extxyz@4:20",
+                                         "Cu(111) + Au adatom": "data/cuau_surfaces_emt.extxyz@20:36",
+                                         "Au(100), Cu on top": "data/cuau_surfaces_emt.extxyz@36:52",
+                                         "Cu9Au4 cluster": "data/cuau_surfaces_emt.extxyz@52:68"}}}
 
 
 # Selection of each arm: σ and diversity; the same with the batch shared evenly among the
@@ -347,6 +361,69 @@ def iid(system: dict, seeds: list[int], work_dir: str, points: list[int]) -> dic
     return recorded
 
 
+def model_at(arm: str, seed: int, work_dir: str, bought: int) -> Optional[str]:
+    """The run directory of ``arm``'s model for ``seed`` trained on ``bought`` labels, if there is one: a
+    loop's iteration (σ, the true error) or a model trained from scratch (pool, iid)."""
+    if arm in ("pool", "iid"):
+        name = {"pool": "pool-random", "iid": "iid"}[arm]
+        run_dir = os.path.join(work_dir, arm, f"{name}_seed{seed}_bought{bought}", "run")
+        return run_dir if os.path.exists(os.path.join(run_dir, "summary.json")) else None
+    al_dir = os.path.join(work_dir, f"{arm}_seed{seed}")
+    if not os.path.exists(os.path.join(al_dir, "report.csv")):
+        return None
+    with open(os.path.join(al_dir, "report.csv")) as stream:
+        rows = [row for row in csv.DictReader(stream) if row["iteration"] != "final"]
+    for row in rows:
+        if int(row["labels_total"]) - int(rows[0]["labels_total"]) == bought:
+            return os.path.join(al_dir, f"iter_{int(row['iteration']):03d}", "run")
+    return None
+
+
+def by_subset(system: dict, seeds: list[int], work_dir: str, bought: int) -> str:
+    """Test force MAE on each held-out subset of the system (``system["subsets"]``) of every arm's model
+    at ``bought`` labels, per seed and the mean over seeds: where does each selection's advantage lie?
+    Results: docs/..._subsets.json."""
+    from mlip.data.batching import build_samples
+    from mlip.data.reader import read_frames
+    from mlip.training.checkpoint import load_potential
+    from mlip.training.config import load_config
+    from mlip.training.evaluation import Predictor, compute_metrics
+    from mlip.training.trainer import label_keys
+
+    results = os.path.join(ROOT, "docs", system["results"].replace(".json", "_subsets.json"))
+    recorded = json.load(open(results)) if os.path.exists(results) else {"points": {}}
+    names = list(system["subsets"])
+    for arm in POOL_ARMS:
+        for seed in seeds:
+            key = f"{arm}/seed{seed}/bought{bought}"
+            run_dir = model_at(arm, seed, work_dir, bought)
+            if run_dir is None or key in recorded["points"]:
+                continue
+            potential, params = load_potential(run_dir)
+            keys = label_keys(load_config(os.path.join(run_dir, "config.yaml")))
+            predictor = Predictor(potential, compute_stress=False)
+            errors = {}
+            for name in names:
+                samples = build_samples(read_frames(os.path.join(ROOT, system["subsets"][name]), keys),
+                                        potential.cutoff, potential.k_cutoff, potential.molecules_only)
+                errors[name] = 1e3 * compute_metrics(samples, predictor.predict(params, samples))["forces_mae"]
+            recorded["points"][key] = errors
+            print(f"{key}: " + ", ".join(f"{name} {error:.1f}" for name, error in errors.items()), flush=True)
+            with open(results, "w") as stream:
+                json.dump(recorded, stream, indent=1)
+    lines = [f"Test force MAE (meV/Å) per held-out subset, {bought} labels bought.", "",
+             "| selection | seed | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for arm in POOL_ARMS:
+        rows = [(key.split("/")[1][4:], points) for key, points in recorded["points"].items()
+                if key.startswith(f"{arm}/") and key.endswith(f"/bought{bought}")]
+        for seed, points in sorted(rows, key=lambda row: int(row[0])):
+            lines.append(f"| {POOL_ARMS[arm]} | {seed} | " + " | ".join(f"{points[n]:.1f}" for n in names) + " |")
+        if len(rows) > 1:
+            lines.append(f"| {POOL_ARMS[arm]} | mean of {len(rows)} | " + " | ".join(
+                f"{np.mean([points[n] for _, points in rows]):.1f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def retrain_table(recorded: dict, curves: dict) -> str:
     """Per arm and labels bought: the run's own test error (a chain of warm starts) and the error of
     the same labelled set trained from scratch, per seed and their mean."""
@@ -574,7 +651,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["scored-by-error"]:  # one run of the error arm (started by `run`)
         return run_scored_by_error(argv[1])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["run", "table", "retrain", "pool", "iid"])
+    parser.add_argument("part", choices=["run", "table", "retrain", "pool", "iid", "subsets"])
     parser.add_argument("--system", choices=sorted(SYSTEMS), default="cuau")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["uncertainty", "random"],
@@ -616,6 +693,8 @@ def main(argv=None) -> int:
                         help="retrain: training seeds per labelled set (their errors are averaged)")
     parser.add_argument("--points", type=int, nargs="+", default=[5, 10, 20, 30, 40],
                         help="pool, iid: the label counts at which a model is trained from scratch")
+    parser.add_argument("--bought", type=int, default=60,
+                        help="subsets: the label count whose models are evaluated on each held-out subset")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
     system = SYSTEMS[args.system]
@@ -650,6 +729,10 @@ def main(argv=None) -> int:
                   "results": system["results"].replace(".json", f"{suffix}.json"),
                   "marker": system["marker"] + suffix.replace("_", "-")}
     work_dir = args.work_dir or os.path.join(ROOT, "runs", system["results"][:-len(".json")])
+    if args.part == "subsets":
+        if "subsets" not in system:
+            raise SystemExit(f"subsets: no held-out subsets are named for --system {args.system}")
+        return publish(by_subset(system, args.seeds, work_dir, args.bought), f"{system['marker']}-subsets", args.docs)
     if args.part in ("pool", "iid"):
         if args.part == "pool":
             pool_random(system, args.seeds, work_dir, args.points)

@@ -5,6 +5,11 @@
   * data/ethanol_gfn2_e0s.json      isolated-atom GFN2-xTB energies of H, C, O
   * data/cuau_emt.extxyz            250 periodic Cu/Au frames (triclinic, strained), ASE EMT,
                                     with stress
+  * data/cuau_surfaces_emt.extxyz   Cu/Au beyond the bulk (ASE EMT): four seed structures (an alloy
+                                    cell, a Cu(111) slab with an Au adatom, an Au(100) slab with Cu
+                                    in its top layer, a 13-atom Cu/Au cluster), then held-out and
+                                    spare frames of EMT Langevin MD from each at 300 and 1000 K:
+                                    the active-learning benchmark's heterogeneous system
   * data/ethanol_gfn1_500K.extxyz   the 1000 frames of the 500 K set relabelled with GFN1-xTB
                                     (tagged ``level_of_theory=gfn1``): the cheap fidelity of the
                                     multi-fidelity examples
@@ -30,7 +35,7 @@ tblite returns: C and O come out 0.049 eV higher than with the default (closed
 shell for even electron counts); H is a doublet either way. We keep the physical
 multiplicities.
 
-    python scripts/make_datasets.py [--out-dir data] [--sets ethanol,ood,e0s,cuau,gfn1]
+    python scripts/make_datasets.py [--out-dir data] [--sets ethanol,ood,e0s,cuau,cuau_surfaces,gfn1]
 
 The ``gfn1`` set reads ``ethanol_gfn2_500K.extxyz`` from the output directory (make ``ethanol``
 first); it takes about 20 s.
@@ -193,15 +198,80 @@ def cuau_frames(n_frames: int, seed: int) -> list:
     return frames[:n_frames]
 
 
+CUAU_SURFACE_KINDS = ("bulk", "slab111_adatom", "slab100", "cluster")
+
+
+def cuau_surface_seed(kind: str, rng) -> Atoms:
+    """One starting structure of each kind: a user with bulk alloy data who wants surfaces and particles."""
+    from ase.build import add_adsorbate, fcc100, fcc111
+    from ase.cluster import Icosahedron
+
+    if kind == "bulk":  # as in cuau_emt.extxyz: a 2x2x2 cubic cell, a quarter of it Au
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+        for index in rng.choice(len(atoms), 8, replace=False):
+            atoms[int(index)].symbol = "Au"
+        atoms.set_cell(atoms.cell.array * (3.61 + 0.47 * 0.25) / 3.61, scale_atoms=True)
+    elif kind == "slab111_adatom":  # 27 Cu atoms in three layers, an Au atom on an fcc hollow site
+        atoms = fcc111("Cu", (3, 3, 3), a=3.61, vacuum=6.0)
+        add_adsorbate(atoms, "Au", 2.1, "fcc")
+    elif kind == "slab100":  # four Au(100) layers of 2x2, two of the top layer's atoms Cu
+        atoms = fcc100("Au", (2, 2, 4), a=4.08, vacuum=6.0)
+        top = np.argsort(atoms.positions[:, 2])[-4:]
+        for index in rng.choice(top, 2, replace=False):
+            atoms[int(index)].symbol = "Cu"
+    elif kind == "cluster":  # a 13-atom icosahedron, 4 of its shell atoms Au, in a 16 Å box, not periodic
+        atoms = Icosahedron("Cu", noshells=2, latticeconstant=3.61)
+        for index in rng.choice(np.arange(1, 13), 4, replace=False):
+            atoms[int(index)].symbol = "Au"
+        atoms.set_cell([16.0, 16.0, 16.0])
+        atoms.center()
+        atoms.pbc = False
+    else:
+        raise ValueError(kind)
+    atoms.info.pop("adsorbate_info", None)  # ase.build's slab bookkeeping, not a label
+    if kind != "cluster":
+        atoms.pbc = True  # slabs: periodic along z too, across 12 Å of vacuum (twice the cutoff)
+    return atoms
+
+
+def cuau_surface_frames(seed: int) -> list:
+    """The four seeds, then for each use ("test", "spare"), kind and temperature (300, 1000 K) eight
+    frames of EMT Langevin MD from that kind's seed, 100 fs apart after 1 ps, each trajectory with its
+    own random stream. Order: seeds (0-3), test (4-67), spare (68-131)."""
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(seed)
+    seeds = {kind: cuau_surface_seed(kind, rng) for kind in CUAU_SURFACE_KINDS}
+    frames = []
+    for kind, atoms in seeds.items():
+        atoms = atoms.copy()
+        atoms.calc = EMT()
+        frames.append(labelled_copy(atoms, f"seed_{kind}"))
+    for use in ("test", "spare"):
+        for kind in CUAU_SURFACE_KINDS:
+            for temperature in (300.0, 1000.0):
+                atoms = seeds[kind].copy()
+                atoms.calc = EMT()
+                thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
+                Stationary(atoms)
+                dynamics = Langevin(atoms, timestep=2 * units.fs, temperature_K=temperature,
+                                    friction=0.02 / units.fs, rng=rng, fixcm=False)
+                dynamics.run(500)
+                for _ in range(8):
+                    dynamics.run(50)
+                    frames.append(labelled_copy(atoms, f"{use}_{kind}_{int(temperature)}K"))
+    return frames
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="data", help="where to write the files (default: data)")
-    parser.add_argument("--sets", default="ethanol,ood,e0s,cuau,gfn1",
-                        help="comma-separated subset of: ethanol, ood, e0s, cuau, gfn1")
+    parser.add_argument("--sets", default="ethanol,ood,e0s,cuau,cuau_surfaces,gfn1",
+                        help="comma-separated subset of: ethanol, ood, e0s, cuau, cuau_surfaces, gfn1")
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     wanted = set(args.sets.split(","))
-    unknown = wanted - {"ethanol", "ood", "e0s", "cuau", "gfn1"}
+    unknown = wanted - {"ethanol", "ood", "e0s", "cuau", "cuau_surfaces", "gfn1"}
     if unknown:
         parser.error(f"unknown set(s): {', '.join(sorted(unknown))}")
     if "ethanol" in wanted:
@@ -231,6 +301,13 @@ def main(argv=None) -> None:
         write_frames_atomically(path, frames)
         summarize(path, frames)
         print(f"CuAu EMT: {len(frames)} frames in {time.time() - start:.0f} s")
+    if "cuau_surfaces" in wanted:
+        start = time.time()
+        frames = cuau_surface_frames(seed=4)
+        path = os.path.join(args.out_dir, "cuau_surfaces_emt.extxyz")
+        write_frames_atomically(path, frames)
+        summarize(path, frames)
+        print(f"CuAu surfaces EMT: {len(frames)} frames in {time.time() - start:.0f} s")
     if "gfn1" in wanted:
         start = time.time()
         source = ase.io.read(os.path.join(args.out_dir, "ethanol_gfn2_500K.extxyz"), index=":")

@@ -41,6 +41,22 @@ def test_shipped_data_has_labels_and_stress():
     assert set(e0) == {1, 6, 8}
 
 
+def test_shipped_cuau_surfaces_set_is_laid_out_as_its_config_reads_it():
+    """Seeds 0-3 (one per kind), test 4-67 and spare 68-131: 8 frames per kind and temperature each."""
+    import collections
+
+    import ase.io
+
+    atoms = ase.io.read(os.path.join(ROOT, "data", "cuau_surfaces_emt.extxyz"), ":")
+    kinds = ["bulk", "slab111_adatom", "slab100", "cluster"]
+    assert [a.info["config_type"] for a in atoms[:4]] == [f"seed_{kind}" for kind in kinds]
+    for use, frames in (("test", atoms[4:68]), ("spare", atoms[68:])):
+        counts = collections.Counter(a.info["config_type"] for a in frames)
+        assert counts == {f"{use}_{kind}_{t}K": 8 for kind in kinds for t in (300, 1000)}
+    cluster = read_frames(os.path.join(ROOT, "data", "cuau_surfaces_emt.extxyz@3"))[0]
+    assert not cluster.is_periodic and len(cluster.numbers) == 13  # a cell in the file, not periodic
+
+
 def test_shipped_long_range_data_carries_charges_and_same_geometry_pairs():
     ions = read_frames(os.path.join(ROOT, "data", "ion_pairs_gfn2.extxyz"))
     assert len(ions) == 600 and {f.charge for f in ions} == {-1.0, 0.0, 1.0}
