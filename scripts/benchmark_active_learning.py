@@ -1,7 +1,7 @@
 """Active learning against random selection: force error on a held-out set against labels bought.
 
-    python scripts/benchmark_active_learning.py run [--system cuau|butane] [--seeds 0 1 2] [--docs]
-    python scripts/benchmark_active_learning.py table [--system cuau|butane] [--docs]
+    python scripts/benchmark_active_learning.py run [--system cuau|butane|cuau-surfaces] [--seeds 0 1 2] [--docs]
+    python scripts/benchmark_active_learning.py table [--system cuau|butane|cuau-surfaces] [--docs]
     python scripts/benchmark_active_learning.py retrain --system butane --iterations 2 8 [--docs]
     python scripts/benchmark_active_learning.py pool --system butane --from-scratch --max-labels 60 [--docs]
     python scripts/benchmark_active_learning.py iid --system butane --from-scratch --max-labels 60 [--docs]
@@ -23,7 +23,11 @@ ceiling of selection by σ in this loop. Systems:
   * ``butane``: configs/active_learning_butane.yaml (GFN2-xTB through tblite: 20 labelled 300 K
     frames, all trans; MD at 300, 600 and 1200 K, where the molecule turns to gauche and over
     the torsion barriers; 5 labels per iteration; held out: 600 K and 1200 K MD and the relaxed
-    torsion scans).
+    torsion scans);
+  * ``cuau-surfaces``: configs/active_learning_cuau_surfaces.yaml (EMT Cu/Au, a heterogeneous pool:
+    20 labelled bulk alloy cells to start; MD at 300 and 1000 K from an alloy cell, a Cu(111) slab
+    with an Au adatom, an Au(100) slab with Cu on top and a 13-atom cluster; 10 labels per
+    iteration, every iteration trained from scratch; held out: 64 frames of EMT MD of the four).
 
 ``retrain`` takes each finished run's labelled set as it stood at the given iterations (the
 initial frames and every label bought before them) and trains a model on it from scratch, with
@@ -37,6 +41,9 @@ found, labelled by the same oracle, and trained from scratch at the label counts
 (the ``random`` arm instead draws from an exploration of its own model). ``iid`` draws the labels
 from the held-out distribution itself (the reference MD the test frames come from, less the test
 frames): what labels are worth when no selection is needed. Results: docs/..._pool.json, _iid.json.
+
+``subsets`` evaluates each arm's model at ``--bought`` labels on each held-out subset the system
+names (butane: 600 K, 1200 K, torsion scans; cuau-surfaces: the four kinds). Results: docs/..._subsets.json.
 
 Goal (issue 18): AL reaches random selection's final force error with at most a third of its
 labels. Results: docs/benchmark_active_learning[_butane].json (and docs/benchmarks.md with --docs).
