@@ -55,6 +55,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from typing import Optional
@@ -250,9 +251,15 @@ def train_side_by_side(jobs: list, results: str, recorded: dict) -> None:
     for first in range(0, len(jobs), 2):
         processes = {}
         for core, (key, path, folder, _) in enumerate(jobs[first:first + 2]):
-            log = open(os.path.join(folder, "train.log"), "w")
+            run_dir = os.path.join(folder, "run")
+            command = ["train", path]
+            if os.path.exists(os.path.join(run_dir, "last.msgpack")):  # a killed benchmark: go on from there
+                command = ["train", "--resume", run_dir]
+            elif os.path.exists(run_dir):  # killed before its first epoch ended
+                shutil.rmtree(run_dir)
+            log = open(os.path.join(folder, "train.log"), "a")
             processes[key] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "mlip.cli",
-                                               "train", path], stdout=log, stderr=subprocess.STDOUT)
+                                               *command], stdout=log, stderr=subprocess.STDOUT)
         for (key, path, folder, bought), process in zip(jobs[first:first + 2], processes.values()):
             if process.wait() != 0:
                 raise SystemExit(f"training {key} failed: see {folder}/train.log")
