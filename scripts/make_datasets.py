@@ -230,14 +230,14 @@ def cuau_surface_seed(kind: str, rng) -> Atoms:
         raise ValueError(kind)
     atoms.info.pop("adsorbate_info", None)  # ase.build's slab bookkeeping, not a label
     if kind != "cluster":
-        atoms.pbc = True  # slabs: periodic along z too, across 12 Å of vacuum (twice the cutoff)
+        atoms.pbc = True  # slabs: periodic along z too, across 12 Å of vacuum (more than twice the cutoff)
     return atoms
 
 
 def cuau_surface_frames(seed: int) -> list:
     """The four seeds, then for each use ("test", "spare"), kind and temperature (300, 1000 K) eight
-    frames of EMT Langevin MD from that kind's seed, 100 fs apart after 1 ps, each trajectory with its
-    own random stream. Order: seeds (0-3), test (4-67), spare (68-131)."""
+    frames of EMT Langevin MD from that kind's seed, 100 fs apart after 1 ps; every draw (the seeds'
+    substitutions, each trajectory's velocities and noise) comes in turn from one generator. Order: seeds (0-3), test (4-67), spare (68-131)."""
     from ase.calculators.emt import EMT
 
     rng = np.random.default_rng(seed)
