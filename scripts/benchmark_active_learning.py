@@ -199,7 +199,7 @@ def run_scored_by_error(config_or_dir: str) -> int:
             if not structures:
                 return []
             samples, _, features = self.packed(structures)
-            predictions = self.predictor.predict(self.params, samples)
+            predictions = self.predictor.predict(self.params, samples, sizes=self._sizes)
             scores = []
             for atoms, prediction, feature in zip(structures, predictions, features):
                 reference = atoms.copy()
@@ -298,6 +298,19 @@ def retrain(system: dict, arms: list[str], seeds: list[int], work_dir: str, iter
     return recorded
 
 
+FROM_SCRATCH = {"pool": "pool-random", "iid": "iid"}  # arms trained from scratch -> their results' names
+
+
+def from_scratch_key(arm: str, seed: int, bought: int) -> str:
+    """The results key of ``arm``'s training for ``seed`` on ``bought`` labels."""
+    return f"{FROM_SCRATCH[arm]}/seed{seed}/bought{bought}"
+
+
+def from_scratch_folder(work_dir: str, arm: str, seed: int, bought: int) -> str:
+    """Where that training runs (its run directory is ``run`` inside)."""
+    return os.path.join(work_dir, arm, from_scratch_key(arm, seed, bought).replace("/", "_"))
+
+
 def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]) -> dict:
     """Random selection from the same MD pool as σ: for each iteration of a seed's σ run (``uncertainty``
     arm, finished), as many snapshots as it bought, drawn uniformly from the snapshots its exploration
@@ -342,9 +355,9 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
                 learner.oracle.label([atoms for _, atoms in todo], on_result=store)
         frames = [ase.io.read(os.path.join(labels_dir, name)) for name in sorted(os.listdir(labels_dir))]
         for n in points:
-            key = f"pool-random/seed{seed}/bought{n}"
+            key = from_scratch_key("pool", seed, n)
             if n <= len(frames) and key not in recorded["points"]:
-                folder = os.path.join(work_dir, "pool", key.replace("/", "_"))
+                folder = from_scratch_folder(work_dir, "pool", seed, n)
                 jobs.append((key, training_config(learner, folder, frames[:n], learner.config.seed), folder, n))
     train_side_by_side(jobs, results, recorded)
     return recorded
@@ -366,9 +379,9 @@ def iid(system: dict, seeds: list[int], work_dir: str, points: list[int]) -> dic
         learner = ActiveLearner.resume(os.path.join(work_dir, f"uncertainty_seed{seed}"))
         order = np.random.default_rng(seed).permutation(len(pool))
         for n in points:
-            key = f"iid/seed{seed}/bought{n}"
+            key = from_scratch_key("iid", seed, n)
             if key not in recorded["points"]:
-                folder = os.path.join(work_dir, "iid", key.replace("/", "_"))
+                folder = from_scratch_folder(work_dir, "iid", seed, n)
                 jobs.append((key, training_config(learner, folder, [pool[i] for i in order[:n]],
                                                   learner.config.seed), folder, n))
     train_side_by_side(jobs, results, recorded)
@@ -378,9 +391,8 @@ def iid(system: dict, seeds: list[int], work_dir: str, points: list[int]) -> dic
 def model_at(arm: str, seed: int, work_dir: str, bought: int) -> Optional[str]:
     """The run directory of ``arm``'s model for ``seed`` trained on ``bought`` labels, if there is one: a
     loop's iteration (σ, the true error) or a model trained from scratch (pool, iid)."""
-    if arm in ("pool", "iid"):
-        name = {"pool": "pool-random", "iid": "iid"}[arm]
-        run_dir = os.path.join(work_dir, arm, f"{name}_seed{seed}_bought{bought}", "run")
+    if arm in FROM_SCRATCH:
+        run_dir = os.path.join(from_scratch_folder(work_dir, arm, seed, bought), "run")
         return run_dir if os.path.exists(os.path.join(run_dir, "summary.json")) else None
     al_dir = os.path.join(work_dir, f"{arm}_seed{seed}")
     if not os.path.exists(os.path.join(al_dir, "report.csv")):
@@ -407,6 +419,7 @@ def by_subset(system: dict, seeds: list[int], work_dir: str, bought: int) -> str
     results = os.path.join(ROOT, "docs", system["results"].replace(".json", "_subsets.json"))
     recorded = json.load(open(results)) if os.path.exists(results) else {"points": {}}
     names = list(system["subsets"])
+    frames = {}  # (subset, label keys) -> its frames, read once
     for arm in POOL_ARMS:
         for seed in seeds:
             key = f"{arm}/seed{seed}/bought{bought}"
@@ -418,8 +431,10 @@ def by_subset(system: dict, seeds: list[int], work_dir: str, bought: int) -> str
             predictor = Predictor(potential, compute_stress=False)
             errors = {}
             for name in names:
-                samples = build_samples(read_frames(os.path.join(ROOT, system["subsets"][name]), keys),
-                                        potential.cutoff, potential.k_cutoff, potential.molecules_only)
+                if (name, repr(keys)) not in frames:
+                    frames[name, repr(keys)] = read_frames(os.path.join(ROOT, system["subsets"][name]), keys)
+                samples = build_samples(frames[name, repr(keys)], potential.cutoff, potential.k_cutoff,
+                                        potential.molecules_only)
                 errors[name] = 1e3 * compute_metrics(samples, predictor.predict(params, samples))["forces_mae"]
             recorded["points"][key] = errors
             print(f"{key}: " + ", ".join(f"{name} {error:.1f}" for name, error in errors.items()), flush=True)

@@ -357,8 +357,42 @@ def test_an_unstable_replica_stops_with_its_message_and_the_others_go_on(cuau):
     md.run(5)
     assert md.steps_done.tolist() == [15, 0, 10] and md.stopped[2] == "enough"
     assert np.allclose(md.atoms(1).positions, crushed.positions)
-    with pytest.raises(MLIPError, match=r"the same number of atoms \(got \[4, 32\]\)"):
-        ReplicaDynamics(potential, params, [cuau_cell(), bulk("Cu", "fcc", a=3.6, cubic=True)], [300.0] * 2)
+    cluster = cuau_cell(repeat=1)
+    cluster.pbc = False
+    with pytest.raises(MLIPError, match=r"replica 1: ensemble npt needs a periodic cell"):
+        ReplicaDynamics(potential, params, [cuau_cell(), cluster], [300.0] * 2, ensemble="npt")
+
+
+def test_replicas_of_different_sizes_and_periodicity_follow_their_lone_runs(cuau):
+    from mlip.md.replicas import ReplicaDynamics, replica_groups
+
+    # Exploration from several seeds: a bulk cell, a slab (periodic in two directions) and a
+    # cluster (none), padded to the largest. Each atom's Langevin noise is drawn by its index, so
+    # the padding changes nothing.
+    potential, params = cuau
+    slab = cuau_cell(seed=2)[:20]
+    slab.pbc = [True, True, False]
+    slab.center(vacuum=4.0, axis=2)
+    cluster = cuau_cell(repeat=1, seed=3)
+    cluster.pbc = False
+    structures, temperatures, seeds = [cuau_cell(seed=1), slab, cluster], [300.0, 900.0, 600.0], [5, 6, 7]
+    settings = dict(ensemble="langevin", timestep_fs=2.0, skin=0.1, max_temperature_K=1e6)
+    together = ReplicaDynamics(potential, params, structures, temperatures, seeds, **settings)
+    together.run(8)
+    assert together.compilations <= 1 and together.atom_counts.tolist() == [32, 20, 4]
+    for replica, (atoms, temperature, seed) in enumerate(zip(structures, temperatures, seeds)):
+        alone = MolecularDynamics(potential, params, atoms, temperature_K=temperature, seed=seed, **settings)
+        alone.run(8)
+        result = together.atoms(replica)
+        assert result.pbc.tolist() == atoms.pbc.tolist()
+        np.testing.assert_allclose(result.positions, alone.atoms.positions, atol=1e-9)
+        np.testing.assert_allclose(result.get_momenta(), alone.atoms.get_momenta(), atol=1e-9)
+        assert result.get_potential_energy() == pytest.approx(alone.atoms.get_potential_energy(), abs=1e-9)
+        assert together.temperatures_K()[replica] == pytest.approx(alone.current_thermo()["temperature_K"], rel=1e-6)
+    # Grouping for exploration: one program where the padding stays within 2x the atoms.
+    assert replica_groups([32, 32, 28, 28, 16, 16, 13, 13]) == [list(range(8))]
+    assert replica_groups([10, 200, 10]) == [[1], [0, 2]]
+    assert replica_groups([13, 32], max_padding=1.0) == [[1], [0]]
 
 
 def test_float32_molecule_replicas_follow_their_lone_runs():

@@ -357,25 +357,25 @@ class ActiveLearner:
         """Snapshots of MD from every seed at every temperature, with their σ score and features.
         With ``exploration.uncertainty_bias`` the MD moves on the biased energy E − τσ_E.
 
-        The trajectories of seeds with the same number of atoms step together (`ReplicaDynamics`:
-        one compiled program for all of them); each is the run `MolecularDynamics` would make
-        alone with its seed (config seed + 1000·iteration + 100·seed index + temperature index)."""
+        The trajectories step together (`ReplicaDynamics`: one compiled program for each group of
+        `replica_groups`, all of them unless seeds differ much in size); each is the run
+        `MolecularDynamics` would make alone with its seed (config seed + 1000·iteration + 100·seed
+        index + temperature index)."""
         from mlip.active.bonds import BondCheck
-        from mlip.md.replicas import ReplicaDynamics
+        from mlip.md.replicas import ReplicaDynamics, replica_groups
 
         exploration = self.config.exploration
         runs = [(seed_index, t_index, temperature) for seed_index in range(len(self.seeds))
                 for t_index, temperature in enumerate(exploration.temperatures)]
-        groups: dict = {}
-        for run in runs:
-            groups.setdefault(len(self.seeds[run[0]]), []).append(run)
+        groups = [[runs[index] for index in group]
+                  for group in replica_groups([len(self.seeds[seed_index]) for seed_index, _, _ in runs])]
         found = []  # (seed index, temperature index, step, snapshot, σ, features)
         moving = potential
         if exploration.uncertainty_bias > 0:
             from mlip.uq.bias import UncertaintyBiasedPotential
 
             moving = UncertaintyBiasedPotential(potential, exploration.uncertainty_bias, scorer.offsets)
-        for group in groups.values():
+        for group in groups:
             md = ReplicaDynamics(moving, params, [self.seeds[seed_index] for seed_index, _, _ in group],
                                  temperatures_K=[temperature for _, _, temperature in group],
                                  seeds=[self.config.seed + 1000 * iteration + 100 * seed_index + t_index
@@ -503,6 +503,7 @@ class _Scorer:
         inner = getattr(potential, "potential", potential)
         self._first = jax.device_put(jax.tree.map(lambda x: x[0], params) if inner is not potential else params)
         self._features = jax.jit(inner.structure_features)
+        self._sizes = None  # the padded shape of every batch so far (see `packed`)
 
     def _sample(self, atoms):
         from mlip.data.batching import build_sample
@@ -518,11 +519,15 @@ class _Scorer:
         return self.score_many([atoms])[0]
 
     def packed(self, structures) -> tuple[list, Any, np.ndarray]:
-        """The structures' samples, their packed graph, and their [n, d] features."""
-        from mlip.data.batching import pack_samples
+        """The structures' samples, their packed graph, and their [n, d] features.
+
+        Every call pads to one shape that only grows (`covering`): exploration scores a few
+        snapshots at a time, of seeds of several sizes, and each new shape would compile again."""
+        from mlip.data.batching import covering, pack_samples, sizes_for
 
         samples = [self._sample(atoms) for atoms in structures]
-        graph = pack_samples(samples, None, None, np.float64 if self.potential.config.dtype == "float64"
+        self._sizes = covering(self._sizes, sizes_for(samples, len(samples) + 1, layout="dense"))
+        graph = pack_samples(samples, self._sizes, None, np.float64 if self.potential.config.dtype == "float64"
                              else np.float32)
         return samples, graph, np.asarray(self._features(self._first, graph))
 
@@ -540,7 +545,7 @@ class _Scorer:
             spread = offset_free_energy_spread(energies, self.offsets, structures, self.potential.ddof)
             return [(float(spread[index] / np.sqrt(len(atoms))), features[index])
                     for index, atoms in enumerate(structures)]
-        predictions = self.predictor.predict(self.params, samples)
+        predictions = self.predictor.predict(self.params, samples, sizes=self._sizes)
         if "forces_std" not in predictions[0]:
             raise DataError("active learning needs a model that reports its uncertainty")
         scores = []

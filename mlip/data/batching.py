@@ -226,6 +226,17 @@ def raised_to(sizes: PaddedSizes, n_node: int, n_edge: int) -> PaddedSizes:
     return dataclasses.replace(sizes, n_node=nodes, n_edge=edges)
 
 
+def covering(held: Optional[PaddedSizes], need: PaddedSizes) -> PaddedSizes:
+    """Dense sizes that hold batches of both ``held`` (None: none yet) and ``need``: the same shape
+    for batches that come one at a time and vary (grows only, so it compiles once per growth)."""
+    if held is None:
+        return need
+    mesh = tuple(np.maximum(held.mesh_shape, need.mesh_shape).tolist()) if held.mesh_shape and need.mesh_shape \
+        else (held.mesh_shape or need.mesh_shape)
+    return PaddedSizes.dense(max(held.n_node, need.n_node), max(held.neighbours_per_node, need.neighbours_per_node),
+                             max(held.n_graph, need.n_graph), 0 if mesh else max(held.n_k, need.n_k), mesh)
+
+
 def sizes_for_chunks(chunks: Sequence[Sequence[GraphSample]], batch_size: int, layout: str = "auto",
                      shared: Optional[SharedCapacity] = None, floor: tuple[int, int] = (0, 0)) -> list[PaddedSizes]:
     """Padded sizes of consecutive batches of ``batch_size`` structures (the last may hold fewer).

@@ -38,13 +38,14 @@ ENSEMBLES = ("nve", "langevin", "nose-hoover", "npt", "npt-aniso")
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["timestep", "temperature_K", "pressure", "friction", "tdamp", "pdamp"],
-                   meta_fields=["name", "n_atoms", "tchain", "pchain", "tloop", "ploop"])
+                   data_fields=["timestep", "n_atoms", "temperature_K", "pressure", "friction", "tdamp", "pdamp"],
+                   meta_fields=["name", "tchain", "pchain", "tloop", "ploop"])
 @dataclasses.dataclass(frozen=True)
 class Ensemble:
-    """Settings of an integrator. A pytree: the numbers (time step, temperature, pressure,
-    friction, time constants) are traced, so changing them does not recompile; the name,
-    atom count and chain lengths shape the program and are static.
+    """Settings of an integrator. A pytree: the numbers (time step, atom count, temperature,
+    pressure, friction, time constants) are traced, so changing them does not recompile (the
+    atom count only counts degrees of freedom: the arrays are padded, see ``MDState.atom_mask``);
+    the name and chain lengths shape the program and are static.
 
     Attributes:
         name: one of `ENSEMBLES`: ``npt`` scales the cell isotropically (MTK),

@@ -20,8 +20,12 @@ that becomes unstable stops with the message `MolecularDynamics` would raise, ke
 1.21× the steps of the same runs one after another, 24 made 1.45× (docs/benchmarks.md);
 on a GPU the replicas fill a device that one small molecule leaves idle (not measured yet).
 
-The replicas share the ensemble, time step and model, and have the same number of atoms
-(it shapes the program); their structures, cells, temperatures and seeds may differ.
+The replicas share the ensemble, time step and model; their structures (sizes and
+periodicity too), cells, temperatures and seeds may differ. Every replica's arrays are
+padded to the largest one's (masked atoms that neither move nor interact), so replicas of
+different sizes cost one compiled program, and the smaller ones the work of the padding.
+A padded replica still runs its lone trajectory: JAX's partitionable threefry draws each
+atom's Langevin noise by its index, whatever the padding.
 """
 
 from __future__ import annotations
@@ -52,9 +56,8 @@ class ReplicaDynamics:
 
     Args:
         potential, params: the model (see `mlip.training.checkpoint.load_potential`).
-        structures: one initial structure per replica, all with the same number of atoms
-            and the same periodicity. Momenta are used where set, else drawn at the
-            replica's temperature with its seed.
+        structures: one initial structure per replica (any size and periodicity). Momenta
+            are used where set, else drawn at the replica's temperature with its seed.
         temperatures_K: one per replica (thermostat target and initial temperature);
             None for NVE from the structures' own momenta.
         seeds: one per replica (velocities and Langevin noise), default 0, 1, 2, ...
@@ -82,31 +85,24 @@ class ReplicaDynamics:
         if timestep_fs <= 0 or skin < 0 or block_steps < 1:
             raise MLIPError(f"need timestep_fs > 0, skin >= 0, block_steps >= 1 "
                             f"(got {timestep_fs}, {skin}, {block_steps})")
-        sizes = sorted({len(atoms) for atoms in structures})
-        if len(sizes) > 1:
-            raise MLIPError(f"replicas stepped together need the same number of atoms (got {sizes}); "
-                            "group the structures by size, one ReplicaDynamics per group")
-        self.pbc = np.asarray(structures[0].pbc, bool)
+        self.pbc = [np.asarray(atoms.pbc, bool) for atoms in structures]
         for index, atoms in enumerate(structures):
-            if not np.array_equal(np.asarray(atoms.pbc, bool), self.pbc):
-                raise MLIPError(f"replica {index}: pbc {np.asarray(atoms.pbc).tolist()} differs from replica 0's "
-                                f"{self.pbc.tolist()}")
             if ensemble != "nve" and not temperatures[index]:
                 raise MLIPError(f"replica {index}: ensemble {ensemble} needs a target temperature (> 0)")
+            if ensemble.startswith("npt") and not self.pbc[index].all():
+                raise MLIPError(f"replica {index}: ensemble {ensemble} needs a periodic cell in all three "
+                                f"directions (pbc is {self.pbc[index].tolist()})")
             _check_elements(np.asarray(atoms.numbers), potential.statistics.atomic_numbers)
-        if ensemble.startswith("npt") and not self.pbc.all():
-            raise MLIPError(f"ensemble {ensemble} needs a periodic cell in all three directions "
-                            f"(pbc is {self.pbc.tolist()})")
         enable_compilation_cache()
         self.potential = potential
         self.params = jax.device_put(params)
         self.count = count
-        self.n_atoms = sizes[0]
+        self.atom_counts = np.array([len(atoms) for atoms in structures])
         self.numbers = [np.asarray(atoms.numbers) for atoms in structures]
         self.charges = [float(atoms.info.get("total_charge", 0.0)) for atoms in structures]
         self.spins = [float(atoms.info.get("total_spin", 1.0)) for atoms in structures]
         self.reference_energies = np.array([potential.reference_energy(numbers) for numbers in self.numbers])
-        self._n_padded = padded_node_count(self.n_atoms, dense=True)
+        self._n_padded = padded_node_count(int(self.atom_counts.max()), dense=True)
         self.skin = float(skin)
         self.block_steps = int(block_steps)
         self.timestep_fs = float(timestep_fs)
@@ -115,11 +111,11 @@ class ReplicaDynamics:
                                             for t in temperatures])
         self.dtype = np.float64 if potential.config.dtype == "float64" else np.float32
         dt = timestep_fs * units.fs
-        ensembles = [Ensemble(name=ensemble, timestep=dt, n_atoms=self.n_atoms, temperature_K=float(t or 0.0),
+        ensembles = [Ensemble(name=ensemble, timestep=dt, n_atoms=int(n), temperature_K=float(t or 0.0),
                               pressure=pressure_GPa * units.GPa, friction=friction_per_fs / units.fs,
                               tdamp=(tdamp_fs * units.fs) if tdamp_fs else 100 * dt,
                               pdamp=(pdamp_fs * units.fs) if pdamp_fs else 1000 * dt, tchain=tchain, pchain=pchain)
-                     for t in temperatures]
+                     for t, n in zip(temperatures, self.atom_counts)]
         self.ensemble = ensembles[0]  # the shared settings (name, time step, chains)
         self._ensembles = jax.tree.map(lambda *values: np.asarray(values, self.dtype), *ensembles)
         self.steps_done = np.zeros(count, np.int64)
@@ -146,9 +142,9 @@ class ReplicaDynamics:
     def _initial_states(self, structures, temperatures, seeds, ensembles):
         cast = lambda x: jnp.asarray(x, self.dtype)  # noqa: E731
         resting, keys = [], []
-        for atoms, temperature, seed, ensemble in zip(structures, temperatures, seeds, ensembles):
+        for atoms, pbc, temperature, seed, ensemble in zip(structures, self.pbc, temperatures, seeds, ensembles):
             positions, momenta, masses, atom_mask = padded_start(atoms, self._n_padded, temperature, seed)
-            cell = np.asarray(atoms.cell.array, np.float64) if self.pbc.any() else np.zeros((3, 3))
+            cell = np.asarray(atoms.cell.array, np.float64) if pbc.any() else np.zeros((3, 3))
             key = jax.random.PRNGKey(seed)
             keys.append(key)
             resting.append(integrators.resting_state(ensemble, cast(positions), cast(momenta), cast(masses),
@@ -169,8 +165,8 @@ class ReplicaDynamics:
         positions = np.asarray(jax.device_get(states.positions), np.float64)
         cells = np.asarray(jax.device_get(states.cell), np.float64)
         for r in replicas:
-            sample = neighbour_sample(self.potential, self.skin, positions[r, :self.n_atoms], self.numbers[r],
-                                      cells[r], self.pbc, self.charges[r], self.spins[r])
+            sample = neighbour_sample(self.potential, self.skin, positions[r, :self.atom_counts[r]], self.numbers[r],
+                                      cells[r], self.pbc[r], self.charges[r], self.spins[r])
             self._samples[r] = sample
             self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
             n_k, mesh_shape = reciprocal_sizes([sample])
@@ -191,8 +187,8 @@ class ReplicaDynamics:
         self._reference_positions = jnp.asarray(np.stack([graph.positions for graph in graphs]), self.dtype)
         self._reference_cells = jnp.asarray(np.stack([sample.frame.cell for sample in self._samples]), self.dtype)
         # A molecule whose list holds every ordered pair can never miss one (no rebuilds).
-        self._complete = np.array([not self.pbc.any() and sample.n_edges == self.n_atoms * (self.n_atoms - 1)
-                                   for sample in self._samples])
+        self._complete = np.array([not pbc.any() and sample.n_edges == n * (n - 1)
+                                   for sample, pbc, n in zip(self._samples, self.pbc, self.atom_counts)])
 
     def _block(self, ensembles, limits, states, steps):
         if self.count == 1:  # one trajectory: the program of MolecularDynamics, which a lone run is
@@ -261,10 +257,10 @@ class ReplicaDynamics:
         if self._host_states is None:  # one transfer for every replica's snapshot
             self._host_states = jax.device_get(self._states)
         state = jax.tree.map(lambda leaf: np.asarray(leaf)[replica], self._host_states)
-        n = self.n_atoms
+        n, pbc = self.atom_counts[replica], self.pbc[replica]
         cell = np.asarray(state.cell, np.float64)
         atoms = Atoms(numbers=self.numbers[replica], positions=np.asarray(state.positions[:n], np.float64),
-                      cell=cell if self.pbc.any() else None, pbc=self.pbc,
+                      cell=cell if pbc.any() else None, pbc=pbc,
                       momenta=np.asarray(state.momenta[:n], np.float64))
         results = {"energy": float(self.reference_energies[replica]) + float(state.energy),
                    "forces": np.asarray(state.forces[:n], np.float64)}
@@ -275,12 +271,38 @@ class ReplicaDynamics:
 
     def temperatures_K(self) -> np.ndarray:
         """[replicas] current kinetic temperature of each replica, K."""
-        return np.asarray(jax.device_get(_temperatures(self._states, self.n_atoms)), np.float64)
+        return np.asarray(jax.device_get(_temperatures(self._states, self._ensembles.n_atoms)), np.float64)
 
     @property
     def compilations(self) -> int:
         """Block programs compiled since these replicas started."""
         return _run_replica_blocks._cache_size() + _run_block._cache_size() - self._compilations_before
+
+
+def replica_groups(sizes: Sequence[int], max_padding: float = 2.0) -> list[list[int]]:
+    """Trajectories of structures of ``sizes`` atoms, grouped to step together: lists of indices,
+    largest first. A group pads every trajectory to its largest (`ReplicaDynamics`): one program
+    for all saves a compilation per size (seconds on a CPU, more on a GPU) but costs the
+    padding's work. The fewest groups whose padded atoms stay within ``max_padding`` times their
+    real atoms each, and among those the least padding (groups of neighbours in size order)."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    ordered = [int(sizes[i]) for i in order]
+    # best[j]: (groups, padded atoms, start of the last group) for the first j trajectories.
+    best = [(0, 0, 0)] + [None] * len(ordered)
+    for end in range(1, len(ordered) + 1):
+        for start in range(end):
+            padded = (end - start) * ordered[start]
+            if best[start] is None or padded > max_padding * sum(ordered[start:end]):
+                continue
+            option = (best[start][0] + 1, best[start][1] + padded, start)
+            if best[end] is None or option[:2] < best[end][:2]:
+                best[end] = option
+    groups, end = [], len(ordered)
+    while end:
+        start = best[end][2]
+        groups.insert(0, order[start:end])
+        end = start
+    return groups
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -364,6 +386,6 @@ def _union_forces(potential, compute_stress: bool):
     return batched_evaluate
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _temperatures(states, n_atoms: int):
-    return jax.vmap(lambda state: integrators.temperature_K(state, n_atoms))(states)
+@jax.jit
+def _temperatures(states, atom_counts):
+    return jax.vmap(integrators.temperature_K)(states, atom_counts)

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from mlip.data.batching import GraphSample, SharedCapacity, pack_samples, sizes_for_chunks
+from mlip.data.batching import GraphSample, PaddedSizes, SharedCapacity, pack_samples, sizes_for_chunks
 
 
 class Predictor:
@@ -29,18 +29,26 @@ class Predictor:
         self._apply = jax.jit(lambda params, graph: potential.apply(
             params, graph, compute_forces=True, compute_stress=compute_stress))
 
-    def predict(self, params: Any, samples: Sequence[GraphSample], batch_size: int = 32) -> list[dict]:
+    def predict(self, params: Any, samples: Sequence[GraphSample], batch_size: int = 32,
+                sizes: Optional[PaddedSizes] = None) -> list[dict]:
         """Per structure: ``energy`` (eV, absolute), ``forces`` [n, 3], ``stress`` [3, 3] or None
         (and ``charges`` [n] for a model with a long-range term, ``magmoms`` [n] with a
         magnetic-moment head).
 
         With uncertainty also ``energy_std`` (eV), ``forces_std`` [n, 3] (eV/Å) and
         ``stress_std`` [3, 3] (eV/Å³) or None.
+
+        ``sizes``: all ``samples`` in one batch padded to these sizes (a shape the caller keeps
+        for calls that vary, see `mlip.data.batching.covering`) instead of batches of ``batch_size``.
         """
         results = []
         dtype = np.float64 if self.potential.config.dtype == "float64" else np.float32
-        chunks = [list(samples[start:start + batch_size]) for start in range(0, len(samples), batch_size)]
-        for chunk, sizes in zip(chunks, sizes_for_chunks(chunks, batch_size, self.layout, SharedCapacity.of(samples))):
+        if sizes is not None:
+            chunks, chunk_sizes = [list(samples)], [sizes]
+        else:
+            chunks = [list(samples[start:start + batch_size]) for start in range(0, len(samples), batch_size)]
+            chunk_sizes = sizes_for_chunks(chunks, batch_size, self.layout, SharedCapacity.of(samples))
+        for chunk, sizes in zip(chunks, chunk_sizes):
             graph = pack_samples(chunk, sizes, None, dtype)
             outputs = jax.device_get(self._apply(params, graph))
             offset = 0
