@@ -24,8 +24,8 @@ times a whole exploration of configs/active_learning_cuau_surfaces.yaml instead:
 every 50, on that config's model trained for ``--epochs`` on its 20 initial cells. Wall time
 counts everything, compilation included, since an exploration compiles once per iteration:
 
-    by-size      one `ReplicaDynamics` per seed size (the exploration before)
-    one-program  the groups of `replica_groups`: here all eight trajectories, padded to 32 atoms
+    by-size      one `ReplicaDynamics` per seed size (the exploration's default)
+    one-program  ``replica_groups(max_padding=2)``: here all eight trajectories, padded to 32 atoms
 
 Each in a fresh process, the two alternating ``--repeats`` times. Results:
 docs/benchmark_replicas_mixed.json and, with --docs, its table in docs/benchmarks.md.
@@ -142,13 +142,13 @@ def trained_cuau_surfaces_model(work_dir: str, epochs: int) -> str:
 
 def time_exploration(run_dir: str, work_dir: str, grouping: str) -> dict:
     """One exploration of the cuau-surfaces config (`ActiveLearner._explore`), wall and compile time."""
-    import functools
     import logging
     import re
 
     import jax
     import numpy as np
 
+    import mlip.active.learner as learner_module
     import mlip.md.replicas as replicas
     from mlip.active.learner import ActiveLearner, _Scorer
     from mlip.training.checkpoint import load_potential
@@ -164,8 +164,8 @@ def time_exploration(run_dir: str, work_dir: str, grouping: str) -> dict:
     jax.config.update("jax_log_compiles", True)
     logging.getLogger("jax").addHandler(Compilations())
     logging.getLogger("jax").propagate = False
-    if grouping == "by-size":  # no padding allowed: a group per size
-        replicas.replica_groups = functools.partial(replicas.replica_groups, max_padding=1.0)
+    max_padding = 1.0 if grouping == "by-size" else 2.0  # 1: no padding, a group per size
+    learner_module.EXPLORATION_MAX_PADDING = max_padding
     learner = ActiveLearner.from_file(os.path.join(ROOT, "configs", "active_learning_cuau_surfaces.yaml"),
                                       [f"al_dir={os.path.join(work_dir, 'cuau_surfaces_al')}"])
     potential, params = load_potential(run_dir)
@@ -174,7 +174,7 @@ def time_exploration(run_dir: str, work_dir: str, grouping: str) -> dict:
     explored, scores, _ = learner._explore(potential, params, 0, scorer, np.inf)
     wall = time.perf_counter() - start
     sizes = [len(learner.seeds[i]) for i in range(len(learner.seeds)) for _ in learner.config.exploration.temperatures]
-    groups = replicas.replica_groups(sizes)
+    groups = replicas.replica_groups(sizes, max_padding)
     return {"grouping": grouping, "groups": len(groups), "wall_s": round(wall, 1),
             "compilations": len(compile_seconds), "compile_s": round(sum(compile_seconds), 1),
             "snapshots": len(explored), "mean_sigma": float(np.mean(scores))}

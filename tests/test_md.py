@@ -389,7 +389,7 @@ def test_replicas_of_different_sizes_and_periodicity_follow_their_lone_runs(cuau
         np.testing.assert_allclose(result.get_momenta(), alone.atoms.get_momenta(), atol=1e-9)
         assert result.get_potential_energy() == pytest.approx(alone.atoms.get_potential_energy(), abs=1e-9)
         assert together.temperatures_K()[replica] == pytest.approx(alone.current_thermo()["temperature_K"], rel=1e-6)
-    # Grouping for exploration: one program where the padding stays within 2x the atoms.
+    # Groups to step together: the fewest whose padding stays within max_padding x their atoms.
     assert replica_groups([32, 32, 28, 28, 16, 16, 13, 13]) == [list(range(8))]
     assert replica_groups([10, 200, 10]) == [[1], [0, 2]]
     assert replica_groups([13, 32], max_padding=1.0) == [[1], [0]]

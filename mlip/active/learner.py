@@ -60,6 +60,11 @@ from mlip.training.config import config_from_dict, source_list
 REPORT_COLUMNS = ["iteration", "labels_total", "labels_bought", "labels_failed", "valid_forces_mae",
                   "test_forces_mae", "test_energy_mae_per_atom", "explored", "uncertain_fraction", "sigma_median",
                   "sigma_max", "sigma_low", "sigma_high", "selected_from", "train_s", "explore_s", "label_s"]
+# Trajectories of seeds of unlike sizes in one program (padded) or one per size: on a CPU the
+# padding's work outweighed the compilations saved (the cuau-surfaces exploration, seeds of 32 to
+# 13 atoms: 139 s in one program against 106 s by size, scripts/benchmark_replicas.py --mixed).
+# A GPU, where compilations cost more and padding less, is not measured yet.
+EXPLORATION_MAX_PADDING = 1.0
 FINAL = "final"  # the iteration name of the final model's training (final_from_scratch)
 NOTHING_UNCERTAIN = "no explored structure"  # how a stop for want of candidates reads
 
@@ -358,9 +363,9 @@ class ActiveLearner:
         With ``exploration.uncertainty_bias`` the MD moves on the biased energy E − τσ_E.
 
         The trajectories step together (`ReplicaDynamics`: one compiled program for each group of
-        `replica_groups`, all of them unless seeds differ much in size); each is the run
-        `MolecularDynamics` would make alone with its seed (config seed + 1000·iteration + 100·seed
-        index + temperature index)."""
+        `replica_groups`, by seed size unless `EXPLORATION_MAX_PADDING` allows padding); each is the
+        run `MolecularDynamics` would make alone with its seed (config seed + 1000·iteration +
+        100·seed index + temperature index), whatever the grouping."""
         from mlip.active.bonds import BondCheck
         from mlip.md.replicas import ReplicaDynamics, replica_groups
 
@@ -368,7 +373,8 @@ class ActiveLearner:
         runs = [(seed_index, t_index, temperature) for seed_index in range(len(self.seeds))
                 for t_index, temperature in enumerate(exploration.temperatures)]
         groups = [[runs[index] for index in group]
-                  for group in replica_groups([len(self.seeds[seed_index]) for seed_index, _, _ in runs])]
+                  for group in replica_groups([len(self.seeds[seed_index]) for seed_index, _, _ in runs],
+                                              EXPLORATION_MAX_PADDING)]
         found = []  # (seed index, temperature index, step, snapshot, σ, features)
         moving = potential
         if exploration.uncertainty_bias > 0:
