@@ -329,7 +329,9 @@ def test_replicas_of_an_ewald_model_and_of_a_biased_ensemble_follow_their_lone_r
     members = stack_samples([jax.tree.map(lambda leaf: np.asarray(leaf) * (1 + 0.2 * rng.normal(size=leaf.shape)),
                                           params) for _ in range(3)])
     biased = UncertaintyBiasedPotential(PosteriorPotential(potential, "deep_ensemble"), strength=1.0)
-    structures, temperatures, seeds = [cuau_cell(seed=1), cuau_cell(seed=2)], [300.0, 900.0], [5, 6]
+    cluster = cuau_cell(repeat=1, seed=2)  # non-periodic beside a periodic cell: k sums for one, none for the other
+    cluster.pbc = False
+    structures, temperatures, seeds = [cuau_cell(seed=1), cluster], [300.0, 900.0], [5, 6]
     for model, model_params in [(les, les_params), (biased, members)]:
         settings = dict(ensemble="langevin", timestep_fs=2.0, skin=0.3, max_temperature_K=1e6)
         together = ReplicaDynamics(model, model_params, structures, temperatures, seeds, **settings)
