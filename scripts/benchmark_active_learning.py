@@ -64,7 +64,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
+from benchmark_common import ROOT, cpu_model, publish_table  # noqa: E402
 
 # Changes to the shipped config, for both arms: 1000 MD steps per trajectory instead of 2000
 # (80 snapshots a round), to fit three seeds in a session. The shipped config's selection
@@ -668,11 +668,7 @@ def table(recorded: dict) -> str:
 
 def publish(text: str, marker: str, docs: bool) -> int:
     """Print a table; with ``docs``, also put it in docs/benchmarks.md between its markers."""
-    print(text)
-    if docs:
-        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
-                               f"<!-- /{marker} -->", text, "Active learning against random selection")
-    return 0
+    return publish_table(text, marker, "Active learning against random selection", docs)
 
 
 def main(argv=None) -> int:

@@ -112,6 +112,16 @@ def run_with_budget(command: list, budget_s: float, log_path: str, env=None, gra
     return result
 
 
+def publish_table(text: str, marker: str, heading: str, docs: bool) -> int:
+    """Print a table; with ``docs``, also put it in docs/benchmarks.md between ``<!-- marker -->`` and
+    ``<!-- /marker -->`` (a new ``## heading`` where they are missing)."""
+    print(text)
+    if docs:
+        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), f"<!-- {marker} -->",
+                               f"<!-- /{marker} -->", text, heading)
+    return 0
+
+
 def replace_marked_section(path: str, begin: str, end: str, section: str, heading: str) -> None:
     """Put ``section`` between the markers ``begin`` and ``end`` of the Markdown file ``path``.
 

@@ -43,7 +43,7 @@ import time
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
+from benchmark_common import ROOT, cpu_model, publish_table  # noqa: E402
 
 TEMPERATURES = (300.0, 600.0, 1200.0)
 
@@ -270,21 +270,11 @@ def mixed(args) -> int:
             json.dump({"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "epochs": epochs,
                        "results": results}, stream, indent=1)
     results = json.load(open(out_json))["results"]
-    text = mixed_table(results)
-    print(text)
-    if args.docs:
-        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- replicas-mixed -->",
-                               "<!-- /replicas-mixed -->", text, "MD speed: several trajectories at once")
-    return 0
+    return publish_table(mixed_table(results), "replicas-mixed", "MD speed: several trajectories at once", args.docs)
 
 
 def write_table(results: list, docs: bool) -> int:
-    text = table(results)
-    print(text)
-    if docs:
-        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- replicas -->", "<!-- /replicas -->",
-                               text, "MD speed: several trajectories at once")
-    return 0
+    return publish_table(table(results), "replicas", "MD speed: several trajectories at once", docs)
 
 
 if __name__ == "__main__":

@@ -263,15 +263,17 @@ def cuau_surface_frames(seed: int) -> list:
     return frames
 
 
+SETS = ("ethanol", "ood", "e0s", "cuau", "cuau_surfaces", "gfn1")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="data", help="where to write the files (default: data)")
-    parser.add_argument("--sets", default="ethanol,ood,e0s,cuau,cuau_surfaces,gfn1",
-                        help="comma-separated subset of: ethanol, ood, e0s, cuau, cuau_surfaces, gfn1")
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of: {', '.join(SETS)}")
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     wanted = set(args.sets.split(","))
-    unknown = wanted - {"ethanol", "ood", "e0s", "cuau", "cuau_surfaces", "gfn1"}
+    unknown = wanted - set(SETS)
     if unknown:
         parser.error(f"unknown set(s): {', '.join(sorted(unknown))}")
     if "ethanol" in wanted:
