@@ -285,14 +285,17 @@ def replica_groups(sizes: Sequence[int], max_padding: float = 2.0) -> list[list[
     for all saves a compilation per size (seconds on a CPU, more on a GPU) but costs the
     padding's work. The fewest groups whose padded atoms stay within ``max_padding`` times their
     real atoms each, and among those the least padding (groups of neighbours in size order)."""
+    if max_padding < 1:
+        raise ValueError(f"max_padding is padded over real atoms, at least 1 (got {max_padding})")
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     ordered = [int(sizes[i]) for i in order]
+    real = np.concatenate([[0], np.cumsum(ordered)])  # real[j]: atoms of the first j
     # best[j]: (groups, padded atoms, start of the last group) for the first j trajectories.
     best = [(0, 0, 0)] + [None] * len(ordered)
     for end in range(1, len(ordered) + 1):
         for start in range(end):
             padded = (end - start) * ordered[start]
-            if best[start] is None or padded > max_padding * sum(ordered[start:end]):
+            if padded > max_padding * (real[end] - real[start]):
                 continue
             option = (best[start][0] + 1, best[start][1] + padded, start)
             if best[end] is None or option[:2] < best[end][:2]:
