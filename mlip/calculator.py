@@ -29,6 +29,7 @@ returns its latent per-atom ``charges`` (e), one with a magnetic-moment head ``m
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -71,8 +72,8 @@ class MLIPCalculator(Calculator):
             self.implemented_properties = self.implemented_properties + ["charges"]
         if potential.config.magmoms:
             self.implemented_properties = self.implemented_properties + ["magmoms"]
-        self._apply = jax.jit(lambda p, g, stress: potential.apply(p, g, True, stress),
-                              static_argnums=2)
+        # On the device once, as the parameters are: each call then passes its statistics as they are.
+        self._potential = jax.device_put(potential)
         self._dtype = np.float64 if potential.config.dtype == "float64" else np.float32
 
     def _graph_for(self, frame: Frame) -> tuple[AtomsGraph, int]:
@@ -152,7 +153,7 @@ class MLIPCalculator(Calculator):
         frame = frame_from_atoms(atoms, self.charge_key, self.spin_key)
         graph, n = self._graph_for(frame)
         want_stress = bool(pbc.all())
-        outputs = jax.device_get(self._apply(self.params, graph, want_stress))
+        outputs = jax.device_get(_evaluate(self._potential, self.params, graph, want_stress))
         energy = self.potential.reference_energy(numbers) + float(outputs["energy"][0])
         e0 = self.potential.reference_energies(numbers)
         self.results = {
@@ -175,6 +176,11 @@ class MLIPCalculator(Calculator):
 
 
 VOIGT_ORDER = [0, 4, 8, 5, 2, 1]  # flattened 3x3 -> Voigt xx yy zz yz xz xy
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _evaluate(potential, params, graph: AtomsGraph, compute_stress: bool) -> dict:
+    return potential.apply(params, graph, True, compute_stress)
 
 
 def _same_system(old: Frame, new: Frame) -> bool:

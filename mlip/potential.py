@@ -150,6 +150,13 @@ class Potential:
     (training, evaluation of tagged data); with ``fidelity`` set (an index into
     ``config.fidelities``; `with_fidelity`) every graph is predicted at that level instead,
     as the calculator and MD do.
+
+    A potential is a JAX pytree: its statistics' numbers are the leaves, the model section
+    and the fidelity the structure. Compiled functions take it as an argument,
+    ``jax.jit(lambda potential, params, graph: potential.apply(params, graph))``, rather
+    than closing over it, so that the scale, shift, E0 and neighbour count are inputs of the
+    program: a model of the same section fitted to other data runs the same program (no
+    compilation in this process, a hit in the persistent cache in the next).
     """
 
     config: ModelConfig
@@ -198,10 +205,7 @@ class Potential:
 
     def init(self, key: jax.Array, graph: AtomsGraph) -> Any:
         """Trainable parameters for a model that will see graphs like ``graph``."""
-        def initialise(key, graph):
-            graph = _cast_graph(graph, self.dtype)
-            return self.module.init(key, graph, graph.positions, graph.cell)["params"]
-        return jax.jit(initialise)(key, graph)  # compiled: e3nn-jax runs slowly op by op
+        return _initialise(self, key, graph)  # compiled: e3nn-jax runs slowly op by op
 
     def equivariance_loss(self, params: Any, graph: AtomsGraph, rotations: jnp.ndarray) -> jnp.ndarray:
         """TransIP's embedding-space equivariance objective (unweighted): mean over real atoms of
@@ -251,8 +255,9 @@ class Potential:
         scale, shift = self.statistics.scale, self.statistics.shift
         if self.statistics.fidelities:  # E0, shift and scale of each atom's level of theory
             node_fidelity = graph.fidelity[graph.node_graph]
-            scale = jnp.asarray(self.statistics.scales(), positions.dtype)[node_fidelity]
-            shift = jnp.asarray(self.statistics.shifts(), positions.dtype)[node_fidelity]
+            # jnp, not the statistics' numpy tables: under `jax.jit` these numbers are traced inputs.
+            scale = jnp.stack([f.scale for f in self.statistics.fidelities]).astype(positions.dtype)[node_fidelity]
+            shift = jnp.stack([f.shift for f in self.statistics.fidelities]).astype(positions.dtype)[node_fidelity]
         normalised = head_outputs["energy_members"] if "energy_members" in head_outputs else head_outputs["energy"]
         node_energy = jnp.where(graph.node_mask, scale * normalised + shift, 0.0)
         for name in ("long_range_energy", "repulsion_energy"):
@@ -365,6 +370,50 @@ class Potential:
         periodic = volume > 1e-12  # non-periodic and padding graphs have a zero cell
         safe_volume = jnp.where(periodic, volume, 1.0)
         return jnp.where(periodic[:, None, None], strain_gradient / safe_volume[:, None, None], 0.0)
+
+
+class _ModelSection:
+    """A model section as pytree structure: equal (and hashed) by its JSON, computed once per potential."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.key = config.model_dump_json()
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, _ModelSection) and self.key == other.key)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def _flatten_potential(potential: Potential):
+    section = potential.__dict__.get("_section")
+    if section is None:  # once per potential: a model section's JSON is not free to make every call
+        section = _ModelSection(potential.config)
+        potential.__dict__["_section"] = section
+    return (potential.statistics,), (section, potential.fidelity)
+
+
+def _unflatten_potential(structure, leaves) -> Potential:
+    section, fidelity = structure
+    potential = Potential(section.config, leaves[0], fidelity)
+    potential.__dict__["_section"] = section
+    return potential
+
+
+jax.tree_util.register_pytree_node(Potential, _flatten_potential, _unflatten_potential)
+
+
+@jax.jit
+def compiled_structure_features(potential: Potential, params: Any, graph: AtomsGraph) -> jnp.ndarray:
+    """`Potential.structure_features`, compiled once for every model of one architecture."""
+    return potential.structure_features(params, graph)
+
+
+@jax.jit
+def _initialise(potential: Potential, key: jax.Array, graph: AtomsGraph) -> Any:
+    graph = _cast_graph(graph, potential.dtype)
+    return potential.module.init(key, graph, graph.positions, graph.cell)["params"]
 
 
 def _cast_graph(graph: AtomsGraph, dtype) -> AtomsGraph:

@@ -69,6 +69,11 @@ class LennardJonesPotential:
                 "stress": jnp.where((volume > 0)[:, None, None], grad_strain / safe[:, None, None], 0.0)}
 
 
+# MD takes its potential as an argument of the compiled block (`mlip.potential.Potential`); this
+# one has no numbers to trace, so it is all structure (hashed by identity).
+jax.tree_util.register_static(LennardJonesPotential)
+
+
 def argon_crystal(repeat=3, a=5.26):
     from ase.build import bulk
 

@@ -205,6 +205,7 @@ def test_chains_get_their_own_noise_in_the_trainer(emt_file, tmp_path):
     graph, _ = next(trainer.train_batches.batches(None))
     weights = {name: jnp.asarray(value, trainer.dtype) for name, value in trainer.loss_weights(0.0).items()}
     params, *_ = trainer._train_step(same, opt_state, None, graph, jnp.asarray(0.005, trainer.dtype),
-                                     jnp.asarray(0, trainer.dtype), weights, jnp.asarray(0.0, trainer.dtype))
+                                     jnp.asarray(0, trainer.dtype), weights, jnp.asarray(0.0, trainer.dtype),
+                                     trainer.potential)
     differences = [float(jnp.max(jnp.abs(leaf[0] - leaf[1]))) for leaf in jax.tree.leaves(params)]
     assert min(differences) > 0

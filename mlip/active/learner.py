@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 import json
 import os
@@ -497,6 +498,7 @@ class _Scorer:
     def __init__(self, potential, params, score: str = "max_atom", offsets: Optional[np.ndarray] = None):
         import jax
 
+        from mlip.potential import compiled_structure_features
         from mlip.training.evaluation import Predictor
 
         self.potential, self.params, self.score, self.offsets = potential, params, score, offsets
@@ -508,7 +510,8 @@ class _Scorer:
         # Features of the first posterior sample: a descriptor, not a prediction.
         inner = getattr(potential, "potential", potential)
         self._first = jax.device_put(jax.tree.map(lambda x: x[0], params) if inner is not potential else params)
-        self._features = jax.jit(inner.structure_features)
+        # The potential as an argument (see `Potential`): each iteration's model runs the last one's program.
+        self._features = functools.partial(compiled_structure_features, inner)
         self._sizes = None  # the padded shape of every batch so far (see `packed`)
 
     def _sample(self, atoms):

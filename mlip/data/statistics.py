@@ -14,6 +14,12 @@ A multi-fidelity model (``model.fidelities``) has E0, μ and s per level of theo
 from that level's training frames alone (two codes' absolute energies differ by far more
 than any model error); the top-level ``e0``, ``shift``, ``scale`` are then the default
 (last) fidelity's.
+
+Both statistics classes are JAX pytrees whose leaves are their numbers (the elements and
+fidelity names are the structure): a compiled program that takes a `mlip.potential.Potential`
+as an argument takes its statistics as inputs, not as constants folded into its code, so
+models of one architecture fitted to different data share a compilation, in this process
+and in the persistent cache (a loop that retrains every iteration compiles once).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 from typing import Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
 from mlip.data.batching import GraphSample
@@ -121,6 +128,34 @@ class DatasetStatistics:
                    shift=float(data["shift"]), scale=float(data["scale"]),
                    avg_num_neighbors=float(data["avg_num_neighbors"]),
                    fidelities=tuple(FidelityStatistics.from_json(f) for f in data.get("fidelities", ())))
+
+
+def _flatten_fidelity(statistics: FidelityStatistics):
+    elements = tuple(sorted(statistics.e0))
+    return ((tuple(statistics.e0[z] for z in elements), statistics.shift, statistics.scale),
+            (statistics.name, elements))
+
+
+def _unflatten_fidelity(structure, numbers) -> FidelityStatistics:
+    (name, elements), (e0, shift, scale) = structure, numbers
+    return FidelityStatistics(name=name, e0=dict(zip(elements, e0)), shift=shift, scale=scale)
+
+
+def _flatten_statistics(statistics: DatasetStatistics):
+    elements = tuple(sorted(statistics.e0))
+    numbers = (tuple(statistics.e0[z] for z in elements), statistics.shift, statistics.scale,
+               statistics.avg_num_neighbors, statistics.fidelities)
+    return numbers, (tuple(statistics.atomic_numbers), elements)
+
+
+def _unflatten_statistics(structure, numbers) -> DatasetStatistics:
+    (atomic_numbers, elements), (e0, shift, scale, avg_num_neighbors, fidelities) = structure, numbers
+    return DatasetStatistics(atomic_numbers=atomic_numbers, e0=dict(zip(elements, e0)), shift=shift, scale=scale,
+                             avg_num_neighbors=avg_num_neighbors, fidelities=tuple(fidelities))
+
+
+jax.tree_util.register_pytree_node(FidelityStatistics, _flatten_fidelity, _unflatten_fidelity)
+jax.tree_util.register_pytree_node(DatasetStatistics, _flatten_statistics, _unflatten_statistics)
 
 
 def isolated_atom_energies(frames: Sequence, where: str) -> dict[int, float]:

@@ -127,7 +127,8 @@ class ReplicaDynamics:
         self._neighbour_capacity = 0
         self._k_capacity = 0
         self._mesh_shape: tuple = ()
-        self._program = _Program(potential, self.block_steps)
+        self._program = _Program(self.block_steps)
+        self._potential = jax.device_put(potential)  # an argument of the programs (see MolecularDynamics)
         self._compilations_before = _run_replica_blocks._cache_size() + _run_block._cache_size()
         self._states = self._initial_states(structures, temperatures, seeds, ensembles)
         self._host_states = None
@@ -194,13 +195,15 @@ class ReplicaDynamics:
         if self.count == 1:  # one trajectory: the program of MolecularDynamics, which a lone run is
             first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)  # noqa: E731
             state, status, detail, executed, _ = _run_block(
-                self._program, first(ensembles), jnp.asarray(limits[0], self.dtype), self.params, first(states),
+                self._program, self._potential, first(ensembles), jnp.asarray(limits[0], self.dtype), self.params,
+                first(states),
                 first(self._templates), self._reference_positions[0], self._reference_cells[0],
                 jnp.asarray(steps[0], jnp.int32))
             states = jax.tree.map(lambda leaf: leaf[None], state)
             return states, np.asarray(status)[None], np.asarray(detail)[None], np.asarray(executed)[None]
         states, status, detail, executed = _run_replica_blocks(
-            self._program, ensembles, jnp.asarray(limits, self.dtype), self.params, states, self._templates,
+            self._program, self._potential, ensembles, jnp.asarray(limits, self.dtype), self.params, states,
+            self._templates,
             self._reference_positions, self._reference_cells, jnp.asarray(steps, jnp.int32))
         return states, np.asarray(status), np.asarray(detail), np.asarray(executed)
 
@@ -309,7 +312,7 @@ def replica_groups(sizes: Sequence[int], max_padding: float = 2.0) -> list[list[
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _run_replica_blocks(program: _Program, ensembles: Ensemble, limits, params, states, templates,
+def _run_replica_blocks(program: _Program, potential, ensembles: Ensemble, limits, params, states, templates,
                         reference_positions, reference_cells, steps_to_run):
     """Steps of every replica in lockstep (params shared, everything else per replica), until each
     has run its ``steps_to_run`` or one of them stops (a list to rebuild, an unstable step).
@@ -322,11 +325,11 @@ def _run_replica_blocks(program: _Program, ensembles: Ensemble, limits, params, 
     count = steps_to_run.shape[0]
     dtype = reference_positions.dtype
 
-    forces = _union_forces(program.potential, ensembles.changes_cell)
+    forces = _union_forces(ensembles.changes_cell)
 
     def step_one(ensemble, limit, template, positions, cell, carry, go):
-        evaluate = lambda at, cell_now: forces(params, template, at, cell_now)  # noqa: E731
-        advance = checked_step(program, ensemble, limit, params, template, positions, cell, evaluate)
+        evaluate = lambda at, cell_now: forces(potential, params, template, at, cell_now)  # noqa: E731
+        advance = checked_step(potential, ensemble, limit, params, template, positions, cell, evaluate)
         # A mask, not `lax.cond`: under vmap a cond runs both branches anyway, and it would
         # batch the shared parameters along with everything it closes over.
         return jax.tree.map(lambda new, old: jnp.where(go, new, old), advance(carry), carry)
@@ -345,30 +348,31 @@ def _run_replica_blocks(program: _Program, ensembles: Ensemble, limits, params, 
     return jax.lax.while_loop(unfinished, body, carry)
 
 
-def _union_forces(potential, compute_stress: bool):
-    """``forces(params, template, positions, cell) -> (energy, forces, stress)`` of one replica, whose
+def _union_forces(compute_stress: bool):
+    """``forces(potential, params, template, positions, cell) -> (energy, forces, stress)`` of one replica, whose
     `jax.vmap` evaluates all replicas as one graph of disjoint structures (a training batch's
     layout), not the model vmapped: XLA runs the model on the union faster on a CPU (1.6–2.4 ms
     against 1.7–5.4 per replica of a 14-atom molecule for 24 to 1)."""
-    # A posterior moves atoms by its mean forces (see mlip.md.simulation._force_function).
-    apply = getattr(potential, "apply_mean", potential.apply)
+    def apply(potential, params, graph):
+        # A posterior moves atoms by its mean forces (see mlip.md.simulation._force_function).
+        return getattr(potential, "apply_mean", potential.apply)(params, graph, True, compute_stress)
 
-    def evaluate(params, template, positions, cell):
+    def evaluate(potential, params, template, positions, cell):
         graph = template.replace(positions=positions, cell=template.cell.at[0].set(cell))
-        outputs = apply(params, graph, True, compute_stress)
+        outputs = apply(potential, params, graph)
         stress = outputs["stress"][0] if compute_stress else jnp.zeros((3, 3), positions.dtype)
         return outputs["energy"][0], outputs["forces"], stress
 
     batched_evaluate = jax.custom_batching.custom_vmap(evaluate)
 
     @batched_evaluate.def_vmap
-    def _(count, batched, params, template, positions, cell):
-        if any(jax.tree.leaves(batched[0])):
-            raise NotImplementedError("the union graph needs one set of parameters for every replica")
+    def _(count, batched, potential, params, template, positions, cell):
+        if any(jax.tree.leaves(batched[:2])):
+            raise NotImplementedError("the union graph needs one model and one set of parameters for every replica")
         spread = lambda tree, flags: jax.tree.map(  # noqa: E731
             lambda leaf, flag: leaf if flag else jnp.broadcast_to(leaf, (count,) + leaf.shape), tree, flags)
-        template, positions = spread(template, batched[1]), spread(positions, batched[2])
-        cell = spread(cell, batched[3])
+        template, positions = spread(template, batched[2]), spread(positions, batched[3])
+        cell = spread(cell, batched[4])
         n_node, n_graph = template.positions.shape[1], template.n_node.shape[1]
         node_offset = (jnp.arange(count, dtype=template.senders.dtype) * n_node)[:, None]
         graph_offset = (jnp.arange(count, dtype=template.node_graph.dtype) * n_graph)[:, None]
@@ -379,7 +383,7 @@ def _union_forces(potential, compute_stress: bool):
             shifts=flat(template.shifts), n_node=flat(template.n_node), n_edge=flat(template.n_edge),
             node_graph=flat(template.node_graph + graph_offset), charge=flat(template.charge),
             spin=flat(template.spin), fidelity=flat(template.fidelity), k_indices=flat(template.k_indices))
-        outputs = apply(params, union, True, compute_stress)
+        outputs = apply(potential, params, union)
         energy = outputs["energy"].reshape(count, n_graph)[:, 0]
         forces = outputs["forces"].reshape(count, n_node, 3)
         stress = (outputs["stress"].reshape(count, n_graph, 3, 3)[:, 0] if compute_stress

@@ -154,7 +154,10 @@ class MolecularDynamics:
         self._k_capacity = 0
         self._mesh_shape: tuple = ()
         self._template = None
-        self._program = _Program(potential, self.block_steps)
+        self._program = _Program(self.block_steps)
+        # An argument of the block program, not a constant in it (see `Potential`): models of one
+        # architecture share the program; on the device once, as the parameters are.
+        self._potential = jax.device_put(potential)
         self._limits = np.array([self.skin, self.min_distance_fraction, self.max_temperature_K])
         self._compilations_before = _run_block._cache_size()
         self._state = self._initial_state(atoms, temperature_K, seed)
@@ -175,7 +178,8 @@ class MolecularDynamics:
         # (about 4 s at 4000 atoms on 2 CPU cores). No stability limits here: those apply to steps.
         no_limits = jnp.asarray([1e30, 0.0, 1e30], self.dtype)
         state, status, detail, _, _ = _run_block(
-            self._program, dataclasses.replace(self.ensemble, timestep=0.0), no_limits, self.params, resting,
+            self._program, self._potential, dataclasses.replace(self.ensemble, timestep=0.0), no_limits,
+            self.params, resting,
             self._template, self._reference_positions, self._reference_cell, jnp.asarray(1, jnp.int32))
         if int(status) != _RUNNING:
             raise MDStabilityError("initial structure: " + self._describe_failure(int(status), np.asarray(detail)))
@@ -214,7 +218,8 @@ class MolecularDynamics:
         while self.steps_done < target:
             remaining = min(target - self.steps_done, self.block_steps)
             state, status, detail, executed, records = _run_block(
-                self._program, self.ensemble, jnp.asarray(self._block_limits(), self.dtype), self.params,
+                self._program, self._potential, self.ensemble, jnp.asarray(self._block_limits(), self.dtype),
+                self.params,
                 self._state, self._template, self._reference_positions, self._reference_cell,
                 jnp.asarray(remaining, jnp.int32))
             status, executed = int(status), int(executed)
@@ -329,25 +334,25 @@ class MolecularDynamics:
 
 
 # ---------------------------------------------------------------------------------
-# Compiled programs. Module-level and keyed on a hashable `_Program`, so runs with the
-# same model and settings (successive `mlip md` calls in one process, tests) share them.
+# Compiled programs. Module-level and keyed on a hashable `_Program` and the potential's
+# structure (its model section; `mlip.potential.Potential`), so runs of one architecture and
+# settings (successive `mlip md` calls in one process, active-learning iterations, tests) share them.
 
 
 @dataclasses.dataclass(frozen=True)
 class _Program:
-    """What shapes a compiled block: the model (hashed by identity) and the scan length.
+    """What shapes a compiled block beside its arguments' shapes: the scan length.
 
-    Ensemble numbers and the stability limits are traced arguments, so runs that differ
-    only in time step, temperature, pressure, skin or limits share one compilation.
+    The potential (its model section the structure, its statistics traced), the ensemble's
+    numbers and the stability limits are arguments, so runs that differ only in the data a
+    model was fitted to, time step, temperature, pressure, skin or limits share one compilation.
     """
 
-    potential: Any
     block_steps: int
 
 
-def _force_function(program: _Program, ensemble: Ensemble, params, template):
+def _force_function(potential, ensemble: Ensemble, params, template):
     compute_stress = ensemble.changes_cell
-    potential = program.potential
 
     # A posterior moves atoms by its mean forces; σ is not needed per step, and for K
     # readouts on one backbone the mean forces cost one backward pass instead of K.
@@ -367,7 +372,7 @@ def _observe(ensemble: Ensemble, state: MDState) -> tuple:
     return observables(state, ensemble)
 
 
-def checked_step(program: _Program, ensemble: Ensemble, limits, params, template, reference_positions,
+def checked_step(potential, ensemble: Ensemble, limits, params, template, reference_positions,
                  reference_cell, evaluate=None):
     """``advance(carry) -> carry``: one integrator step of one trajectory with the stability and
     neighbour-list checks; carry = (state, status, detail, executed). A step that fails a check
@@ -376,13 +381,13 @@ def checked_step(program: _Program, ensemble: Ensemble, limits, params, template
     ``evaluate(positions, cell) -> (energy, forces, stress)``: the model on ``template`` by default."""
     skin, min_distance_fraction, max_temperature_K = limits[0], limits[1], limits[2]
     if evaluate is None:
-        evaluate = _force_function(program, ensemble, params, template)
+        evaluate = _force_function(potential, ensemble, params, template)
     dtype = reference_positions.dtype
     real_edge = template.edge_mask
     radii = jnp.asarray(covalent_radii, dtype)
     pair_radius = radii[template.species[template.senders]] + radii[template.species[template.receivers]]
     pair_radius = jnp.where(real_edge, pair_radius, 1.0)
-    cutoff = program.potential.cutoff
+    cutoff = potential.cutoff
     if ensemble.changes_cell:
         deformation = jnp.linalg.solve(reference_cell, jnp.eye(3, dtype=dtype))  # H0⁻¹
     else:
@@ -427,11 +432,11 @@ def checked_step(program: _Program, ensemble: Ensemble, limits, params, template
     return advance
 
 
-def integrate_block(program: _Program, ensemble: Ensemble, limits, params, state: MDState, template,
+def integrate_block(program: _Program, potential, ensemble: Ensemble, limits, params, state: MDState, template,
                     reference_positions, reference_cell, steps_to_run):
     """Up to ``block_steps`` steps of one trajectory; returns (state, status, detail, executed,
     per-step records)."""
-    advance = checked_step(program, ensemble, limits, params, template, reference_positions, reference_cell)
+    advance = checked_step(potential, ensemble, limits, params, template, reference_positions, reference_cell)
     dtype = reference_positions.dtype
 
     def body(carry, _):

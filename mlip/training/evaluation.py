@@ -7,6 +7,7 @@ added back on the host in float64. Metrics are in eV, eV/Å and eV/Å³.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -26,8 +27,8 @@ class Predictor:
         self.potential = potential
         self.compute_stress = compute_stress
         self.layout = layout  # edge layout of the batches (mlip.data.batching.sizes_for)
-        self._apply = jax.jit(lambda params, graph: potential.apply(
-            params, graph, compute_forces=True, compute_stress=compute_stress))
+        # The potential goes in as an argument: every model of one architecture shares the program.
+        self._apply = functools.partial(_predict, potential, compute_stress=compute_stress)
 
     def predict(self, params: Any, samples: Sequence[GraphSample], batch_size: int = 32,
                 sizes: Optional[PaddedSizes] = None) -> list[dict]:
@@ -71,6 +72,11 @@ class Predictor:
                 results.append(result)
                 offset += n
         return results
+
+
+@functools.partial(jax.jit, static_argnames="compute_stress")
+def _predict(potential, params: Any, graph, compute_stress: bool) -> dict:
+    return potential.apply(params, graph, compute_forces=True, compute_stress=compute_stress)
 
 
 def compute_metrics(samples: Sequence[GraphSample], predictions: Sequence[dict]) -> dict:

@@ -392,7 +392,7 @@ class Trainer:
         return 1 + int(stage_two) + 2 * int(self._nll_phase(progress))
 
     def _make_train_step(self):
-        potential, loss_config, use_stress = self.potential, self.config.loss, self.use_stress
+        loss_config, use_stress = self.config.loss, self.use_stress
         optimizer, ema_decay, hooks = self.optimizer, self.ema_decay, self.hooks
         gaussian_nll, uq = self.gaussian_nll, self.config.uncertainty
         # A shallow ensemble's per-member forces cost K backward passes; only when asked.
@@ -405,7 +405,10 @@ class Trainer:
             fidelity_weights = np.array([self.config.loss.fidelity_weights.get(name, 1.0)
                                          for name in self.config.model.fidelity_names])
 
-        def step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights, heads_only):
+        # The potential is an argument, not a constant of the program (see `Potential`): a run on
+        # other data with the same model section loads this program from the persistent cache.
+        def step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights, heads_only,
+                    potential):
             if augment:  # its own stream: the samplers' noise keys are unchanged
                 graph = rotate_graph(graph, random_rotations(jax.random.fold_in(key, 0x5EED), graph.n_graph,
                                                              graph.positions.dtype))
@@ -456,15 +459,18 @@ class Trainer:
             mapped = ensemble.map_over_members(step_fn, n_member_args=4,
                                                parallel=getattr(self.config.uncertainty, "parallel_members", None))
 
-            def member_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights, heads_only):
+            def member_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights, heads_only,
+                            potential):
                 keys = jax.random.split(jax.random.fold_in(base_key, step.astype(jnp.uint32)), members)
                 return mapped(params, opt_state, ema_params, keys, graph, learning_rate, step, loss_weights,
-                              heads_only)
+                              heads_only, potential)
             return member_step
 
-        def single_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights, heads_only):
+        def single_step(params, opt_state, ema_params, graph, learning_rate, step, loss_weights, heads_only,
+                        potential):
             key = jax.random.fold_in(base_key, step.astype(jnp.uint32))
-            return step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights, heads_only)
+            return step_fn(params, opt_state, ema_params, key, graph, learning_rate, step, loss_weights, heads_only,
+                           potential)
         return single_step
 
     # ---------------------------------------------------------------- run
@@ -512,7 +518,7 @@ class Trainer:
                 params, opt_state, ema, loss, _ = self._train_step(
                     state["params"], state["opt_state"], state["ema_params"], graph,
                     jnp.asarray(lr, self.dtype), jnp.asarray(state["step"], self.dtype), weights,
-                    jnp.asarray(heads_only, self.dtype))
+                    jnp.asarray(heads_only, self.dtype), self.potential)
                 state.update(params=params, opt_state=opt_state, ema_params=ema, step=state["step"] + 1)
                 state["collection"] = self.hooks.after_step(state["collection"], state, progress)
                 epoch_losses.append(loss)

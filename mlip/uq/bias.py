@@ -115,6 +115,20 @@ class UncertaintyBiasedPotential:
         return outputs
 
 
+def _unflatten_biased(_, leaves) -> UncertaintyBiasedPotential:
+    # Not through the constructor: under `jax.jit` the strength is a tracer its check cannot read.
+    biased = object.__new__(UncertaintyBiasedPotential)
+    for name, value in zip(("posterior", "strength", "member_offsets"), leaves):
+        object.__setattr__(biased, name, value)
+    return biased
+
+
+# A pytree like `Potential`: the strength and the offsets (fitted again each active-learning
+# iteration) are inputs of the compiled MD, not constants of it.
+jax.tree_util.register_pytree_node(
+    UncertaintyBiasedPotential, lambda b: ((b.posterior, b.strength, b.member_offsets), None), _unflatten_biased)
+
+
 def offset_free_energy_spread(energies, member_offsets: np.ndarray, structures: list, ddof: int) -> np.ndarray:
     """[n] eV: σ_E of each structure, from its samples' energies [S, n] less their per-element offsets."""
     offsets = np.stack([member_offsets[:, atoms.numbers].sum(axis=1) for atoms in structures], axis=1)

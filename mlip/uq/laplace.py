@@ -130,12 +130,12 @@ def batch_statistics(potential, params: Any, layer: LastLayer, graph, basis_chun
 def accumulate_statistics(potential, params: Any, layer: LastLayer, batches) -> dict:
     """`batch_statistics` summed over ``batches`` (padded `AtomsGraph` s), in float64 on the host."""
     # Parameters are an argument, not a closure constant: host (NumPy) arrays may not be
-    # indexed by traced values inside the model.
-    compiled = jax.jit(lambda params, graph: batch_statistics(potential, params, layer, graph))
+    # indexed by traced values inside the model. So is the potential (see `Potential`).
+    compiled = jax.jit(lambda potential, params, graph: batch_statistics(potential, params, layer, graph))
     totals = None
     for graph in batches:
         values = {key: np.asarray(value, np.float64)
-                  for key, value in jax.device_get(compiled(params, graph)).items()}
+                  for key, value in jax.device_get(compiled(potential, params, graph)).items()}
         totals = values if totals is None else {key: totals[key] + values[key] for key in totals}
     if totals is None:
         raise DataError("Laplace: no training batches to fit the posterior on")

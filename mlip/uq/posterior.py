@@ -25,7 +25,6 @@ the ASE calculator and MD use an ensemble exactly as they use a single model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -258,11 +257,9 @@ class PosteriorPotential:
                               posterior_params, self.parallel_samples)
         return flatten_members(outputs)
 
-    @functools.cached_property
-    def sample_energies(self) -> Callable:
-        """``(posterior_params, graph) -> [S, G]``: each sample's graph energies, jitted once and kept on
-        this posterior (it goes with it, where a module-level cache would keep posteriors alive)."""
-        return jax.jit(lambda params, graph: self.sample_outputs(params, graph, False, False)["energy"])
+    def sample_energies(self, posterior_params: Any, graph) -> jnp.ndarray:
+        """[S, G] each sample's graph energies (compiled; shared by posteriors of one structure)."""
+        return _sample_energies(self, posterior_params, graph)
 
     def apply_mean(self, posterior_params: Any, graph, compute_forces: bool = True,
                    compute_stress: bool = False) -> dict:
@@ -289,6 +286,22 @@ class PosteriorPotential:
         """
         outputs = self.sample_outputs(posterior_params, graph, compute_forces, compute_stress)
         return standard_deviations(predictive_moments(outputs, self.ddof), self.recalibration)
+
+
+# Pytrees like `Potential` (see there): the recalibration scales are leaves with the model's
+# statistics, so a posterior recalibrated again (each active-learning iteration) or fitted to
+# other data runs the programs compiled for the last one.
+jax.tree_util.register_pytree_node(
+    Recalibration, lambda r: ((r.energy, r.forces, r.stress), None), lambda _, leaves: Recalibration(*leaves))
+jax.tree_util.register_pytree_node(
+    PosteriorPotential,
+    lambda p: ((p.potential, p.recalibration), (p.method, p.ddof, p.parallel_samples)),
+    lambda structure, leaves: PosteriorPotential(leaves[0], structure[0], structure[1], leaves[1], structure[2]))
+
+
+@jax.jit
+def _sample_energies(posterior: PosteriorPotential, posterior_params: Any, graph) -> jnp.ndarray:
+    return posterior.sample_outputs(posterior_params, graph, False, False)["energy"]
 
 
 def has_uncertainty(potential) -> bool:
