@@ -1,6 +1,7 @@
 """On-device MD: agreement with ASE's integrators, conservation, thermostat and barostat statistics,
 neighbour-list rebuilds, bounded compilation, stability stops, and the `mlip md` command."""
 
+import dataclasses
 import json
 import re
 import os
@@ -135,6 +136,30 @@ def test_compilations_stay_bounded_while_neighbour_count_changes():
     assert volumes[-1] > 1.05 * volumes[0]
     assert md.neighbour_list_builds >= 5
     assert md.compilations <= 2
+
+
+def test_a_model_fitted_to_other_data_reuses_the_compiled_programs_with_its_own_statistics(cuau):
+    # An active-learning loop trains a new model of one architecture every iteration. Its
+    # statistics are inputs of the compiled programs, not constants in them: nothing compiles
+    # again, and the new model moves and predicts on its own scale, shift, E0 and neighbour count.
+    from mlip.calculator import _evaluate
+
+    potential, params = cuau
+    statistics = dataclasses.replace(potential.statistics, e0={29: -3.5, 79: -3.8}, shift=-0.2, scale=0.03,
+                                     avg_num_neighbors=5.0)
+    refit = dataclasses.replace(potential, statistics=statistics)
+    runs = {}
+    for model in (potential, refit):
+        md = MolecularDynamics(model, params, cuau_cell(), ensemble="nve", timestep_fs=1.0, block_steps=5)
+        md.run(5)
+        atoms = md.atoms
+        atoms.calc = MLIPCalculator(model, params)
+        runs[model] = (md, atoms, _evaluate._cache_size())
+    (first, first_atoms, first_programs), (second, atoms, programs) = runs[potential], runs[refit]
+    assert second.compilations == 0 and programs == first_programs
+    np.testing.assert_allclose(atoms.get_forces(), second.atoms.get_forces(), atol=1e-10)
+    assert atoms.get_potential_energy() == pytest.approx(second.atoms.get_potential_energy(), abs=1e-9)
+    assert not np.allclose(atoms.get_forces(), first_atoms.get_forces(), atol=1e-3)
 
 
 def test_atoms_too_close_stop_with_a_clear_message(cuau):
