@@ -194,7 +194,7 @@ def run_scored_by_error(config_or_dir: str) -> int:
     from mlip.active import learner as learner_module
     from mlip.active.oracle import make_calculator
 
-    class ErrorScorer(learner_module._Scorer):
+    class ErrorScorer(learner_module.UncertaintyScorer):
         def score_many(self, structures):
             if not structures:
                 return []
@@ -208,14 +208,16 @@ def run_scored_by_error(config_or_dir: str) -> int:
                 scores.append((float(np.mean(error)), feature))
             return scores
 
+    class ErrorScoredLearner(learner_module.ActiveLearner):
+        scorer_class = ErrorScorer
+
     if os.path.isdir(config_or_dir):
-        active = learner_module.ActiveLearner.resume(config_or_dir)
+        active = ErrorScoredLearner.resume(config_or_dir)
     else:
-        active = learner_module.ActiveLearner.from_file(config_or_dir)
+        active = ErrorScoredLearner.from_file(config_or_dir)
     if active.config.selection.score != "mean_atom":
         raise SystemExit("scored-by-error: the config's selection.score must be mean_atom (the error is a mean)")
     calculator = make_calculator(active.config.oracle.calculator, active.config.oracle.kwargs)
-    learner_module._Scorer = ErrorScorer
     from mlip.cli import _compilation_cache, _enable_precision
 
     _compilation_cache()

@@ -150,7 +150,7 @@ def time_exploration(run_dir: str, work_dir: str, grouping: str) -> dict:
 
     import mlip.active.learner as learner_module
     import mlip.md.replicas as replicas
-    from mlip.active.learner import ActiveLearner, _Scorer
+    from mlip.active.learner import ActiveLearner, UncertaintyScorer
     from mlip.training.checkpoint import load_potential
 
     compile_seconds = []
@@ -169,7 +169,7 @@ def time_exploration(run_dir: str, work_dir: str, grouping: str) -> dict:
     learner = ActiveLearner.from_file(os.path.join(ROOT, "configs", "active_learning_cuau_surfaces.yaml"),
                                       [f"al_dir={os.path.join(work_dir, 'cuau_surfaces_al')}"])
     potential, params = load_potential(run_dir)
-    scorer = _Scorer(potential, params, learner.config.selection.score)
+    scorer = UncertaintyScorer(potential, params, learner.config.selection.score)
     start = time.perf_counter()
     explored, scores, _ = learner._explore(potential, params, 0, scorer, np.inf)
     wall = time.perf_counter() - start

@@ -66,7 +66,7 @@ def oracle_calls(tmp_path) -> list:
 
 
 def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_path, monkeypatch, capsys):
-    from mlip.active.learner import ActiveLearner
+    from mlip.active import ActiveLearner  # the public Python API (issue 18)
     from mlip.cli import main
 
     path, config = al_config(tmp_path, oracle={"kwargs": {"log": str(tmp_path / "oracle.log"),
@@ -232,7 +232,7 @@ def test_energy_score_is_the_energy_spread_over_root_n_after_each_members_offset
     import jax
 
     from conftest import emt_frames, make_potential
-    from mlip.active.learner import _Scorer
+    from mlip.active.learner import UncertaintyScorer
     from mlip.training.evaluation import Predictor
     from mlip.uq import PosteriorPotential, stack_samples
     from mlip.uq.bias import fit_member_offsets
@@ -246,7 +246,7 @@ def test_energy_score_is_the_energy_spread_over_root_n_after_each_members_offset
     for atoms in known + other:
         atoms.calc = None
     # No offsets: the posterior's own energy σ over √N.
-    plain = _Scorer(posterior, stack, "energy", np.zeros((3, 119))).score_many(other)
+    plain = UncertaintyScorer(posterior, stack, "energy", np.zeros((3, 119))).score_many(other)
     from mlip.data.batching import build_sample
     from mlip.data.reader import frame_from_atoms
 
@@ -256,7 +256,7 @@ def test_energy_score_is_the_energy_spread_over_root_n_after_each_members_offset
     np.testing.assert_allclose([score for score, _ in plain], expected, rtol=1e-8)
     # Offsets fitted on the known cells take the members' constant disagreement out there.
     offsets = fit_member_offsets(posterior, stack, known)
-    fitted = _Scorer(posterior, stack, "energy", offsets)
-    before = [score for score, _ in _Scorer(posterior, stack, "energy", np.zeros((3, 119))).score_many(known)]
+    fitted = UncertaintyScorer(posterior, stack, "energy", offsets)
+    before = [score for score, _ in UncertaintyScorer(posterior, stack, "energy", np.zeros((3, 119))).score_many(known)]
     after = [score for score, _ in fitted.score_many(known)]
     assert np.median(after) < 0.5 * np.median(before)

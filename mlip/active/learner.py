@@ -71,7 +71,13 @@ NOTHING_UNCERTAIN = "no explored structure"  # how a stop for want of candidates
 
 
 class ActiveLearner:
-    """The active-learning loop of one ``al_dir`` (see the module docstring)."""
+    """The active-learning loop of one ``al_dir`` (see the module docstring).
+
+    ``scorer_class`` makes each iteration's scorer from (posterior, parameters, score, offsets); a
+    subclass may set its own (a `UncertaintyScorer` subclass) to rank snapshots by another measure.
+    """
+
+    scorer_class: type = None  # UncertaintyScorer, set below its definition
 
     def __init__(self, config: ActiveLearningConfig, config_dir: str = "."):
         self.config = config
@@ -313,7 +319,7 @@ class ActiveLearner:
 
             # σ_E beyond each member's constant offset on what is labelled (see mlip.uq.bias).
             offsets = fit_member_offsets(potential, params, labelled)
-        scorer = _Scorer(potential, params, selection.score, offsets)
+        scorer = self.scorer_class(potential, params, selection.score, offsets)
         relative = selection.thresholds == "relative"
         known_scores, known = self._known(scorer, labelled, with_scores=relative)
         # Relative thresholds: in units of what the labelled structures score under this model.
@@ -359,7 +365,7 @@ class ActiveLearner:
                 "sigma_median": float(np.median(scores)) if len(scores) else None,
                 "sigma_max": float(np.max(scores)) if len(scores) else None}
 
-    def _explore(self, potential, params, iteration: int, scorer: "_Scorer", sigma_stop: float):
+    def _explore(self, potential, params, iteration: int, scorer: "UncertaintyScorer", sigma_stop: float):
         """Snapshots of MD from every seed at every temperature, with their σ score and features.
         With ``exploration.uncertainty_bias`` the MD moves on the biased energy E − τσ_E.
 
@@ -440,7 +446,7 @@ class ActiveLearner:
         return structures
 
     @staticmethod
-    def _known(scorer: "_Scorer", structures: list, with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
+    def _known(scorer: "UncertaintyScorer", structures: list, with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
         """Scores (only where asked: they cost a posterior prediction each) and features of the
         labelled ``structures``: what known looks like to this model (the unit of relative
         thresholds; candidates near them count as covered)."""
@@ -490,7 +496,7 @@ class ActiveLearner:
             write_frames_atomically(os.path.join(self.dir, "labelled.extxyz"), frames)
 
 
-class _Scorer:
+class UncertaintyScorer:
     """The σ score (max or mean over atoms of the force σ, or the energy σ over √N) and mean features of
     single structures. ``offsets``: each member's per-element energy offset (`fit_member_offsets`), taken
     off before the energy σ."""
@@ -563,6 +569,9 @@ class _Scorer:
             sigma = float(np.max(per_atom) if self.score == "max_atom" else np.mean(per_atom))
             scores.append((sigma, features[index]))
         return scores
+
+
+ActiveLearner.scorer_class = UncertaintyScorer
 
 
 def _plain_sources(spec) -> list:
