@@ -41,6 +41,7 @@ from mlip.data.batching import GraphSample, build_sample, pack_samples, sizes_fo
 from mlip.data.reader import Frame, frame_from_atoms
 from mlip.errors import DataError
 from mlip.graph import AtomsGraph
+from mlip.potential import on_device
 
 
 class MLIPCalculator(Calculator):
@@ -73,7 +74,7 @@ class MLIPCalculator(Calculator):
         if potential.config.magmoms:
             self.implemented_properties = self.implemented_properties + ["magmoms"]
         # On the device once, as the parameters are: each call then passes its statistics as they are.
-        self._potential = jax.device_put(potential)
+        self._potential = on_device(potential)
         self._dtype = np.float64 if potential.config.dtype == "float64" else np.float32
 
     def _graph_for(self, frame: Frame) -> tuple[AtomsGraph, int]:

@@ -42,7 +42,7 @@ import mlip.heads  # noqa: F401  (importing registers the heads)
 import mlip.models  # noqa: F401  (importing registers the backbones)
 import mlip.physics  # noqa: F401  (importing registers the long-range terms)
 from mlip.data.statistics import DatasetStatistics
-from mlip.errors import ConfigError
+from mlip.errors import ConfigError, MLIPError
 from mlip.graph import AtomsGraph
 from mlip.heads.fidelity import FidelityHeads
 from mlip.heads.magmoms import MagneticMomentHead
@@ -402,6 +402,22 @@ def _unflatten_potential(structure, leaves) -> Potential:
 
 
 jax.tree_util.register_pytree_node(Potential, _flatten_potential, _unflatten_potential)
+
+
+def on_device(potential):
+    """``potential`` with its numbers on the device, to pass to compiled programs call after call.
+
+    Raises:
+        MLIPError: a potential of a class JAX cannot take apart (a user's own, not registered
+            as a pytree), naming what to do.
+    """
+    try:
+        return jax.device_put(potential)
+    except TypeError:
+        raise MLIPError(
+            f"a {type(potential).__name__} cannot be passed to mlip's compiled programs: potentials are JAX "
+            f"pytrees (see mlip.potential.Potential); register the class with jax.tree_util.register_static, "
+            f"or with register_pytree_node where it holds numbers a compiled program should take as inputs") from None
 
 
 @jax.jit

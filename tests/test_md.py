@@ -162,6 +162,14 @@ def test_a_model_fitted_to_other_data_reuses_the_compiled_programs_with_its_own_
     assert not np.allclose(atoms.get_forces(), first_atoms.get_forces(), atol=1e-3)
 
 
+def test_a_potential_jax_cannot_take_apart_is_a_clear_error():
+    class OwnPotential(LennardJonesPotential):  # a user's class, not registered as a pytree
+        pass
+
+    with pytest.raises(MLIPError, match="OwnPotential cannot be passed.*register_static"):
+        MolecularDynamics(OwnPotential(), no_params(), argon_crystal(), ensemble="nve")
+
+
 def test_atoms_too_close_stop_with_a_clear_message(cuau):
     potential, params = cuau
     atoms = cuau_cell()

@@ -46,6 +46,7 @@ from mlip.data.batching import PaddedSizes, pack_samples, padded_node_count, rec
 from mlip.errors import MLIPError
 from mlip.md import integrators
 from mlip.md.integrators import ENSEMBLES, Ensemble
+from mlip.potential import on_device
 from mlip.md.simulation import (_REBUILD, _RUNNING, MDReport, MDStabilityError, _check_elements, _Program,
                                 _run_block, checked_step, describe_failure, neighbour_sample,
                                 padded_start)
@@ -128,7 +129,7 @@ class ReplicaDynamics:
         self._k_capacity = 0
         self._mesh_shape: tuple = ()
         self._program = _Program(self.block_steps)
-        self._potential = jax.device_put(potential)  # an argument of the programs (see MolecularDynamics)
+        self._potential = on_device(potential)  # an argument of the programs (see MolecularDynamics)
         self._compilations_before = _run_replica_blocks._cache_size() + _run_block._cache_size()
         self._states = self._initial_states(structures, temperatures, seeds, ensembles)
         self._host_states = None

@@ -50,6 +50,7 @@ from mlip.data.reader import Frame
 from mlip.errors import DataError, MLIPError
 from mlip.md import integrators
 from mlip.md.integrators import ENSEMBLES, Ensemble, MDState
+from mlip.potential import on_device
 
 # Status codes a block returns.
 _RUNNING, _REBUILD, _TOO_CLOSE, _TOO_HOT, _NOT_FINITE = 0, 1, 2, 3, 4
@@ -157,7 +158,7 @@ class MolecularDynamics:
         self._program = _Program(self.block_steps)
         # An argument of the block program, not a constant in it (see `Potential`): models of one
         # architecture share the program; on the device once, as the parameters are.
-        self._potential = jax.device_put(potential)
+        self._potential = on_device(potential)
         self._limits = np.array([self.skin, self.min_distance_fraction, self.max_temperature_K])
         self._compilations_before = _run_block._cache_size()
         self._state = self._initial_state(atoms, temperature_K, seed)
