@@ -407,6 +407,9 @@ jax.tree_util.register_pytree_node(Potential, _flatten_potential, _unflatten_pot
 def on_device(potential):
     """``potential`` with its numbers on the device, to pass to compiled programs call after call.
 
+    For compiled programs only: its E0 are in the device's precision (float32 unless x64 is
+    on), so reference energies stay the original potential's (host float64).
+
     Raises:
         MLIPError: a potential of a class JAX cannot take apart (a user's own, not registered
             as a pytree), naming what to do.
