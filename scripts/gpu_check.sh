@@ -7,7 +7,7 @@
 #   run(command="bash scripts/gpu_check.sh md train", carry=[".device"])   # a rerun of some stages
 #   run(command="bash scripts/gpu_check.sh install replicas", carry=[".device"])   # not in the default
 #
-# Stages (default: all but replicas and mace):
+# Stages (default: all but replicas, mace, replicas-mixed and al-compilation):
 #   install   the carried wheels the image lacks (only those; never over the image's own)
 #   startup   scripts/benchmark_startup.py at 4000 atoms: cold with the default XLA flags (filling
 #             a compilation cache), warm from that cache, and cold with GPU autotuning off
@@ -15,6 +15,10 @@
 #   train     mlip train configs/quickstart.yaml for 40 s: epochs and structures per second
 #   replicas  scripts/benchmark_replicas.py: 1, 6, 24 and 96 butane trajectories one by one and together
 #   mace      mace-ase (mace-torch, same architecture) on the GPU at 4000 and 32000 atoms
+#   replicas-mixed  scripts/benchmark_replicas.py --mixed: the cuau-surfaces exploration, a program
+#             per seed size against one padded program (the CPU keeps one per size)
+#   al-compilation  scripts/benchmark_al_compilation.py: compilation in three active-learning
+#             iterations (the programs of iteration 0 reused by the later models)
 # Results: $OUT/results.json (every stage's JSON, merged), $OUT/log.txt (all logs),
 # $OUT/benchmark_md.png; $OUT defaults to /tmp/gpu_check_out off the device.
 set -uo pipefail
@@ -81,6 +85,12 @@ for name in $STAGES; do
     replicas)
       stage replicas 150 "$PY" scripts/benchmark_replicas.py --replicas 1 6 24 96 --epochs 20 \
         --work-dir "$WORK/replicas" --out-json "$WORK/replicas.json" ;;
+    replicas-mixed)
+      stage replicas_mixed 240 "$PY" scripts/benchmark_replicas.py --mixed --repeats 1 --epochs 20 \
+        --work-dir "$WORK/replicas_mixed" --out-json "$WORK/replicas.json" ;;  # writes replicas_mixed.json
+    al-compilation)
+      stage al_compilation 300 "$PY" scripts/benchmark_al_compilation.py --label gpu \
+        --json "$WORK/al_compilation.json" ;;
     mace)
       mkdir -p "$WORK/peers/mace-venv/bin"
       ln -sf "$(command -v "$PY")" "$WORK/peers/mace-venv/bin/python"
@@ -98,8 +108,9 @@ results = {"stages": [json.loads(line) for line in open(os.path.join(work, "stag
            if os.path.exists(os.path.join(work, "stages.jsonl")) else []}
 for path in sorted(glob.glob(os.path.join(work, "startup_*.json"))):
     results[os.path.basename(path)[:-5]] = json.load(open(path))
-if os.path.exists(os.path.join(work, "replicas.json")):
-    results["replicas"] = json.load(open(os.path.join(work, "replicas.json")))
+for name in ("replicas", "replicas_mixed", "al_compilation"):
+    if os.path.exists(os.path.join(work, f"{name}.json")):
+        results[name] = json.load(open(os.path.join(work, f"{name}.json")))
 for name in ("md", "mace"):
     path = os.path.join(work, name, "benchmark_md.json")
     if os.path.exists(path):
@@ -115,5 +126,6 @@ if os.path.exists(metrics):
                             "structures_per_s": round(epochs * 400 / seconds, 1)}
 with open(os.path.join(out, "results.json"), "w") as stream:
     json.dump(results, stream, indent=1)
-print(json.dumps({k: v for k, v in results.items() if k not in ("md", "mace", "replicas")}, indent=1))
+print(json.dumps({k: v for k, v in results.items() if k not in ("md", "mace", "replicas", "replicas_mixed",
+                                                                "al_compilation")}, indent=1))
 EOF
