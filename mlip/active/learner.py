@@ -446,7 +446,8 @@ class ActiveLearner:
         return structures
 
     @staticmethod
-    def _known(scorer: "UncertaintyScorer", structures: list, with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
+    def _known(scorer: "UncertaintyScorer", structures: list,
+               with_scores: bool) -> tuple[Optional[np.ndarray], np.ndarray]:
         """Scores (only where asked: they cost a posterior prediction each) and features of the
         labelled ``structures``: what known looks like to this model (the unit of relative
         thresholds; candidates near them count as covered)."""

@@ -19,7 +19,7 @@ Both statistics classes are JAX pytrees whose leaves are their numbers (the elem
 fidelity names are the structure): a compiled program that takes a `mlip.potential.Potential`
 as an argument takes its statistics as inputs, not as constants folded into its code, so
 models of one architecture fitted to different data share a compilation, in this process
-and in the persistent cache (a loop that retrains every iteration compiles once).
+and in the persistent cache (a loop that retrains every iteration compiles each shape once).
 """
 
 from __future__ import annotations

@@ -46,10 +46,10 @@ from mlip.data.batching import PaddedSizes, pack_samples, padded_node_count, rec
 from mlip.errors import MLIPError
 from mlip.md import integrators
 from mlip.md.integrators import ENSEMBLES, Ensemble
-from mlip.potential import on_device
 from mlip.md.simulation import (_REBUILD, _RUNNING, MDReport, MDStabilityError, _check_elements, _Program,
                                 _run_block, checked_step, describe_failure, neighbour_sample,
                                 padded_start)
+from mlip.potential import on_device
 
 
 class ReplicaDynamics:
@@ -197,15 +197,13 @@ class ReplicaDynamics:
             first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)  # noqa: E731
             state, status, detail, executed, _ = _run_block(
                 self._program, self._potential, first(ensembles), jnp.asarray(limits[0], self.dtype), self.params,
-                first(states),
-                first(self._templates), self._reference_positions[0], self._reference_cells[0],
+                first(states), first(self._templates), self._reference_positions[0], self._reference_cells[0],
                 jnp.asarray(steps[0], jnp.int32))
             states = jax.tree.map(lambda leaf: leaf[None], state)
             return states, np.asarray(status)[None], np.asarray(detail)[None], np.asarray(executed)[None]
         states, status, detail, executed = _run_replica_blocks(
             self._program, self._potential, ensembles, jnp.asarray(limits, self.dtype), self.params, states,
-            self._templates,
-            self._reference_positions, self._reference_cells, jnp.asarray(steps, jnp.int32))
+            self._templates, self._reference_positions, self._reference_cells, jnp.asarray(steps, jnp.int32))
         return states, np.asarray(status), np.asarray(detail), np.asarray(executed)
 
     # ----------------------------------------------------------------------------- host loop

@@ -180,8 +180,8 @@ class MolecularDynamics:
         no_limits = jnp.asarray([1e30, 0.0, 1e30], self.dtype)
         state, status, detail, _, _ = _run_block(
             self._program, self._potential, dataclasses.replace(self.ensemble, timestep=0.0), no_limits,
-            self.params, resting,
-            self._template, self._reference_positions, self._reference_cell, jnp.asarray(1, jnp.int32))
+            self.params, resting, self._template, self._reference_positions, self._reference_cell,
+            jnp.asarray(1, jnp.int32))
         if int(status) != _RUNNING:
             raise MDStabilityError("initial structure: " + self._describe_failure(int(status), np.asarray(detail)))
         return state.replace(key=key)  # the zero step drew no noise: keep the seed's stream as it was
@@ -220,8 +220,7 @@ class MolecularDynamics:
             remaining = min(target - self.steps_done, self.block_steps)
             state, status, detail, executed, records = _run_block(
                 self._program, self._potential, self.ensemble, jnp.asarray(self._block_limits(), self.dtype),
-                self.params,
-                self._state, self._template, self._reference_positions, self._reference_cell,
+                self.params, self._state, self._template, self._reference_positions, self._reference_cell,
                 jnp.asarray(remaining, jnp.int32))
             status, executed = int(status), int(executed)
             self._state = state
