@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -82,7 +83,10 @@ def main(argv=None) -> int:
     overrides = [f"al_dir={os.path.join(work, 'al')}", f"budget.max_iterations={args.iterations - 1}",
                  f"training.training.max_epochs={args.epochs}", f"exploration.steps={args.steps}",
                  "exploration.check_every=50", "budget.max_labels=1000"]
-    TimedLearner.from_file(CONFIG, overrides).run()
+    try:
+        TimedLearner.from_file(CONFIG, overrides).run()
+    finally:  # the loop's runs and the cache were only the measurement's
+        shutil.rmtree(work, ignore_errors=True)
     commit = os.popen(f"git -C {os.path.dirname(os.path.dirname(mlip.__file__))} rev-parse --short HEAD").read().strip()
     run = {"label": args.label or commit, "commit": commit, "cpu": cpu_model(), "jax": jax.__version__,
            "epochs": args.epochs, "steps": args.steps, "phases": phases}
