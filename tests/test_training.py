@@ -230,3 +230,28 @@ def test_calculator_sees_the_same_system_changes_as_ase(trained_run, emt_file):
         assert found[change.__name__] == sorted(compare_atoms(calculator.atoms, changed))
     assert found == {"unchanged": [], "moved": ["positions"], "strained": ["cell"],
                      "swapped": ["numbers"], "charged": ["initial_charges"], "tiny": [], "open_boundaries": ["pbc"]}
+
+
+def test_the_train_step_of_a_model_fitted_to_other_data_is_the_same_program(emt_file, tmp_path):
+    # Statistics are inputs of the train step, not constants in it (mlip.potential.Potential): an
+    # active-learning iteration trained from scratch on more data finds its step in the cache.
+    import jax.numpy as jnp
+
+    from mlip.training.config import config_from_dict
+    from mlip.training.trainer import Trainer
+
+    trainers = []
+    for name, frames in (("few", "@0:8"), ("other", "@4:12")):
+        write_config(tmp_path, emt_file, name)
+        config = yaml.safe_load(open(tmp_path / f"{name}.yaml"))
+        config["data"]["train"] = emt_file + frames
+        trainers.append(Trainer(config_from_dict(config)))
+    first, second = trainers
+    assert first.statistics.scale != second.statistics.scale
+    state = first.initial_state()
+    graph, _ = next(first.train_batches.batches(None))
+    weights = {name: jnp.asarray(value, first.dtype) for name, value in first.loss_weights(0.0).items()}
+    arguments = (state["params"], state["opt_state"], state["ema_params"], graph, jnp.asarray(0.01, first.dtype),
+                 jnp.asarray(0, first.dtype), weights, jnp.asarray(0.0, first.dtype))
+    programs = [trainer._train_step.lower(*arguments, trainer.potential).as_text() for trainer in trainers]
+    assert programs[0] == programs[1]
