@@ -1,0 +1,1 @@
+"""Data: reading labelled structures (`reader`), neighbour lists, padded batches and normalisation statistics."""
