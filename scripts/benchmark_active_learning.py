@@ -198,8 +198,8 @@ def run_scored_by_error(config_or_dir: str) -> int:
         def score_many(self, structures):
             if not structures:
                 return []
-            samples, _, features = self.packed(structures)
-            predictions = self.predictor.predict(self.params, samples, sizes=self._sizes)
+            samples, graph, features = self.packed(structures)
+            predictions = self.predictor.predict(self.params, samples, graph=graph)
             scores = []
             for atoms, prediction, feature in zip(structures, predictions, features):
                 reference = atoms.copy()

@@ -561,7 +561,7 @@ class UncertaintyScorer:
             spread = offset_free_energy_spread(energies, self.offsets, structures, self.potential.ddof)
             return [(float(spread[index] / np.sqrt(len(atoms))), features[index])
                     for index, atoms in enumerate(structures)]
-        predictions = self.predictor.predict(self.params, samples, sizes=self._sizes)
+        predictions = self.predictor.predict(self.params, samples, graph=graph)  # packed once, for both
         if "forces_std" not in predictions[0]:
             raise DataError("active learning needs a model that reports its uncertainty")
         scores = []

@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from mlip.data.batching import GraphSample, PaddedSizes, SharedCapacity, pack_samples, sizes_for_chunks
+from mlip.data.batching import GraphSample, SharedCapacity, pack_samples, sizes_for_chunks
+from mlip.graph import AtomsGraph
 
 
 class Predictor:
@@ -31,7 +32,7 @@ class Predictor:
         self._apply = functools.partial(_predict, potential, compute_stress=compute_stress)
 
     def predict(self, params: Any, samples: Sequence[GraphSample], batch_size: int = 32,
-                sizes: Optional[PaddedSizes] = None) -> list[dict]:
+                graph: Optional[AtomsGraph] = None) -> list[dict]:
         """Per structure: ``energy`` (eV, absolute), ``forces`` [n, 3], ``stress`` [3, 3] or None
         (and ``charges`` [n] for a model with a long-range term, ``magmoms`` [n] with a
         magnetic-moment head).
@@ -39,18 +40,19 @@ class Predictor:
         With uncertainty also ``energy_std`` (eV), ``forces_std`` [n, 3] (eV/Å) and
         ``stress_std`` [3, 3] (eV/Å³) or None.
 
-        ``sizes``: all ``samples`` in one batch padded to these sizes (a shape the caller keeps
-        for calls that vary, see `mlip.data.batching.covering`) instead of batches of ``batch_size``.
+        ``graph``: all ``samples`` already packed in one batch, in this order (a caller that keeps
+        one padded shape for calls that vary, see `mlip.data.batching.covering`), instead of
+        batches of ``batch_size`` packed here.
         """
         results = []
         dtype = np.float64 if self.potential.config.dtype == "float64" else np.float32
-        if sizes is not None:
-            chunks, chunk_sizes = [list(samples)], [sizes]
+        if graph is not None:
+            batches = [(list(samples), graph)]
         else:
             chunks = [list(samples[start:start + batch_size]) for start in range(0, len(samples), batch_size)]
-            chunk_sizes = sizes_for_chunks(chunks, batch_size, self.layout, SharedCapacity.of(samples))
-        for chunk, sizes in zip(chunks, chunk_sizes):
-            graph = pack_samples(chunk, sizes, None, dtype)
+            batches = ((chunk, pack_samples(chunk, sizes, None, dtype)) for chunk, sizes in
+                       zip(chunks, sizes_for_chunks(chunks, batch_size, self.layout, SharedCapacity.of(samples))))
+        for chunk, graph in batches:
             outputs = jax.device_get(self._apply(params, graph))
             offset = 0
             for g, sample in enumerate(chunk):
