@@ -66,8 +66,18 @@ def oracle_calls(tmp_path) -> list:
 
 
 def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_path, monkeypatch, capsys):
-    from mlip.active import ActiveLearner  # the public Python API (issue 18)
+    from mlip.active import ActiveLearner, UncertaintyScorer  # the public Python API (issue 18)
     from mlip.cli import main
+
+    class CountingScorer(UncertaintyScorer):  # a user's own ranking, through the scorer_class hook
+        scored = 0
+
+        def score_many(self, structures):
+            CountingScorer.scored += len(structures)
+            return super().score_many(structures)
+
+    class ScriptedLearner(ActiveLearner):
+        scorer_class = CountingScorer
 
     path, config = al_config(tmp_path, oracle={"kwargs": {"log": str(tmp_path / "oracle.log"),
                                                           "fail_ids": ["001-0001"]}}, final_from_scratch=True)
@@ -82,7 +92,8 @@ def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_pat
 
     monkeypatch.setattr(Oracle, "label", label_then_die)
     with pytest.raises(KeyboardInterrupt):
-        ActiveLearner.from_file(path).run()
+        ScriptedLearner.from_file(path).run()
+    assert CountingScorer.scored > 0
     al_dir = config["al_dir"]
     state = json.load(open(os.path.join(al_dir, "state.json")))
     assert (state["iteration"], state["phase"]) == (1, "label")
