@@ -51,7 +51,7 @@ from mlip.data.statistics import (DatasetStatistics, compute_statistics, extend_
                                   load_e0_file)
 from mlip.errors import CheckpointError, ConfigError, DataError
 from mlip.graph import random_rotations, rotate_graph
-from mlip.potential import Potential
+from mlip.potential import Potential, on_device
 from mlip.training import checkpoint
 from mlip.training import finetune
 from mlip.training.config import RunConfig, config_from_dict, describe_sources, save_config, source_list
@@ -325,6 +325,7 @@ class Trainer:
                            + self.old_valid_samples)
         self.predictor = Predictor(self.model, compute_stress=any_periodic, layout=config.data.edge_layout)
         self._train_step = jax.jit(self._make_train_step())
+        self._step_potential = on_device(self.potential)  # the step's model argument, on the device once
 
     def _old_task(self, cutoff, k_cutoff, molecules_only) -> tuple[list, list]:
         """Replay pool and old validation samples of a fine-tuning run (empty lists otherwise)."""
@@ -518,7 +519,7 @@ class Trainer:
                 params, opt_state, ema, loss, _ = self._train_step(
                     state["params"], state["opt_state"], state["ema_params"], graph,
                     jnp.asarray(lr, self.dtype), jnp.asarray(state["step"], self.dtype), weights,
-                    jnp.asarray(heads_only, self.dtype), self.potential)
+                    jnp.asarray(heads_only, self.dtype), self._step_potential)
                 state.update(params=params, opt_state=opt_state, ema_params=ema, step=state["step"] + 1)
                 state["collection"] = self.hooks.after_step(state["collection"], state, progress)
                 epoch_losses.append(loss)
