@@ -15,6 +15,7 @@ import numpy as np
 
 from mlip.data.batching import GraphSample, SharedCapacity, pack_samples, sizes_for_chunks
 from mlip.graph import AtomsGraph
+from mlip.potential import on_device
 
 
 class Predictor:
@@ -29,7 +30,7 @@ class Predictor:
         self.compute_stress = compute_stress
         self.layout = layout  # edge layout of the batches (mlip.data.batching.sizes_for)
         # The potential goes in as an argument: every model of one architecture shares the program.
-        self._apply = functools.partial(_predict, potential, compute_stress=compute_stress)
+        self._apply = functools.partial(_predict, on_device(potential), compute_stress=compute_stress)
 
     def predict(self, params: Any, samples: Sequence[GraphSample], batch_size: int = 32,
                 graph: Optional[AtomsGraph] = None) -> list[dict]:
