@@ -1,7 +1,7 @@
 """Active learning against random selection: force error on a held-out set against labels bought.
 
-    python scripts/benchmark_active_learning.py run [--system cuau|butane|cuau-surfaces] [--seeds 0 1 2] [--docs]
-    python scripts/benchmark_active_learning.py table [--system cuau|butane|cuau-surfaces] [--docs]
+    python scripts/benchmark_active_learning.py run [--system cuau|butane|cuau-surfaces|cuau-bulk-pool] [--seeds 0 1 2] [--docs]
+    python scripts/benchmark_active_learning.py table [--system cuau|butane|cuau-surfaces|cuau-bulk-pool] [--docs]
     python scripts/benchmark_active_learning.py retrain --system butane --iterations 2 8 [--docs]
     python scripts/benchmark_active_learning.py pool --system butane --from-scratch --max-labels 60 [--docs]
     python scripts/benchmark_active_learning.py iid --system butane --from-scratch --max-labels 60 [--docs]
@@ -27,7 +27,9 @@ ceiling of selection by σ in this loop. Systems:
   * ``cuau-surfaces``: configs/active_learning_cuau_surfaces.yaml (EMT Cu/Au, a heterogeneous pool:
     20 labelled bulk alloy cells to start; MD at 300 and 1000 K from an alloy cell, a Cu(111) slab
     with an Au adatom, an Au(100) slab with Cu on top and a 13-atom cluster; 10 labels per
-    iteration, every iteration trained from scratch; held out: 64 frames of EMT MD of the four).
+    iteration, every iteration trained from scratch; held out: 64 frames of EMT MD of the four);
+  * ``cuau-bulk-pool``: cuau-surfaces with six more bulk alloy seed cells (compositions the initial
+    set lacks), so 70 % of the pool is bulk, the kind the initial set covers; the same test set.
 
 ``retrain`` takes each finished run's labelled set as it stood at the given iterations (the
 initial frames and every label bought before them) and trains a model on it from scratch, with
@@ -94,6 +96,14 @@ SYSTEMS = {"cuau": {"config": "active_learning.yaml", "changes": {"exploration":
                                          "Cu(111) + Au adatom": "data/cuau_surfaces_emt.extxyz@20:36",
                                          "Au(100), Cu on top": "data/cuau_surfaces_emt.extxyz@36:52",
                                          "Cu9Au4 cluster": "data/cuau_surfaces_emt.extxyz@52:68"}}}
+# The same, but a pool mostly of what the initial set covers: six more bulk alloy cells (compositions
+# the initial set lacks) join the four seeds, so 14 of the 20 trajectories, 70 % of the snapshots,
+# are bulk. The initial set, test set, budget and training are cuau-surfaces' own.
+SYSTEMS["cuau-bulk-pool"] = {**SYSTEMS["cuau-surfaces"],
+                             "changes": {"seeds": ["data/cuau_emt.extxyz@20:50:5",
+                                                   "data/cuau_surfaces_emt.extxyz@0:4"]},
+                             "results": "benchmark_active_learning_cuau_bulk_pool.json",
+                             "marker": "active-learning-cuau-bulk-pool"}
 
 
 # Selection of each arm: σ and diversity; the same with the batch shared evenly among the

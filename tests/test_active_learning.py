@@ -165,6 +165,17 @@ def test_a_bad_oracle_is_a_clear_error_before_anything_runs(tmp_path):
     assert not os.path.exists(config["al_dir"])
 
 
+def test_seeds_from_several_files_in_order(tmp_path):
+    from mlip.active.learner import ActiveLearner
+
+    path, _ = al_config(tmp_path, seeds=[str(tmp_path / "seeds.extxyz@0:1"), str(tmp_path / "test.extxyz@0:2")])
+    seeds = ActiveLearner.from_file(path).seeds
+    assert [len(atoms) for atoms in seeds] == [len(atoms) for atoms in
+                                               ase.io.read(tmp_path / "seeds.extxyz", "0:1") + ase.io.read(
+                                                   tmp_path / "test.extxyz", "0:2")]
+    assert np.allclose(seeds[1].positions, ase.io.read(tmp_path / "test.extxyz", 0).positions)
+
+
 def test_a_larger_budget_does_not_reopen_a_run_that_found_nothing_uncertain(tmp_path):
     from mlip.active.learner import ActiveLearner
 

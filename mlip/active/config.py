@@ -94,7 +94,8 @@ class ActiveLearningConfig(StrictModel):
                                                    "a mapping; its model must have uncertainty "
                                                    "(e.g. uncertainty: deep_ensemble)")
     initial: DataSources = Field(description="the labelled structures to start from")
-    seeds: str = Field(description="structures MD starts from, path@index")
+    seeds: Union[str, list[str]] = Field(description="structures MD starts from: path@index, or a list of them "
+                                                     "(several files, e.g. bulk cells and slabs)")
     oracle: OracleConfig
     exploration: ExplorationConfig = Field(default_factory=ExplorationConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)

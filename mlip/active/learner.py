@@ -580,10 +580,11 @@ def _plain_sources(spec) -> list:
     return [entry.model_dump(exclude_defaults=True) for entry in source_list(spec)]
 
 
-def _read_seeds(spec: str) -> list:
+def _read_seeds(spec) -> list:
+    """The exploration's seed structures, from one path@index or a list of them, in order."""
     from mlip.data.reader import read_atoms
 
-    return read_atoms(spec)
+    return [atoms for entry in ([spec] if isinstance(spec, str) else spec) for atoms in read_atoms(entry)]
 
 
 def write_frames_atomically(path: str, frames: list) -> None:
