@@ -162,6 +162,9 @@ def test_a_bad_oracle_is_a_clear_error_before_anything_runs(tmp_path):
     path, _ = al_config(tmp_path, training={"uncertainty": {"method": "none"}})
     with pytest.raises(ConfigError, match="needs a model that reports its uncertainty"):
         ActiveLearner.from_file(path)
+    path, _ = al_config(tmp_path, training={"uncertainty": {"method": "mve"}})  # the config biases the MD
+    with pytest.raises(ConfigError, match="exploration.uncertainty_bias: need the spread of several models"):
+        ActiveLearner.from_file(path)
     assert not os.path.exists(config["al_dir"])
 
 

@@ -109,10 +109,11 @@ def test_draws_have_the_analytic_swag_mean_and_covariance(n_collections, max_ran
 # ---------------------------------------------------------------- hooks
 
 
-def _hooks(schedule="cosine", **settings):
+def _hooks(schedule="cosine", max_epochs=100, **settings):
     from mlip.training.config import config_from_dict
 
-    config = config_from_dict({"data": {"train": "x.xyz"}, "training": {"schedule": {"name": schedule}},
+    config = config_from_dict({"data": {"train": "x.xyz"},
+                               "training": {"schedule": {"name": schedule}, "max_epochs": max_epochs},
                                "uncertainty": {"method": "swag", "start_fraction": 0.6, **settings}})
     return swag.SWAGHooks(SimpleNamespace(config=config)), config
 
@@ -134,6 +135,10 @@ def test_fewer_than_two_collections_is_a_clear_error():
     moments = swag.collect(hooks.initial_collection(_toy_params()), _toy_params())
     with pytest.raises(ConfigError, match="start_fraction.*max_epochs"):
         hooks.posterior({"collection": moments}, None)
+    # An epoch budget that leaves one epoch after start_fraction: refused before training.
+    with pytest.raises(ConfigError, match="collects 1 parameter set"):
+        _hooks(start_fraction=0.75, max_epochs=2)
+    _hooks(start_fraction=0.5, max_epochs=2)  # epochs 1 and 2 (progress 0.5 and 1)
 
 
 def test_collects_by_epoch_or_every_n_steps_after_start_fraction_only():

@@ -128,6 +128,15 @@ class ActiveLearner:
         if checked.uncertainty.method == "none":
             raise ConfigError("training: active learning needs a model that reports its uncertainty; set "
                               "uncertainty (e.g. uncertainty: deep_ensemble)")
+        # The energy σ (score or MD bias) is the spread of several models' energies; found out
+        # here, not after the first training, when the loop would first need it.
+        wants_energy_spread = [name for name, wanted in (
+            ("exploration.uncertainty_bias", self.config.exploration.uncertainty_bias > 0),
+            ("selection.score: energy", self.config.selection.score == "energy")) if wanted]
+        if checked.uncertainty.method == "mve" and wants_energy_spread:
+            raise ConfigError(f"{' and '.join(wants_energy_spread)}: need the spread of several models' energies, "
+                              "and uncertainty.method mve predicts one Gaussian; use an ensemble or a posterior "
+                              "(e.g. deep_ensemble, shallow_ensemble, laplace), or the force score without a bias")
         return tree
 
     def run_config(self, iteration: int) -> dict:

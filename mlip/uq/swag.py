@@ -139,6 +139,24 @@ class SWAGHooks(MethodHooks):
     def __init__(self, trainer):
         super().__init__(trainer)
         self._collect = jax.jit(collect)
+        training = trainer.config.training
+        if self.settings.collect_every_steps is None and training.max_time is None:
+            # An epoch budget fixes the progress at every epoch's end (epoch / max_epochs): a run
+            # that would collect too few sets is refused now, not after its training.
+            epochs = training.max_epochs
+            count = sum(epoch / epochs >= self.settings.start_fraction for epoch in range(1, epochs + 1))
+            if count < 2:
+                raise self._too_few(count)
+
+    def _too_few(self, count: int) -> ConfigError:
+        settings = self.settings
+        how_often = ("once per epoch" if settings.collect_every_steps is None
+                     else f"every {settings.collect_every_steps} steps")
+        return ConfigError(
+            f"SWAG collects {count} parameter set(s) ({how_often} after uncertainty.start_fraction = "
+            f"{settings.start_fraction} of the run) but needs at least 2: lower uncertainty.start_fraction, "
+            "raise training.max_epochs (or training.max_time), or set uncertainty.collect_every_steps; "
+            "`mlip train --resume RUN_DIR --set training.max_epochs=N` continues a stopped run")
 
     def learning_rate(self, learning_rate: float, progress: float) -> float:
         settings = self.settings
@@ -170,14 +188,8 @@ class SWAGHooks(MethodHooks):
     def posterior(self, state: dict, best_params: Any) -> Posterior:
         settings, moments = self.settings, state["collection"]
         count = int(moments["count"])
-        if count < 2:
-            how_often = ("once per epoch" if settings.collect_every_steps is None
-                         else f"every {settings.collect_every_steps} steps")
-            raise ConfigError(
-                f"SWAG collected {count} parameter set(s) ({how_often} after uncertainty.start_fraction = "
-                f"{settings.start_fraction} of the run) but needs at least 2: lower uncertainty.start_fraction, "
-                "raise training.max_epochs (or training.max_time), or set uncertainty.collect_every_steps; "
-                "`mlip train --resume RUN_DIR --set training.max_epochs=N` continues this run")
+        if count < 2:  # a time budget ran out, or the steps fell short
+            raise self._too_few(count)
         key = jax.random.fold_in(jax.random.PRNGKey(self.trainer.config.seed), 0x5A6)
         draws = jax.jit(sample, static_argnums=2)(moments, key, settings.samples, settings.scale)
         return Posterior(params=draws, ddof=0,
