@@ -179,6 +179,13 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     np.testing.assert_array_equal(first_leaf[[1, 3]], second_leaf[[1, 3]])
     assert not np.array_equal(first_leaf[[0, 2]], second_leaf[[0, 2]])
 
+    # Fine-tuning from it, as active learning's later iterations do: best.msgpack holds the chains
+    # (not model.json's posterior samples), and each new chain starts from its own.
+    tuned = _config(emt_file, tmp_path / "tuned")
+    tuned["training"]["init_from"] = run_dir
+    (tmp_path / "tuned.yaml").write_text(yaml.safe_dump(tuned))
+    assert main(["train", str(tmp_path / "tuned.yaml")]) == 0
+
     out = tmp_path / "test.json"
     assert main(["evaluate", run_dir, f"{emt_file}@12:", "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())

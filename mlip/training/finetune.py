@@ -51,6 +51,7 @@ def load_source_run(run_dir: str) -> SourceRun:
     from mlip.potential import Potential
     from mlip.training import checkpoint
     from mlip.training.config import load_config
+    from mlip.uq.methods import hooks_class
 
     metadata = checkpoint.read_model_json(run_dir)
     config_path = os.path.join(run_dir, "config.yaml")
@@ -60,8 +61,9 @@ def load_source_run(run_dir: str) -> SourceRun:
     statistics = DatasetStatistics.from_json(metadata["statistics"])
     # The trained model is config.yaml's (a Laplace run's model.json describes its posterior head).
     template = checkpoint.parameter_template(Potential(config.model, statistics))
-    uncertainty = metadata.get("uncertainty") or {}
-    members = int(uncertainty.get("members", 0)) if not uncertainty.get("posterior_file") else 0
+    # best.msgpack holds the parameters as trained: stacked over deep-ensemble members or SG-MCMC
+    # chains (not over model.json's posterior samples, which live in posterior.msgpack).
+    members = hooks_class(config.uncertainty.method).members_for(config.uncertainty) or 0
     if members:
         template = jax.tree.map(lambda s: jax.ShapeDtypeStruct((members,) + s.shape, s.dtype), template)
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)

@@ -81,6 +81,13 @@ class MethodHooks:
     def __init__(self, trainer):
         self.trainer = trainer
         self.settings = trainer.config.uncertainty
+        self.training_members = self.members_for(self.settings)
+
+    @classmethod
+    def members_for(cls, settings) -> Optional[int]:
+        """``training_members`` from the uncertainty settings alone (the stacked axis of a run's
+        ``best.msgpack``, which fine-tuning from that run must know before it loads it)."""
+        return cls.training_members
 
     def optimizer(self, base: optax.GradientTransformation) -> optax.GradientTransformation:
         return base
@@ -117,9 +124,9 @@ class EnsembleHooks(MethodHooks):
 
     uses_ema = True
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self.training_members = self.settings.members
+    @classmethod
+    def members_for(cls, settings) -> int:
+        return settings.members
 
 
 class GaussianHeadHooks(MethodHooks):
@@ -132,11 +139,15 @@ _BUILT_IN = {"none": MethodHooks, "deep_ensemble": EnsembleHooks, "mve": Gaussia
              "shallow_ensemble": GaussianHeadHooks}
 
 
-def hooks_for(trainer) -> MethodHooks:
-    """The hooks of ``trainer.config.uncertainty.method``."""
-    method = trainer.config.uncertainty.method
+def hooks_class(method: str) -> type:
+    """The `MethodHooks` class of ``uncertainty.method: <method>``."""
     if method in _BUILT_IN:
-        return _BUILT_IN[method](trainer)
+        return _BUILT_IN[method]
     if method not in _HOOKS:
         importlib.import_module(f"mlip.uq.{method}")
-    return _HOOKS[method](trainer)
+    return _HOOKS[method]
+
+
+def hooks_for(trainer) -> MethodHooks:
+    """The hooks of ``trainer.config.uncertainty.method``."""
+    return hooks_class(trainer.config.uncertainty.method)(trainer)

@@ -167,8 +167,11 @@ class SGMCMCHooks(MethodHooks):
 
     def __init__(self, trainer):
         super().__init__(trainer)
-        self.training_members = self.settings.chains
         self.num_data = len(trainer.train_samples)
+
+    @classmethod
+    def members_for(cls, settings) -> int:
+        return settings.chains
 
     def optimizer(self, base: optax.GradientTransformation) -> optax.GradientTransformation:
         settings = self.settings
