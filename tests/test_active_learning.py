@@ -100,7 +100,8 @@ def test_two_iterations_with_a_kill_while_labelling_a_failure_and_resume(tmp_pat
     assert len(oracle_calls(tmp_path)) == 4  # three in iteration 0, one before the kill
     monkeypatch.setattr(Oracle, "label", original)
     assert main(["active-learn", path]) == 2  # the directory holds a run: resume it, do not restart
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--resume" in err and "[iteration 1] exploring: 4 trajectories of 4 atoms" in err  # a line per phase
     assert main(["active-learn", "--resume", al_dir]) == 0
 
     # Budget 5: 3 labels in iteration 0, then 2 of iteration 1's 2 candidates, one of which failed.

@@ -397,7 +397,12 @@ class ActiveLearner:
             from mlip.uq.bias import UncertaintyBiasedPotential
 
             moving = UncertaintyBiasedPotential(potential, exploration.uncertainty_bias, scorer.offsets)
-        for group in groups:
+        for number, group in enumerate(groups, 1):
+            # A line per group: exploration is the loop's longest silence after training.
+            started = time.monotonic()
+            print(f"[iteration {iteration}] exploring: {len(group)} trajectories of "
+                  f"{len(self.seeds[group[0][0]])} atoms, {exploration.steps} steps (group {number} of {len(groups)})",
+                  file=sys.stderr, flush=True)
             md = ReplicaDynamics(moving, params, [self.seeds[seed_index] for seed_index, _, _ in group],
                                  temperatures_K=[temperature for _, _, temperature in group],
                                  seeds=[self.config.seed + 1000 * iteration + 100 * seed_index + t_index
@@ -436,6 +441,8 @@ class ActiveLearner:
                     found.append((seed_index, t_index, int(md.steps_done[replica]), snapshot, sigma, feature))
                     if sigma > sigma_stop:
                         md.stop(replica, "σ above sigma_stop")  # later snapshots would be unphysical
+            print(f"[iteration {iteration}]   group {number}: {len(md.stopped)} of {md.count} trajectories stopped "
+                  f"early; {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
         found.sort(key=lambda entry: entry[:3])  # trajectory by trajectory, as they were run one at a time
         return ([entry[3] for entry in found], np.asarray([entry[4] for entry in found]),
                 np.asarray([entry[5] for entry in found]))
