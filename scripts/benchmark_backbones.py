@@ -42,7 +42,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_common import ROOT, cpu_model, replace_marked_section, run_with_budget  # noqa: E402
+from benchmark_common import ROOT, cpu_model, publish_table, run_with_budget  # noqa: E402
 from benchmark_long_range import binned_errors  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
@@ -303,11 +303,8 @@ def main(argv=None) -> int:
     if argv and argv[0] == "table":
         recorded = json.load(open(os.path.join(DOCS, "benchmark_backbones.json")))
         text = table(recorded["results"], recorded["budget_s"], recorded["machine"]["cores"])
-        print(text)
-        if "--docs" in argv:
-            replace_marked_section(os.path.join(DOCS, "benchmarks.md"), "<!-- backbones -->", "<!-- /backbones -->",
-                                   text, "Backbones: MACE, equivariant transformer, all-to-all attention")
-        return 0
+        return publish_table(text, "backbones", "Backbones: MACE, equivariant transformer, all-to-all attention",
+                             "--docs" in argv)
     if argv and argv[0] == "cost":
         parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--sizes", type=int, nargs="+", default=[96, 384, 1536, 3072, 6144])
@@ -318,11 +315,7 @@ def main(argv=None) -> int:
         with open(os.path.join(DOCS, "benchmark_backbones_cost.json"), "w") as stream:
             json.dump({"machine": {"cpu": cpu_model(), "cores": cores}, "rows": rows}, stream, indent=1)
         text = cost_table(rows, cores)
-        print(text)
-        if args.docs:
-            replace_marked_section(os.path.join(DOCS, "benchmarks.md"), "<!-- backbones-cost -->",
-                                   "<!-- /backbones-cost -->", text, "Attention: cost by system size")
-        return 0
+        return publish_table(text, "backbones-cost", "Attention: cost by system size", args.docs)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=300.0)
     parser.add_argument("--datasets", nargs="+", default=["ethanol", "long_range"], choices=["ethanol", "long_range"])
@@ -344,11 +337,8 @@ def main(argv=None) -> int:
     with open(path, "w") as stream:
         json.dump({"machine": machine, "budget_s": args.budget_s, "results": results}, stream, indent=1)
     text = table(results, args.budget_s, machine["cores"])
-    print(text)
-    if args.docs:
-        replace_marked_section(os.path.join(DOCS, "benchmarks.md"), "<!-- backbones -->", "<!-- /backbones -->",
-                               text, "Backbones: MACE, equivariant transformer, all-to-all attention")
-    return 0
+    return publish_table(text, "backbones", "Backbones: MACE, equivariant transformer, all-to-all attention",
+                         args.docs)
 
 
 if __name__ == "__main__":

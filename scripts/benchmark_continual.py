@@ -26,7 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
+from benchmark_common import ROOT, cpu_model, publish_table  # noqa: E402
 from benchmark_multifidelity import BASE_BUDGET_S, base_config, budget_suffix, train  # noqa: E402
 
 DATA = os.path.join(ROOT, "data")
@@ -150,15 +150,9 @@ def main(argv=None) -> int:
                     args.pretrain_budget_s, tuple(args.arms))
                 if args.part == "run"
                 else json.load(open(RESULTS)))
-    text = table(recorded)
-    print(text)
-    if args.docs:
-        text += (f"\n\nBudget {recorded['budget_s']:.0f} s per run (pretraining and each fine-tuning, unless the row says "
-                 "otherwise) on one core of "
-                 f"{recorded['machine']['cpu']}.")
-        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- continual -->",
-                               "<!-- /continual -->", text, "Continual fine-tuning: naive against replay")
-    return 0
+    text = table(recorded) + (f"\n\nBudget {recorded['budget_s']:.0f} s per run (pretraining and each fine-tuning, "
+                              f"unless the row says otherwise) on one core of {recorded['machine']['cpu']}.")
+    return publish_table(text, "continual", "Continual fine-tuning: naive against replay", args.docs)
 
 
 if __name__ == "__main__":

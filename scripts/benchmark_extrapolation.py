@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
+from benchmark_common import ROOT, cpu_model, publish_table  # noqa: E402
 
 DATA = os.path.join(ROOT, "data")
 TEST_SETS = {"300K": "butane_gfn2_300K.extxyz@500:", "600K": "butane_gfn2_600K.extxyz",
@@ -216,11 +216,7 @@ def main(argv=None) -> int:
         json.dump(recorded, stream, indent=1)
     results = recorded["results"]
     text = table(results)
-    print(text)
-    if args.docs:
-        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- extrapolation-ab -->",
-                               "<!-- /extrapolation-ab -->", text, "Extrapolation (n-butane): levers, A/B")
-    return 0
+    return publish_table(text, "extrapolation-ab", "Extrapolation (n-butane): levers, A/B", args.docs)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_common import ROOT, cpu_model, replace_marked_section, run_with_budget  # noqa: E402
+from benchmark_common import ROOT, cpu_model, publish_table, run_with_budget  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
 
@@ -288,11 +288,7 @@ def main(argv=None) -> int:
         with open(os.path.join(DOCS, "benchmark_long_range_cost.json"), "w") as stream:
             json.dump({"machine": machine, "rows": rows}, stream, indent=1)
         table = cost_table(rows)
-        print(table)
-        if args.docs:
-            replace_marked_section(os.path.join(DOCS, "benchmarks.md"), "<!-- long-range-cost -->",
-                                   "<!-- /long-range-cost -->", table, "Long-range terms: cost by system size")
-        return 0
+        return publish_table(table, "long-range-cost", "Long-range terms: cost by system size", args.docs)
     import yaml
 
     config = yaml.safe_load(open(os.path.join(ROOT, "configs", "long_range_les.yaml")))
@@ -304,12 +300,8 @@ def main(argv=None) -> int:
                   stream, indent=1)
     accuracy_plot(results, os.path.join(DOCS, f"benchmark_long_range{args.tag}.png"))
     table = accuracy_table(results)
-    print(table)
-    if args.docs:
-        replace_marked_section(os.path.join(DOCS, "benchmarks.md"), f"<!-- long-range-accuracy{args.tag} -->",
-                               f"<!-- /long-range-accuracy{args.tag} -->", table,
-                               "Long range: local against LES at equal wall-clock")
-    return 0
+    return publish_table(table, f"long-range-accuracy{args.tag}", "Long range: local against LES at equal wall-clock",
+                         args.docs)
 
 
 if __name__ == "__main__":
