@@ -98,10 +98,12 @@ SYSTEMS = {"cuau": {"config": "active_learning.yaml", "changes": {"exploration":
                                          "Cu9Au4 cluster": "data/cuau_surfaces_emt.extxyz@52:68"}}}
 # The same, but a pool mostly of what the initial set covers: six more bulk alloy cells (compositions
 # the initial set lacks) join the four seeds, so 14 of the 20 trajectories, 70 % of the snapshots,
-# are bulk. The initial set, test set, budget and training are cuau-surfaces' own.
+# are bulk. The initial set, test set and training are cuau-surfaces' own; the budget is 50 labels
+# instead of 60, for two seeds to fit a session (2.5 times the trajectories of cuau-surfaces).
 SYSTEMS["cuau-bulk-pool"] = {**SYSTEMS["cuau-surfaces"],
                              "changes": {"seeds": ["data/cuau_emt.extxyz@20:50:5",
-                                                   "data/cuau_surfaces_emt.extxyz@0:4"]},
+                                                   "data/cuau_surfaces_emt.extxyz@0:4"],
+                                         "budget": {"max_labels": 50}},
                              "results": "benchmark_active_learning_cuau_bulk_pool.json",
                              "marker": "active-learning-cuau-bulk-pool"}
 
