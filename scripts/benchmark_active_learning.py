@@ -325,12 +325,17 @@ def from_scratch_folder(work_dir: str, arm: str, seed: int, bought: int) -> str:
     return os.path.join(work_dir, arm, from_scratch_key(arm, seed, bought).replace("/", "_"))
 
 
-def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]) -> dict:
+def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int],
+                union_of: Optional[int] = None) -> dict:
     """Random selection from the same MD pool as σ: for each iteration of a seed's σ run (``uncertainty``
     arm, finished), as many snapshots as it bought, drawn uniformly from the snapshots its exploration
     found (``iter_k/explored.extxyz``, the pool σ chose from), labelled by the same oracle. Each label is
     on disk before it is used, and a rerun buys none twice. The first n labels, for each n in ``points``,
-    are trained from scratch with the σ run's iteration-0 config and seed, as its own iterations were."""
+    are trained from scratch with the σ run's iteration-0 config and seed, as its own iterations were.
+
+    ``union_of`` K: the largest of ``points`` drawn at once, uniformly from the union of the snapshots of
+    σ's first K explorations (the same seeds, temperatures and MD each time); for a σ run not yet past
+    its K-th exploration, or one whose budget ends before random's does."""
     import collections
 
     import ase.io
@@ -340,30 +345,46 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
 
     results = os.path.join(ROOT, "docs", system["results"].replace(".json", "_pool.json"))
     recorded = json.load(open(results)) if os.path.exists(results) else {"points": {}}
+    if union_of is not None:
+        recorded["drawn_from"] = f"the union of the snapshots of σ's explorations 0-{union_of - 1}"
+    arm_dir = "pool" if union_of is None else f"pool-union{union_of}"
     jobs = []
     for seed in seeds:
         al_dir = os.path.join(work_dir, f"uncertainty_seed{seed}")
         learner = ActiveLearner.resume(al_dir)
-        bought = collections.Counter(atoms.info["al_iteration"]
-                                     for atoms in ase.io.read(os.path.join(al_dir, "labelled.extxyz"), ":"))
-        labels_dir = os.path.join(work_dir, f"pool-random_seed{seed}", "labels")
+
+        def explored(iteration):
+            frames = ase.io.read(os.path.join(al_dir, f"iter_{iteration:03d}", "explored.extxyz"), ":")
+            for atoms in frames:
+                atoms.info["al_iteration"] = iteration
+            return frames
+
+        if union_of is None:
+            bought = collections.Counter(atoms.info["al_iteration"]
+                                         for atoms in ase.io.read(os.path.join(al_dir, "labelled.extxyz"), ":"))
+            # (label name prefix, pool, how many, random seed): as the loop's own random arm draws
+            draws = [(f"{iteration:03d}", explored(iteration), bought[iteration], seed * 7919 + iteration)
+                     for iteration in sorted(bought)]
+            labels_dir = os.path.join(work_dir, f"pool-random_seed{seed}", "labels")
+        else:
+            union = [atoms for iteration in range(union_of) for atoms in explored(iteration)]
+            draws = [("union", union, max(points), seed * 7919 + 100_000 + union_of)]
+            labels_dir = os.path.join(work_dir, f"pool-union{union_of}_seed{seed}", "labels")
         os.makedirs(labels_dir, exist_ok=True)
-        for iteration in sorted(bought):
-            explored = ase.io.read(os.path.join(al_dir, f"iter_{iteration:03d}", "explored.extxyz"), ":")
-            rng = np.random.default_rng(seed * 7919 + iteration)  # as the loop's own random arm draws
-            chosen = rng.choice(len(explored), min(bought[iteration], len(explored)), replace=False)
-            todo = [(f"{iteration:03d}-{rank:04d}", explored[index]) for rank, index in enumerate(chosen)]
+        for prefix, pool, count, rng_seed in draws:
+            chosen = np.random.default_rng(rng_seed).choice(len(pool), min(count, len(pool)), replace=False)
+            todo = [(f"{prefix}-{rank:04d}", pool[index]) for rank, index in enumerate(chosen)]
             todo = [(name, atoms) for name, atoms in todo
                     if not os.path.exists(os.path.join(labels_dir, f"{name}.extxyz"))]
 
-            def store(result, todo=todo, iteration=iteration):
+            def store(result, todo=todo):
                 name, atoms = todo[result.index]
                 if not result.ok:
                     print(f"  label {name} failed: {result.error}", flush=True)
                     return
                 write_frames_atomically(os.path.join(labels_dir, f"{name}.extxyz"),
                                         [labelled_atoms(atoms, result, {"oracle": learner.oracle.name,
-                                                                        "al_iteration": iteration})])
+                                                                        "al_iteration": atoms.info["al_iteration"]})])
 
             if todo:
                 learner.oracle.label([atoms for _, atoms in todo], on_result=store)
@@ -371,7 +392,8 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
         for n in points:
             key = from_scratch_key("pool", seed, n)
             if n <= len(frames) and key not in recorded["points"]:
-                folder = from_scratch_folder(work_dir, "pool", seed, n)
+                folder = from_scratch_folder(work_dir, "pool", seed, n).replace(
+                    os.path.join(work_dir, "pool"), os.path.join(work_dir, arm_dir), 1)
                 jobs.append((key, training_config(learner, folder, frames[:n], learner.config.seed), folder, n))
     train_side_by_side(jobs, results, recorded)
     return recorded
@@ -732,6 +754,9 @@ def main(argv=None) -> int:
                         help="retrain: training seeds per labelled set (their errors are averaged)")
     parser.add_argument("--points", type=int, nargs="+", default=[5, 10, 20, 30, 40],
                         help="pool, iid: the label counts at which a model is trained from scratch")
+    parser.add_argument("--pool-union", type=int, default=None,
+                        help="pool: draw max(--points) labels at once from the union of σ's first K explorations "
+                             "(instead of as many per iteration as σ bought)")
     parser.add_argument("--bought", type=int, default=60,
                         help="subsets: the label count whose models are evaluated on each held-out subset")
     parser.add_argument("--docs", action="store_true")
@@ -774,7 +799,7 @@ def main(argv=None) -> int:
         return publish(by_subset(system, args.seeds, work_dir, args.bought), f"{system['marker']}-subsets", args.docs)
     if args.part in ("pool", "iid"):
         if args.part == "pool":
-            pool_random(system, args.seeds, work_dir, args.points)
+            pool_random(system, args.seeds, work_dir, args.points, args.pool_union)
         elif "iid_pool" not in system:
             raise SystemExit(f"iid: no held-out reference MD to draw from for --system {args.system}")
         else:
