@@ -335,7 +335,8 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
 
     ``union_of`` K: the largest of ``points`` drawn at once, uniformly from the union of the snapshots of
     σ's first K explorations (the same seeds, temperatures and MD each time); for a σ run not yet past
-    its K-th exploration, or one whose budget ends before random's does."""
+    its K-th exploration, or one whose budget ends before random's does. Its trainings go where the
+    per-iteration draws' would (``pool/``): a work directory holds one kind."""
     import collections
 
     import ase.io
@@ -347,7 +348,6 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
     recorded = json.load(open(results)) if os.path.exists(results) else {"points": {}}
     if union_of is not None:
         recorded["drawn_from"] = f"the union of the snapshots of σ's explorations 0-{union_of - 1}"
-    arm_dir = "pool" if union_of is None else f"pool-union{union_of}"
     jobs = []
     for seed in seeds:
         al_dir = os.path.join(work_dir, f"uncertainty_seed{seed}")
@@ -392,8 +392,7 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
         for n in points:
             key = from_scratch_key("pool", seed, n)
             if n <= len(frames) and key not in recorded["points"]:
-                folder = from_scratch_folder(work_dir, "pool", seed, n).replace(
-                    os.path.join(work_dir, "pool"), os.path.join(work_dir, arm_dir), 1)
+                folder = from_scratch_folder(work_dir, "pool", seed, n)
                 jobs.append((key, training_config(learner, folder, frames[:n], learner.config.seed), folder, n))
     train_side_by_side(jobs, results, recorded)
     return recorded
