@@ -182,7 +182,7 @@ def test_train_evaluate_and_calculator_end_to_end(emt_file, tmp_path):
     # Fine-tuning from it, as active learning's later iterations do: best.msgpack holds the chains
     # (not model.json's posterior samples), and each new chain starts from its own.
     tuned = _config(emt_file, tmp_path / "tuned")
-    tuned["training"]["init_from"] = run_dir
+    tuned["training"].update(init_from=run_dir, max_epochs=2)  # collected after epochs 1 and 2
     (tmp_path / "tuned.yaml").write_text(yaml.safe_dump(tuned))
     assert main(["train", str(tmp_path / "tuned.yaml")]) == 0
 
