@@ -600,7 +600,7 @@ def _read_seeds(spec) -> list:
     """The exploration's seed structures, from one path@index or a list of them, in order."""
     from mlip.data.reader import read_atoms
 
-    return [atoms for entry in ([spec] if isinstance(spec, str) else spec) for atoms in read_atoms(entry)]
+    return [atoms for entry in source_list(spec) for atoms in read_atoms(entry.source)]
 
 
 def write_frames_atomically(path: str, frames: list) -> None:
