@@ -254,7 +254,7 @@ def test_bond_check_finds_a_broken_molecule_and_not_a_hot_one():
     assert check.broken(shifted) == []
 
 
-def test_energy_score_is_the_energy_spread_over_root_n_after_each_members_offsets():
+def test_scores_energy_spread_over_root_n_after_each_members_offsets_and_force_sigma_per_atom():
     import jax
 
     from conftest import emt_frames, make_potential
@@ -286,3 +286,8 @@ def test_energy_score_is_the_energy_spread_over_root_n_after_each_members_offset
     before = [score for score, _ in UncertaintyScorer(posterior, stack, "energy", np.zeros((3, 119))).score_many(known)]
     after = [score for score, _ in fitted.score_many(known)]
     assert np.median(after) < 0.5 * np.median(before)
+    # The force scores reduce the same per-atom σ: the sum is the mean times the atoms.
+    per_atom = [np.linalg.norm(p["forces_std"], axis=1) for p in predictions]
+    for score, reduce in (("max_atom", np.max), ("mean_atom", np.mean), ("sum_atom", np.sum)):
+        got = [sigma for sigma, _ in UncertaintyScorer(posterior, stack, score).score_many(other)]
+        np.testing.assert_allclose(got, [reduce(sigmas) for sigmas in per_atom], rtol=1e-6)

@@ -55,6 +55,13 @@ def test_recalibration_recovers_the_scale_and_reduces_nll():
     # Closed form is the minimiser: any other scale is worse.
     for factor in (0.97, 1.03):
         assert calibration.gaussian_nll(errors, factor * scale * overconfident) > after
+    # An atom beyond every neighbour's reach: zero force and σ = 0 in every member, a real error.
+    # No scale covers it, and it must not set the scale of every other prediction.
+    with_isolated = (np.append(errors, 0.14), np.append(overconfident, 0.0))
+    assert calibration.fit_variance_scale(*with_isolated) == pytest.approx(scale, rel=1e-6)
+    np.testing.assert_allclose(calibration.fit_interval_quantiles(*with_isolated),
+                               calibration.fit_interval_quantiles(errors, overconfident))
+    assert calibration.fit_variance_scale([0.1, 0.2], [0.0, 0.0]) == 1.0
 
 
 def test_interval_recalibration_calibrates_heavy_tailed_errors():

@@ -55,12 +55,13 @@ class SelectionConfig(StrictModel):
     """Uncertain and diverse: σ_low < score <= σ_high, then farthest-point sampling on features."""
 
     batch_size: PositiveInt = Field(10, description="labels bought per iteration at most")
-    score: Literal["max_atom", "mean_atom", "energy"] = Field(
+    score: Literal["max_atom", "mean_atom", "sum_atom", "energy"] = Field(
         "max_atom", description="a structure's uncertainty: the largest force σ over its atoms (finds one bad "
-                                "atom in a big cell), the mean over its atoms (how unsure the whole cell is), or "
-                                "energy: σ_E/√N, the members' energy spread once each member's per-element offset "
-                                "on the labelled data is taken off (a new conformer rather than a hot one; "
-                                "METHODS.md §6.1)")
+                                "atom in a big cell), the mean over its atoms (how unsure the whole cell is), the "
+                                "sum over its atoms (the forces a label would teach: a 32-atom cell counts for "
+                                "more than a 13-atom cluster of the same σ per atom), or energy: σ_E/√N, the "
+                                "members' energy spread once each member's per-element offset on the labelled data "
+                                "is taken off (a new conformer rather than a hot one; METHODS.md §6.1)")
     thresholds: Literal["absolute", "relative"] = Field(
         "absolute", description="absolute: sigma_low, sigma_high and exploration.sigma_stop in eV/Å; relative: "
                                 "multiples of the median score of the labelled structures under the current "

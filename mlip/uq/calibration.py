@@ -10,7 +10,8 @@ prediction N(μ, σ²). The metrics follow METHODS.md §4.9:
   * ``ence``                   binned |RMV − RMSE| / RMV (Levi et al. 2022)
   * ``spearman``               rank correlation of |e| against σ
   * ``auroc``                  how well a score (σ) separates out-of-distribution from in-distribution
-  * ``fit_variance_scale``     s with σ → s σ minimising the NLL on held-out data (closed form)
+  * ``fit_variance_scale``     s with σ → s σ minimising the NLL on held-out data (closed form;
+                               entries with a negligible σ, atoms beyond every neighbour's reach, left out)
   * ``fit_interval_quantiles`` the held-out quantile function of |e|/σ: intervals whose
     coverage is calibrated whatever the error distribution's shape (isotonic recalibration)
 
@@ -31,6 +32,11 @@ from scipy import special, stats
 # A predicted σ of exactly 0 (e.g. identical ensemble members) would make the NLL
 # infinite and the ratios undefined; metrics treat it as this tiny, finite value.
 SIGMA_FLOOR = 1e-12
+# Fits leave out entries whose σ is below this fraction of the median σ: an atom with no
+# neighbour within the cutoff (one evaporated from a hot cluster) has exactly zero force in
+# every member, hence σ = 0, while the reference method still sees a force. No scale can
+# cover that error, and one such atom in mean(e²/σ²) set a fitted force scale of 8·10⁷.
+NEGLIGIBLE_SIGMA = 1e-6
 
 
 def _errors_and_sigma(errors, sigma) -> tuple[np.ndarray, np.ndarray]:
@@ -127,15 +133,23 @@ def auroc(scores_in, scores_out) -> float:
     return float(u_out / (scores_in.size * scores_out.size))
 
 
+def _fit_entries(errors, sigma) -> tuple[np.ndarray, np.ndarray]:
+    """The entries a recalibration is fitted on: those whose σ is not negligible (`NEGLIGIBLE_SIGMA`)."""
+    errors, sigma = _errors_and_sigma(errors, sigma)
+    keep = sigma > max(NEGLIGIBLE_SIGMA * float(np.median(sigma)), SIGMA_FLOOR)
+    return errors[keep], sigma[keep]
+
+
 def fit_variance_scale(errors, sigma) -> float:
     """The s of σ → s σ that minimises the Gaussian NLL: s² = mean(e² / σ²).
 
     Fit it on validation data (separately for energy, forces and stress) and apply it
     to every later prediction; it fixes over- or under-confidence on average but not
-    the ranking of σ.
+    the ranking of σ. Entries with a negligible σ are left out (`NEGLIGIBLE_SIGMA`);
+    with none left the scale is 1.
     """
-    errors, sigma = _errors_and_sigma(errors, sigma)
-    return float(np.sqrt(np.mean((errors / sigma) ** 2)))
+    errors, sigma = _fit_entries(errors, sigma)
+    return float(np.sqrt(np.mean((errors / sigma) ** 2))) if errors.size else 1.0
 
 
 def fit_interval_quantiles(errors, sigma, n_levels: int = 101) -> np.ndarray:
@@ -147,12 +161,16 @@ def fit_interval_quantiles(errors, sigma, n_levels: int = 101) -> np.ndarray:
     distribution's quantile function Q gives the interval ±Q(c)·σ for confidence c, in
     place of the Gaussian ±z(c)·σ. Variance scaling fixes the width on average; this fixes
     the shape too (heavy tails), but not the ranking of σ. The last level is the largest
-    |e|/σ seen, not infinity.
+    |e|/σ seen, not infinity. Entries with a negligible σ are left out, as in
+    `fit_variance_scale`; with none left, the Gaussian half-widths.
     """
-    errors, sigma = _errors_and_sigma(errors, sigma)
     if n_levels < 2:
         raise ValueError(f"n_levels must be >= 2, got {n_levels}")
-    return np.quantile(np.abs(errors) / sigma, np.linspace(0.0, 1.0, n_levels))
+    errors, sigma = _fit_entries(errors, sigma)
+    levels = np.linspace(0.0, 1.0, n_levels)
+    if not errors.size:
+        return np.minimum(z_for_confidence(levels), np.finfo(np.float64).max)
+    return np.quantile(np.abs(errors) / sigma, levels)
 
 
 def recalibrated_levels(errors, sigma, quantiles) -> np.ndarray:
