@@ -13,7 +13,9 @@ sampling; ``balanced`` the same with the batch shared evenly among the explorati
 temperatures (`selection.balance: temperature`); ``capped`` is σ selection with the window's
 top at 3× the labelled structures' median σ; ``energy`` selects by the energy σ (over √N,
 after each member's offset on the labelled data); ``random`` draws the same number of
-snapshots uniformly from its own MD exploration (`selection.strategy: random`); ``error`` is
+snapshots uniformly from its own MD exploration (`selection.strategy: random`); ``sum`` is σ
+selection with a structure's score the sum of its atoms' force σ instead of the mean
+(`selection.score: sum_atom`: a 32-atom cell counts for more than a 13-atom cluster); ``error`` is
 σ selection with each snapshot's σ replaced by the model's true force error, the oracle asked
 for every snapshot without counting or training on those answers: a perfect uncertainty, the
 ceiling of selection by σ in this loop. Systems:
@@ -55,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import shutil
@@ -121,10 +124,14 @@ ARMS = {"uncertainty": {"strategy": "uncertainty", "balance": "none"},
         "capped": {"strategy": "uncertainty", "balance": "none", "sigma_high": 3.0},
         "energy": {"strategy": "uncertainty", "balance": "none", "score": "energy", "sigma_high": 1000.0},
         "random": {"strategy": "random"},
+        # σ summed over a structure's atoms: a label ranked by the forces it brings (32-atom cells
+        # against 13-atom clusters), where the mean ranks by the per-atom σ alone
+        "sum": {"strategy": "uncertainty", "balance": "none", "score": "sum_atom"},
         # σ replaced by the model's true error (see `run_scored_by_error`): the ceiling of σ selection
         "error": {"strategy": "uncertainty", "balance": "none"}}
 ARM_NAMES = {"uncertainty": "AL (σ)", "balanced": "AL (σ, balanced)", "capped": "AL (σ ≤ 3× median)",
-             "energy": "AL (σ_E)", "random": "random", "error": "AL (true error, oracle)"}
+             "energy": "AL (σ_E)", "random": "random", "error": "AL (true error, oracle)",
+             "sum": "AL (σ summed over atoms)"}
 
 
 def rooted(sources):
@@ -325,6 +332,16 @@ def from_scratch_folder(work_dir: str, arm: str, seed: int, bought: int) -> str:
     return os.path.join(work_dir, arm, from_scratch_key(arm, seed, bought).replace("/", "_"))
 
 
+def explored_snapshots(al_dir: str, iteration: int) -> list:
+    """The snapshots iteration ``iteration`` of a loop's run explored (the pool it selected from)."""
+    import ase.io
+
+    frames = ase.io.read(os.path.join(al_dir, f"iter_{iteration:03d}", "explored.extxyz"), ":")
+    for atoms in frames:
+        atoms.info["al_iteration"] = iteration
+    return frames
+
+
 def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int],
                 union_of: Optional[int] = None) -> dict:
     """Random selection from the same MD pool as σ: for each iteration of a seed's σ run (``uncertainty``
@@ -352,13 +369,7 @@ def pool_random(system: dict, seeds: list[int], work_dir: str, points: list[int]
     for seed in seeds:
         al_dir = os.path.join(work_dir, f"uncertainty_seed{seed}")
         learner = ActiveLearner.resume(al_dir)
-
-        def explored(iteration):
-            frames = ase.io.read(os.path.join(al_dir, f"iter_{iteration:03d}", "explored.extxyz"), ":")
-            for atoms in frames:
-                atoms.info["al_iteration"] = iteration
-            return frames
-
+        explored = functools.partial(explored_snapshots, al_dir)
         if union_of is None:
             bought = collections.Counter(atoms.info["al_iteration"]
                                          for atoms in ase.io.read(os.path.join(al_dir, "labelled.extxyz"), ":"))
@@ -558,8 +569,9 @@ def goal_row(seed: str, bought: int, target: float, arm: str, points: list) -> s
             f"| {ratio} |")
 
 
-POOL_ARMS = {"uncertainty": ARM_NAMES["uncertainty"], "pool": "random from σ's MD pool",
+POOL_ARMS = {"uncertainty": ARM_NAMES["uncertainty"], "sum": ARM_NAMES["sum"], "pool": "random from σ's MD pool",
              "iid": "drawn from the held-out distribution", "error": ARM_NAMES["error"]}
+LOOP_ARMS = ("uncertainty", "sum", "error")  # the pool table's arms that are runs of the loop
 
 
 def pool_table(system: dict, plot_path: Optional[str] = None) -> str:
@@ -573,7 +585,7 @@ def pool_table(system: dict, plot_path: Optional[str] = None) -> str:
     arms = {name: {} for name in POOL_ARMS}
     for key, points in curves.items():
         arm, seed = key.split("/")
-        if arm in ("uncertainty", "error"):
+        if arm in LOOP_ARMS:
             arms[arm][seed] = {n - points[0][0]: error for n, error in points}
     for suffix, arm in (("_pool.json", "pool"), ("_iid.json", "iid")):
         path = os.path.join(docs, system["results"].replace(".json", suffix))
@@ -605,7 +617,7 @@ def pool_table(system: dict, plot_path: Optional[str] = None) -> str:
     lines += ["", "The issue's goal against random selection from the same MD pool: labels bought to reach "
               "its final error (mean: over the seeds both arms ran).", "", GOAL_HEADER, "|---|---|---|---|---|"]
     pooled = arms["pool"]
-    for arm in ("uncertainty", "error"):
+    for arm in LOOP_ARMS:
         shared = [seed for seed in seeds if seed in arms[arm] and seed in pooled]
         for seed in [*shared, "mean"] if len(shared) > 1 else shared:
             if seed == "mean":
@@ -617,7 +629,7 @@ def pool_table(system: dict, plot_path: Optional[str] = None) -> str:
                 lines.append(goal_row(seed.replace("seed", ""), rnd[-1][0], rnd[-1][1], arm, al))
     if plot_path:
         figure, axis = error_axes()
-        for (arm, by_seed), style in zip(arms.items(), ("o-", "s--", "^:", "d-.")):
+        for (arm, by_seed), style in zip(arms.items(), ("o-", "v-", "s--", "^:", "d-.")):
             if by_seed:
                 axis.plot(*zip(*mean_curve(by_seed)), style, lw=2,
                           label=f"{POOL_ARMS[arm]}, mean of {len(by_seed)}")

@@ -40,7 +40,7 @@ import time
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_common import ROOT, cpu_model, replace_marked_section  # noqa: E402
+from benchmark_common import ROOT, cpu_model, publish_table  # noqa: E402
 
 DATA = os.path.join(ROOT, "data")
 GFN2 = os.path.join(DATA, "ethanol_gfn2_500K.extxyz")
@@ -310,7 +310,6 @@ def main(argv=None) -> int:
     else:
         recorded = json.load(open(RESULTS))
     text = table(recorded)
-    print(text)
     if args.docs:
         plot(recorded, os.path.join(ROOT, "docs", "benchmark_multifidelity.png"))
         text += (f"\n\n![GFN2 test force MAE against GFN2 labels](benchmark_multifidelity.png)\n\n"
@@ -319,15 +318,12 @@ def main(argv=None) -> int:
                                                           recorded.get("pretrain_wall_s", {}).items())
                  + " more, once. The row of 700 labels is GFN2 only on every GFN2 label of frames 0:700: "
                    "the floor for any use of fewer.")
-        replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- multifidelity -->",
-                               "<!-- /multifidelity -->", text, "Multi-fidelity: GFN1 + GFN2 ethanol")
+    publish_table(text, "multifidelity", "Multi-fidelity: GFN1 + GFN2 ethanol", args.docs)
     by_budget = budget_table(recorded)
     if by_budget:
-        print("\n" + by_budget)
-        if args.docs:
-            replace_marked_section(os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- multifidelity-budget -->",
-                                   "<!-- /multifidelity-budget -->", by_budget,
-                                   "Multi-fidelity: the same labels, longer training")
+        print()
+        publish_table(by_budget, "multifidelity-budget", "Multi-fidelity: the same labels, longer training",
+                      args.docs)
     return 0
 
 
