@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -451,10 +452,10 @@ def model_at(arm: str, seed: int, work_dir: str, bought: int) -> Optional[str]:
     return None
 
 
-def by_subset(system: dict, seeds: list[int], work_dir: str, bought: int) -> str:
+def by_subset(system: dict, seeds: list[int], work_dir: str, counts: list[int]) -> str:
     """Test force MAE on each held-out subset of the system (``system["subsets"]``) of every arm's model
-    at ``bought`` labels, per seed and the mean over seeds: where does each selection's advantage lie?
-    Results: docs/..._subsets.json."""
+    at each of ``counts`` labels bought, per seed and the mean over seeds: where does each selection's
+    advantage lie? Results: docs/..._subsets.json."""
     from mlip.data.batching import build_samples
     from mlip.data.reader import read_frames
     from mlip.training.checkpoint import load_potential
@@ -466,35 +467,36 @@ def by_subset(system: dict, seeds: list[int], work_dir: str, bought: int) -> str
     recorded = json.load(open(results)) if os.path.exists(results) else {"points": {}}
     names = list(system["subsets"])
     frames = {}  # (subset, label keys) -> its frames, read once
-    for arm in POOL_ARMS:
-        for seed in seeds:
-            key = f"{arm}/seed{seed}/bought{bought}"
-            run_dir = model_at(arm, seed, work_dir, bought)
-            if run_dir is None or key in recorded["points"]:
-                continue
-            potential, params = load_potential(run_dir)
-            keys = label_keys(load_config(os.path.join(run_dir, "config.yaml")))
-            predictor = Predictor(potential, compute_stress=False)
-            errors = {}
-            for name in names:
-                if (name, repr(keys)) not in frames:
-                    frames[name, repr(keys)] = read_frames(os.path.join(ROOT, system["subsets"][name]), keys)
-                samples = build_samples(frames[name, repr(keys)], potential.cutoff, potential.k_cutoff,
-                                        potential.molecules_only)
-                errors[name] = 1e3 * compute_metrics(samples, predictor.predict(params, samples))["forces_mae"]
-            recorded["points"][key] = errors
-            print(f"{key}: " + ", ".join(f"{name} {error:.1f}" for name, error in errors.items()), flush=True)
-            with open(results, "w") as stream:
-                json.dump(recorded, stream, indent=1)
-    lines = [f"Test force MAE (meV/Å) per held-out subset, {bought} labels bought.", "",
-             "| selection | seed | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for arm in POOL_ARMS:
+    for arm, seed, bought in itertools.product(POOL_ARMS, seeds, counts):
+        key = f"{arm}/seed{seed}/bought{bought}"
+        run_dir = model_at(arm, seed, work_dir, bought)
+        if run_dir is None or key in recorded["points"]:
+            continue
+        potential, params = load_potential(run_dir)
+        keys = label_keys(load_config(os.path.join(run_dir, "config.yaml")))
+        predictor = Predictor(potential, compute_stress=False)
+        errors = {}
+        for name in names:
+            if (name, repr(keys)) not in frames:
+                frames[name, repr(keys)] = read_frames(os.path.join(ROOT, system["subsets"][name]), keys)
+            samples = build_samples(frames[name, repr(keys)], potential.cutoff, potential.k_cutoff,
+                                    potential.molecules_only)
+            errors[name] = 1e3 * compute_metrics(samples, predictor.predict(params, samples))["forces_mae"]
+        recorded["points"][key] = errors
+        print(f"{key}: " + ", ".join(f"{name} {error:.1f}" for name, error in errors.items()), flush=True)
+        with open(results, "w") as stream:
+            json.dump(recorded, stream, indent=1)
+    lines = ["Test force MAE (meV/Å) per held-out subset.", "",
+             "| selection | labels bought | seed | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for arm, bought in itertools.product(POOL_ARMS, counts):
         rows = [(key.split("/")[1][4:], points) for key, points in recorded["points"].items()
                 if key.startswith(f"{arm}/") and key.endswith(f"/bought{bought}")]
         for seed, points in sorted(rows, key=lambda row: int(row[0])):
-            lines.append(f"| {POOL_ARMS[arm]} | {seed} | " + " | ".join(f"{points[n]:.1f}" for n in names) + " |")
+            lines.append(f"| {POOL_ARMS[arm]} | {bought} | {seed} | "
+                         + " | ".join(f"{points[n]:.1f}" for n in names) + " |")
         if len(rows) > 1:
-            lines.append(f"| {POOL_ARMS[arm]} | mean of {len(rows)} | " + " | ".join(
+            lines.append(f"| {POOL_ARMS[arm]} | {bought} | mean of {len(rows)} | " + " | ".join(
                 f"{np.mean([points[n] for _, points in rows]):.1f}" for n in names) + " |")
     return "\n".join(lines)
 
@@ -768,8 +770,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pool-union", type=int, default=None,
                         help="pool: draw max(--points) labels at once from the union of σ's first K explorations "
                              "(instead of as many per iteration as σ bought)")
-    parser.add_argument("--bought", type=int, default=60,
-                        help="subsets: the label count whose models are evaluated on each held-out subset")
+    parser.add_argument("--bought", type=int, nargs="+", default=[60],
+                        help="subsets: the label counts whose models are evaluated on each held-out subset")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
     system = SYSTEMS[args.system]
