@@ -513,6 +513,12 @@ class ActiveLearner:
             write_frames_atomically(os.path.join(self.dir, "labelled.extxyz"), frames)
 
 
+# selection.score over the per-atom force σ. The sum ranks a structure by what its label adds to an
+# error averaged over atoms: with the mean, a cluster of 13 atoms outranks a bulk cell of 32 whose
+# atoms are nearly as unsure, though the cell's label teaches 2.5 times the forces.
+_ATOM_REDUCTIONS = {"max_atom": np.max, "mean_atom": np.mean, "sum_atom": np.sum}
+
+
 class UncertaintyScorer:
     """The σ score (max, mean or sum over atoms of the force σ, or the energy σ over √N) and mean features of
     single structures. ``offsets``: each member's per-element energy offset (`fit_member_offsets`), taken
@@ -589,10 +595,6 @@ class UncertaintyScorer:
 
 
 ActiveLearner.scorer_class = UncertaintyScorer
-# selection.score over the per-atom force σ. The sum ranks a structure by what its label adds to an
-# error averaged over atoms: with the mean, a cluster of 13 atoms outranks a bulk cell of 32 whose
-# atoms are nearly as unsure, though the cell's label teaches 2.5 times the forces.
-_ATOM_REDUCTIONS = {"max_atom": np.max, "mean_atom": np.mean, "sum_atom": np.sum}
 
 
 def _plain_sources(spec) -> list:
