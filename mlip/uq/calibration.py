@@ -168,7 +168,7 @@ def fit_interval_quantiles(errors, sigma, n_levels: int = 101) -> np.ndarray:
         raise ValueError(f"n_levels must be >= 2, got {n_levels}")
     errors, sigma = _fit_entries(errors, sigma)
     levels = np.linspace(0.0, 1.0, n_levels)
-    if not errors.size:
+    if not errors.size:  # the last level's z is infinite, which calibration.json (JSON) cannot hold
         return np.minimum(z_for_confidence(levels), np.finfo(np.float64).max)
     return np.quantile(np.abs(errors) / sigma, levels)
 
