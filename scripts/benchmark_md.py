@@ -237,6 +237,15 @@ def _mlip_potential(spec: dict):
     return potential, params, n_params
 
 
+def device_memory(jax) -> dict:
+    """The device's peak memory in use so far, GB (a GPU reports it; a CPU does not)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        return {}
+    return {"device_peak_GB": round(stats["peak_bytes_in_use"] / 1e9, 2),
+            "device_limit_GB": round(stats.get("bytes_limit", 0) / 1e9, 2)}
+
+
 def worker_mlip_ase(spec: dict) -> dict:
     import jax
 
@@ -252,7 +261,7 @@ def worker_mlip_ase(spec: dict) -> dict:
 
     result = _ase_case(spec, make)
     result.update(n_params=info["n_params"], neighbour_list_builds=info["calculator"].neighbour_list_builds,
-                  device=str(jax.devices()[0]), host_memory_kept=host_memory.applied)
+                  device=str(jax.devices()[0]), host_memory_kept=host_memory.applied, **device_memory(jax))
     return result
 
 
@@ -283,6 +292,7 @@ def worker_mlip_md(spec: dict) -> dict:
     for name in ("neighbour_list_builds", "compilations"):
         if hasattr(md, name):
             result[name] = int(getattr(md, name))
+    result.update(device_memory(jax))
     if hasattr(md, "energy_drift"):
         result["energy_drift_eV_per_atom_ps"] = float(md.energy_drift())
     return result
@@ -920,6 +930,8 @@ def main(argv=None) -> None:
             row["system"] = "ethanol" if n == 9 else f"fcc Cu/Au {n}"
             last[key] = row
             results.append(row)
+            with open(os.path.join(args.work_dir, "partial.json"), "w") as stream:  # a killed run keeps its rows
+                json.dump({"results": results, "partial": True}, stream, indent=1)
             summary = (f"{row['us_per_atom_step']:.3g} µs/atom/step, {row['steps_per_s']:.3g} steps/s "
                        f"({row['steps']} steps, warm-up {row['warmup_s']:.1f} s)"
                        if row["status"] == "ok" else row["reason"])
