@@ -1,11 +1,14 @@
 """mlip: machine-learned interatomic potentials on JAX (MACE-class models, ASE calculator)."""
 
+from mlip.compilation_cache import gpu_autotuning_off
 from mlip.host_memory import keep_host_memory
 
 __version__ = "0.1.0"
 
-# Before any JAX computation, so XLA's threads allocate under these settings.
+# Before any JAX computation, so XLA's threads allocate under these settings and XLA
+# starts its GPU backend with these flags.
 keep_host_memory()
+gpu_autotuning_off()
 
 
 def __getattr__(name):

@@ -1,14 +1,24 @@
-"""JAX's persistent compilation cache for every way into mlip: CLI, calculator, MD.
+"""Start-up settings for every way into mlip (CLI, calculator, MD): JAX's persistent
+compilation cache, and XLA's GPU autotuning off.
 
 A second start of the same model at the same size then loads its compiled programs
 instead of compiling them again (seconds on a CPU, minutes on a GPU, issue 20). The
 directory is ``$MLIP_COMPILATION_CACHE`` (default ``~/.cache/mlip/xla``); ``off`` turns
 the cache off. A directory the user has already given JAX is left as it is.
+
+On a GPU, XLA times candidate kernels for each fusion of a new program (autotuning). For
+the default model's MD block at 4000 atoms on an H200 that took over 150 s, against 18 s
+of compilation without it (docs/benchmarks.md, "GPU"), and every new system size pays it
+again. `gpu_autotuning_off` adds ``--xla_gpu_autotune_level=0`` to ``XLA_FLAGS`` where a
+GPU plugin of JAX is installed, unless the user's ``XLA_FLAGS`` already set a level or
+``MLIP_GPU_AUTOTUNE=1`` asks for XLA's default. ``import mlip`` runs it; XLA reads the
+flags when JAX first starts a backend, so it must come before the first JAX computation.
 """
 
 from __future__ import annotations
 
 import os
+import pkgutil
 
 DEFAULT_DIRECTORY = os.path.join("~", ".cache", "mlip", "xla")
 
@@ -31,3 +41,21 @@ def enable_compilation_cache() -> None:
     except ImportError:  # a JAX without this private module: the setting applies from the next process
         return
     compilation_cache.reset_cache()
+
+
+AUTOTUNE_OFF = "--xla_gpu_autotune_level=0"
+
+
+def gpu_autotuning_off() -> bool:
+    """Switch XLA's GPU autotuning off (see the module's doc); True if this call did."""
+    if os.environ.get("MLIP_GPU_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_autotune_level" in flags:  # the user's own level stays
+        return False
+    # Only where JAX can run on a GPU: on a CPU-only install the flags (and with them the
+    # keys of programs already in the compilation cache) stay exactly as they were.
+    if not any(module.name.startswith(("jax_cuda", "jax_rocm")) for module in pkgutil.iter_modules()):
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {AUTOTUNE_OFF}".strip()
+    return True

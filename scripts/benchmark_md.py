@@ -469,6 +469,18 @@ def run_worker(spec_path: str) -> None:
 
 
 # ================================================================ parent
+_running_case: subprocess.Popen | None = None  # the case's process, its own session
+
+
+def _stop_running_case(signum, frame) -> None:
+    """SIGTERM (a stage's time limit): end the running case too. It runs in a session of its
+    own, so a killed parent would otherwise leave it on the device (seen on the GPU: an
+    orphaned 62,500-atom case slowed the next stage's cases 8-fold)."""
+    if _running_case is not None and _running_case.poll() is None:
+        os.killpg(_running_case.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
 def run_case(python: str, spec: dict, timeout_s: float, log_path: str) -> dict:
     """One (path, size) in a fresh process of ``python``; killed after ``timeout_s``."""
     spec_path = os.path.join(spec["work_dir"], f"spec_{spec['path']}_{spec['n_atoms']}.json")
@@ -488,6 +500,8 @@ def run_case(python: str, spec: dict, timeout_s: float, log_path: str) -> dict:
         process = subprocess.Popen([python, os.path.abspath(__file__), "--worker", spec_path],
                                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=spec["work_dir"],
                                    start_new_session=True)
+        global _running_case
+        _running_case = process
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -849,6 +863,7 @@ def main(argv=None) -> None:
     if args.setup:
         setup(args.peer_dir)
         return
+    signal.signal(signal.SIGTERM, _stop_running_case)
     paths = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Issue 20's device checks, prepared to run in one call of the device machine (about 8 minutes),
-# stage by stage, each under its own time limit, so a broken stage costs only its own time:
+# Issue 20's device checks, prepared to run in one call of the device machine (up to 10 minutes;
+# about 8.5 on an H200 on 2026-11-30), stage by stage, each under its own time limit, so a broken
+# stage costs only its own time:
 #
 #   bash scripts/device_wheels.sh                       # here, once: .device/wheels (git-ignored)
-#   run(command="bash scripts/gpu_check.sh", carry=[".device"], timeout_s=540)
-#   run(command="bash scripts/gpu_check.sh md train", carry=[".device"])   # a rerun of some stages
-#   run(command="bash scripts/gpu_check.sh install replicas", carry=[".device"])   # not in the default
+#   python scripts/benchmark_md.py --paths mlip-md-small --sizes 108 --max-steps 20 --no-docs \
+#       --work-dir .device/md                           # here, once: the small model's run dir
+#   run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh", carry=[".device"], timeout_s=600)
+#   run(command="bash scripts/gpu_check.sh install fits mace", carry=[".device"])   # others
+#
+# Every stage needs the install stage first on a fresh machine (a warm one keeps it). A command
+# the device kills at its limit still returns $OUT: results.json is merged after each stage.
 #
 # Stages (default: install startup md train):
 #   install   the carried wheels the image lacks (only those; never over the image's own)
 #   startup   scripts/benchmark_startup.py at 4000 atoms (MD start, then the calculator's first
-#             call): cold with the default XLA flags (filling a compilation cache) and cold with
-#             GPU autotuning off, side by side; then warm from that cache. Later stages run with
-#             autotuning off where that started at least 25 % sooner.
+#             call): cold as mlip starts (XLA's GPU autotuning off; filling a compilation cache)
+#             and cold with autotuning (MLIP_GPU_AUTOTUNE=1), side by side; then warm from the cache
 #   md        scripts/benchmark_md.py: mlip-md at 4000, 32000, 62500 atoms; mlip-md-small at
 #             4000, 32000, 108000, 256000 (the small model's run dir carried in .device/md)
 #   fits      the largest cells: mlip-md-small at 500000 and 1048576 atoms, mlip-md at 78732
@@ -121,40 +125,22 @@ EOF
 for name in $STAGES; do
   case $name in
     install)
-      stage install 60 install_wheels
+      install_wheels >> "$LOG" 2>&1; echo "== install: rc $?" | tee -a "$LOG"
       stage device 30 bash -c "nvidia-smi -L; $PY -c 'import jax; print(jax.__version__, jax.devices())'" ;;
     startup)
-      # Cold with XLA's default autotuning (filling a cache) and cold with autotuning off, side
-      # by side (compilation is mostly host work; 16 cores), neither taking the whole GPU.
+      # Cold as mlip starts by default (XLA's GPU autotuning off, filling a cache) and cold with
+      # XLA's autotuning (MLIP_GPU_AUTOTUNE=1), side by side (compilation is mostly host work;
+      # 16 cores), neither taking the whole GPU; then warm from the cache.
       (LOG="$WORK/startup_cold.log"; export XLA_PYTHON_CLIENT_PREALLOCATE=false
-       stage startup_cold 150 "$PY" scripts/benchmark_startup.py --atoms "$STARTUP_ATOMS" --cache "$WORK/cache" \
+       stage startup_cold 100 "$PY" scripts/benchmark_startup.py --atoms "$STARTUP_ATOMS" --cache "$WORK/cache" \
          --json "$WORK/startup_cold.json") &
-      (LOG="$WORK/startup_no_autotune.log"; export XLA_PYTHON_CLIENT_PREALLOCATE=false
-       export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0"
-       stage startup_no_autotune 150 "$PY" scripts/benchmark_startup.py --atoms "$STARTUP_ATOMS" --cache off \
-         --json "$WORK/startup_no_autotune.json") &
+      (LOG="$WORK/startup_autotuned.log"; export XLA_PYTHON_CLIENT_PREALLOCATE=false MLIP_GPU_AUTOTUNE=1
+       stage startup_autotuned 120 "$PY" scripts/benchmark_startup.py --atoms "$STARTUP_ATOMS" --cache off \
+         --json "$WORK/startup_autotuned.json") &
       wait
-      cat "$WORK/startup_cold.log" "$WORK/startup_no_autotune.log" >> "$LOG"
-      # The later stages run with autotuning off where that started at least 25 % sooner.
-      "$PY" - "$WORK" <<'EOF2' | tee -a "$LOG"
-import json, os, sys
-work = sys.argv[1]
-def start_s(name):
-    path = os.path.join(work, f"startup_{name}.json")
-    if not os.path.exists(path):
-        return float("inf")
-    report = json.load(open(path))
-    return report["construction"]["wall_s"] + report["first_block"]["wall_s"]
-cold, off = start_s("cold"), start_s("no_autotune")
-choice = "--xla_gpu_autotune_level=0" if off < 0.75 * cold else ""
-open(os.path.join(work, "xla_flags"), "w").write(choice)
-print(f"start-up to the first block's end: autotuned {cold} s, autotuning off {off} s; later stages: "
-      f"XLA_FLAGS += {choice!r}")
-EOF2
+      cat "$WORK/startup_cold.log" "$WORK/startup_autotuned.log" >> "$LOG"
       stage startup_warm 45 "$PY" scripts/benchmark_startup.py --atoms "$STARTUP_ATOMS" --cache "$WORK/cache" \
-        --json "$WORK/startup_warm.json"
-      chosen=$(cat "$WORK/xla_flags")
-      [ -n "$chosen" ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$chosen" ;;
+        --json "$WORK/startup_warm.json" ;;
     md)
       # The small model's metal run dir, trained on the CPU beforehand (benchmark_md.py caches it
       # by name in its work dir), so the GPU spends no time training it:
@@ -162,7 +148,7 @@ EOF2
       mkdir -p "$WORK/md_small"
       cp -r .device/md/mlip_small_metal_* "$WORK/md_small/" 2>/dev/null
       export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-      stage md_default 150 "$PY" scripts/benchmark_md.py --paths mlip-md --sizes $SIZES_DEFAULT \
+      stage md_default 200 "$PY" scripts/benchmark_md.py --paths mlip-md --sizes $SIZES_DEFAULT \
         --min-seconds 2 --max-steps 500 --block-steps 10 --case-timeout-s 60 --no-docs \
         --work-dir "$WORK/md_default" --device-note "gpu_check.sh"
       stage md_small 150 "$PY" scripts/benchmark_md.py --paths mlip-md-small --sizes $SIZES_SMALL \

@@ -326,6 +326,32 @@ def test_python_api_uses_the_persistent_compilation_cache(tmp_path, monkeypatch)
         jax.config.update("jax_compilation_cache_dir", previous)
 
 
+def test_gpu_autotuning_is_switched_off_only_where_a_gpu_plugin_is_and_the_user_set_nothing(monkeypatch):
+    import pkgutil
+    from types import SimpleNamespace
+
+    from mlip import compilation_cache
+
+    def installed(*names):
+        monkeypatch.setattr(pkgutil, "iter_modules", lambda: [SimpleNamespace(name=n) for n in names])
+
+    monkeypatch.delenv("MLIP_GPU_AUTOTUNE", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    installed("numpy", "jaxlib")  # CPU only: nothing changes
+    assert not compilation_cache.gpu_autotuning_off()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+    installed("jax_cuda13_plugin")
+    assert compilation_cache.gpu_autotuning_off()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_gpu_autotune_level=0"
+    assert not compilation_cache.gpu_autotuning_off()  # once only: a level is set now
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=4")  # the user's own level stays
+    assert not compilation_cache.gpu_autotuning_off()
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("MLIP_GPU_AUTOTUNE", "1")  # XLA's default asked for
+    assert not compilation_cache.gpu_autotuning_off()
+    assert "XLA_FLAGS" not in os.environ
+
+
 @pytest.mark.parametrize("ensemble", ["langevin", "npt"])
 def test_replicas_step_together_exactly_as_each_alone(cuau, ensemble):
     from mlip.md.replicas import ReplicaDynamics
