@@ -277,8 +277,10 @@ def worker_mlip_md(spec: dict) -> dict:
     start = time.perf_counter()
     potential, params, n_params = _mlip_potential(spec)
     block = min(spec["block_steps"], spec["max_steps"])
+    overlap = {"auto": None, "on": True, "off": False}[spec.get("overlap", "auto")]
     md = MolecularDynamics(potential, params, atoms, ensemble="nve", timestep_fs=spec["timestep_fs"],
-                           temperature_K=None, skin=spec["skin"], block_steps=block)
+                           temperature_K=None, skin=spec["skin"], block_steps=block,
+                           overlap_neighbour_lists=overlap)
     setup_s = time.perf_counter() - start
     start = time.perf_counter()
     md.run(block)  # one block: compilation and the first steps
@@ -292,6 +294,8 @@ def worker_mlip_md(spec: dict) -> dict:
     for name in ("neighbour_list_builds", "compilations"):
         if hasattr(md, name):
             result[name] = int(getattr(md, name))
+    if hasattr(md, "neighbour_wait_s"):  # host time the steps waited for lists, warm-up included
+        result.update(neighbour_wait_s=round(md.neighbour_wait_s, 3), overlap=md.overlap_neighbour_lists)
     result.update(device_memory(jax))
     if hasattr(md, "energy_drift"):
         result["energy_drift_eV_per_atom_ps"] = float(md.energy_drift())
@@ -829,6 +833,9 @@ def main(argv=None) -> None:
     parser.add_argument("--step-limit-s", type=float, default=30.0,
                         help="skip a path's larger sizes once one step takes (or would take) longer")
     parser.add_argument("--case-timeout-s", type=float, default=1200.0, help="kill a case after this long")
+    parser.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                        help="mlip-md: neighbour lists built on a host thread while the device steps "
+                             "(auto: on off the CPU)")
     parser.add_argument("--timestep-fs", type=float, default=0.5)
     parser.add_argument("--temperature-K", type=float, default=300.0)
     parser.add_argument("--skin", type=float, default=0.5,
@@ -927,6 +934,7 @@ def main(argv=None) -> None:
                         "max_steps": args.max_steps, "warmup_steps": args.warmup_steps,
                         "block_steps": args.block_steps, "step_limit_s": args.step_limit_s,
                         "skin": args.skin, "apax_skin": args.apax_skin, "seed": args.seed,
+                        "overlap": args.overlap,
                         "avg_num_neighbors": neighbours[family_of(n)], "mace_device": args.mace_device,
                         "torch_threads": args.torch_threads,
                         "apax_model": apax_models.get(family_of(n)), "work_dir": args.work_dir}
@@ -960,7 +968,7 @@ def main(argv=None) -> None:
                        "temperature_K": args.temperature_K, "min_seconds": args.min_seconds,
                        "max_steps": args.max_steps, "warmup_steps": args.warmup_steps,
                        "block_steps": args.block_steps, "step_limit_s": args.step_limit_s,
-                       "mlip_skin": args.skin, "apax_skin": args.apax_skin,
+                       "mlip_skin": args.skin, "apax_skin": args.apax_skin, "mlip_overlap": args.overlap,
                        "torch_threads": args.torch_threads,
                        "apax_training": f"{args.apax_epochs} epochs on 200 frames per family",
                        "ethanol_training": f"mlip {args.train_seconds:g} s, mace-torch {args.mace_epochs} "

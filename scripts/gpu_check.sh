@@ -19,6 +19,8 @@
 #             and cold with autotuning (MLIP_GPU_AUTOTUNE=1), side by side; then warm from the cache
 #   md        scripts/benchmark_md.py: mlip-md at 4000, 32000, 62500 atoms; mlip-md-small at
 #             4000, 32000, 108000, 256000 (the small model's run dir carried in .device/md)
+#   overlap   mlip-md-small at 256000 atoms with neighbour lists built on a host thread (on) and
+#             without (off): the device's wait for host lists
 #   fits      the largest cells: mlip-md-small at 500000 and 1048576 atoms, mlip-md at 78732
 #   train     mlip train configs/quickstart.yaml for 40 s: epochs and structures per second
 #   replicas  scripts/benchmark_replicas.py: 1, 6, 24 and 96 butane trajectories one by one and together
@@ -56,7 +58,7 @@ for path in sorted(glob.glob(os.path.join(work, "startup_*.json"))):
 for name in ("replicas", "replicas_mixed", "al_compilation"):
     if os.path.exists(os.path.join(work, f"{name}.json")):
         results[name] = json.load(open(os.path.join(work, f"{name}.json")))
-for name in ("md_default", "md_small", "fits_small", "fits_default", "mace"):
+for name in ("md_default", "md_small", "overlap_off", "overlap_on", "fits_small", "fits_default", "mace"):
     path = os.path.join(work, name, "benchmark_md.json")
     if not os.path.exists(path) and os.path.exists(os.path.join(work, name, "partial.json")):
         results[name] = json.load(open(os.path.join(work, name, "partial.json")))
@@ -77,10 +79,11 @@ with open(partial, "w") as stream:
 os.replace(partial, os.path.join(out, "results.json"))
 if sys.argv[3:] != ["--print"]:
     sys.exit(0)
-for name in ("md_default", "md_small", "fits_small", "fits_default", "mace"):  # one line per case
+for name in ("md_default", "md_small", "overlap_off", "overlap_on", "fits_small", "fits_default", "mace"):  # one line per case
     for row in results.get(name, {}).get("results", []):
         print(name, row["path"], row["n_atoms"], row.get("us_per_atom_step"), row.get("warmup_s"),
-              row.get("device_peak_GB"), row["status"], row.get("reason", "")[:200])
+              row.get("device_peak_GB"), row.get("neighbour_list_builds"), row.get("neighbour_wait_s"),
+              row["status"], row.get("reason", "")[:200])
 short = {k: v for k, v in results.items() if k.startswith("startup") or k in ("stages", "train")}
 for report in short.values():  # the per-program detail stays in results.json
     for phase in report.values() if isinstance(report, dict) else ():
@@ -154,6 +157,16 @@ for name in $STAGES; do
       stage md_small 150 "$PY" scripts/benchmark_md.py --paths mlip-md-small --sizes $SIZES_SMALL \
         --min-seconds 2 --max-steps 1000 --block-steps 10 --case-timeout-s 60 --no-docs \
         --work-dir "$WORK/md_small" --device-note "gpu_check.sh" ;;
+    overlap)
+      # Neighbour lists built on a host thread while the device steps, against the device waiting
+      # for each: the small model at 256,000 atoms, where a host list takes seconds.
+      for mode in off on; do
+        mkdir -p "$WORK/overlap_$mode"
+        cp -r .device/md/mlip_small_metal_* "$WORK/overlap_$mode/" 2>/dev/null
+        stage overlap_$mode 100 "$PY" scripts/benchmark_md.py --paths mlip-md-small --sizes ${OVERLAP_SIZE:-256000} \
+          --min-seconds 15 --max-steps 3000 --block-steps 10 --case-timeout-s 90 --overlap $mode --no-docs \
+          --work-dir "$WORK/overlap_$mode" --device-note "gpu_check.sh"
+      done ;;
     fits)
       # The largest cells: the small model to a million atoms, the default model past 62,500.
       mkdir -p "$WORK/fits_small"

@@ -49,16 +49,20 @@ def ase_dynamics(name, atoms, dt, temperature_K, pressure_GPa):
                tdamp=100 * dt, pdamp=1000 * dt)
 
 
-@pytest.mark.parametrize("ensemble", ["nve", "nose-hoover", "npt", "npt-aniso"])
-def test_on_device_md_matches_ase_step_for_step(cuau, ensemble):
+@pytest.mark.parametrize("ensemble, overlap", [("nve", False), ("nose-hoover", False), ("npt", False),
+                                               ("npt-aniso", False), ("nve", True), ("npt-aniso", True)])
+def test_on_device_md_matches_ase_step_for_step(cuau, ensemble, overlap):
     potential, params = cuau
     atoms = cuau_cell()
     steps, timestep_fs, temperature, pressure = 12, 2.0, 600.0, 1.0
-    # A skin of 0.1 Å forces several rebuilds, so their correctness is checked too.
+    # A skin of 0.1 Å forces several rebuilds, so their correctness is checked too; with
+    # ``overlap`` the lists are built on the host thread, from positions a block old.
     md = MolecularDynamics(potential, params, atoms, ensemble=ensemble, timestep_fs=timestep_fs,
                            temperature_K=None if ensemble == "nve" else temperature,
-                           pressure_GPa=pressure, skin=0.1, max_temperature_K=1e6)
+                           pressure_GPa=pressure, skin=0.1, max_temperature_K=1e6,
+                           overlap_neighbour_lists=overlap)
     md.run(steps)
+    assert (md._list_thread is not None) == overlap  # the thread did build lists
     reference = atoms.copy()
     reference.calc = MLIPCalculator(potential, params)
     ase_dynamics(ensemble, reference, timestep_fs * units.fs, temperature, pressure).run(steps)
@@ -179,6 +183,16 @@ def test_atoms_too_close_stop_with_a_clear_message(cuau):
     with pytest.raises(MDStabilityError, match=r"step 1: atoms (0|1) \(Cu\) and (0|1) \(Cu\) are 0\.[34]\d\d Å apart"):
         md.run(10)
     assert md.steps_done == 0 and np.allclose(md.atoms.positions, atoms.positions)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_atoms_moving_more_than_half_the_skin_in_one_step_stop_with_a_clear_message(cuau, overlap):
+    potential, params = cuau
+    md = MolecularDynamics(potential, params, cuau_cell(), ensemble="nve", timestep_fs=5.0, skin=0.01,
+                           max_temperature_K=1e6, overlap_neighbour_lists=overlap)
+    with pytest.raises(MDStabilityError, match=r"step 1: atoms moved more than skin/2 = 0.005 Å in one step"):
+        md.run(10)
+    assert md.steps_done == 0
 
 
 def test_exploding_temperature_stops_the_run(cuau):

@@ -16,7 +16,16 @@ to the current one (identity without a barostat) and Δrᵢ is each atom's displ
 beyond the affine deformation. The first step that breaks this is discarded and the
 remaining steps of the block are skipped (`lax.cond`); the host rebuilds the list
 and continues from the last valid state. Results are therefore exactly those of a
-list rebuilt every step.
+list rebuilt every step (up to the order of floating-point sums over edges).
+
+Overlapped rebuilds (``overlap_neighbour_lists``, on by default off the CPU): a block
+runs with half the skin as its limit, and stops once half of it is used. The host then
+starts the next list, from those positions, on a thread, and the device goes on with the
+current list, which is still complete, for one more block. The new list comes in after
+that block, with the positions it was built from as its reference. The device does not
+wait for the host's neighbour list (seconds at 10⁵–10⁶ atoms) unless the list takes longer
+than a block; the price is about twice as many builds. Which block the list comes in at
+does not depend on the thread's timing, so a run is reproducible.
 
 Stability: a step whose energy or forces are not finite, that brings two atoms
 closer than ``min_distance_fraction`` times the sum of their covalent radii, or that
@@ -34,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 import jax
@@ -59,6 +69,20 @@ THERMO_FIELDS = ("potential_energy", "kinetic_energy", "temperature_K", "conserv
                  "pressure_GPa", "volume")
 
 
+@dataclasses.dataclass
+class _NeighbourList:
+    """A built neighbour list: its padded graph on the device, the positions and cell it was
+    built at (the reference of the completeness check) and the capacities it needed."""
+
+    template: Any
+    reference_positions: Any
+    reference_cell: Any
+    capacity: int
+    k_capacity: int
+    mesh_shape: tuple
+    complete: bool
+
+
 class MDStabilityError(MLIPError):
     """The simulation became unphysical (atoms too close, exploding temperature, NaN)."""
 
@@ -70,6 +94,7 @@ class MDReport:
     steps: int
     seconds: float
     neighbour_list_builds: int
+    neighbour_wait_s: float = 0.0  # host time the steps waited for neighbour lists
 
     @property
     def steps_per_second(self) -> float:
@@ -101,6 +126,9 @@ class MolecularDynamics:
         max_temperature_K: stop above this temperature (default 5 × max(T, 300 K)).
         max_history_steps: per-step observables kept in memory (`thermo_table`); the
             drift fit covers every step regardless.
+        overlap_neighbour_lists: build each next neighbour list on a host thread while the
+            device steps (module doc). None: on where JAX computes on an accelerator, off on
+            the CPU, where the thread would compete with XLA's for the same cores.
     """
 
     def __init__(self, potential, params, atoms: Atoms, ensemble: str = "nve", timestep_fs: float = 0.5,
@@ -108,7 +136,8 @@ class MolecularDynamics:
                  friction_per_fs: float = 0.01, tdamp_fs: Optional[float] = None,
                  pdamp_fs: Optional[float] = None, tchain: int = 3, pchain: int = 3, skin: float = 0.5,
                  block_steps: int = 50, seed: int = 0, min_distance_fraction: float = 0.5,
-                 max_temperature_K: Optional[float] = None, max_history_steps: int = 1_000_000):
+                 max_temperature_K: Optional[float] = None, max_history_steps: int = 1_000_000,
+                 overlap_neighbour_lists: Optional[bool] = None):
         if ensemble not in ENSEMBLES:
             raise MLIPError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
         if timestep_fs <= 0 or skin < 0 or block_steps < 1:
@@ -153,6 +182,11 @@ class MolecularDynamics:
         self._energy_origin: Optional[float] = None
         self._neighbour_capacity = 0
         self._k_capacity = 0
+        self.overlap_neighbour_lists = (jax.default_backend() != "cpu" if overlap_neighbour_lists is None
+                                        else bool(overlap_neighbour_lists))
+        self._next_list: Optional[Future] = None  # the list being built on the host thread
+        self._list_thread: Optional[ThreadPoolExecutor] = None
+        self.neighbour_wait_s = 0.0
         self._mesh_shape: tuple = ()
         self._template = None
         self._program = _Program(self.block_steps)
@@ -188,59 +222,107 @@ class MolecularDynamics:
 
     def _rebuild_neighbours(self, positions: np.ndarray, cell: np.ndarray) -> None:
         """Host neighbour list at cutoff + skin, padded to a capacity that only grows."""
+        self._install(self._build_neighbours(positions, cell))
+
+    def _build_neighbours(self, positions: np.ndarray, cell: np.ndarray) -> _NeighbourList:
+        """The list at ``positions`` and its padded graph on the device; no state changed, so
+        it may run on the host thread while the device steps."""
         sample = neighbour_sample(self.potential, self.skin, positions, self.numbers, cell, self.pbc,
                                   self.total_charge, self.total_spin)
         # Dense edge layout (mlip.graph): K slots per atom, a capacity that only grows; so
         # does the k-index capacity of a long-range term (a barostat changes the cell).
-        self._neighbour_capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
+        capacity = max(self._neighbour_capacity, round_up_neighbours(sample.max_neighbours))
         n_k, mesh_shape = reciprocal_sizes([sample])
-        self._k_capacity = max(self._k_capacity, n_k)
+        k_capacity = max(self._k_capacity, n_k)
+        mesh = self._mesh_shape
         if mesh_shape:  # a mesh, once chosen, stays; it only grows
-            self._mesh_shape = tuple(np.maximum(self._mesh_shape or (0, 0, 0), mesh_shape).tolist())
-        sizes = PaddedSizes.dense(self._n_padded, self._neighbour_capacity, 2,
-                                  0 if self._mesh_shape else self._k_capacity, self._mesh_shape)
+            mesh = tuple(np.maximum(mesh or (0, 0, 0), mesh_shape).tolist())
+        sizes = PaddedSizes.dense(self._n_padded, capacity, 2, 0 if mesh else k_capacity, mesh)
         graph = pack_samples([sample], sizes, None, self.dtype)
-        self._template = jax.device_put(graph.replace(targets={}))
-        self._reference_positions = jnp.asarray(graph.positions, self.dtype)
-        self._reference_cell = jnp.asarray(cell, self.dtype)
+        return _NeighbourList(
+            template=jax.device_put(graph.replace(targets={})),
+            reference_positions=jnp.asarray(graph.positions, self.dtype),
+            reference_cell=jnp.asarray(cell, self.dtype), capacity=capacity, k_capacity=k_capacity,
+            mesh_shape=mesh,
+            # A non-periodic system whose list already holds every ordered pair (a molecule
+            # smaller than the cutoff) can never miss a pair: no displacement check, no rebuild.
+            complete=not self.pbc.any() and sample.n_edges == self.n_atoms * (self.n_atoms - 1))
+
+    def _install(self, built: _NeighbourList) -> None:
+        self._template = built.template
+        self._reference_positions = built.reference_positions
+        self._reference_cell = built.reference_cell
+        self._neighbour_capacity, self._k_capacity = built.capacity, built.k_capacity
+        self._mesh_shape = built.mesh_shape
+        self._complete_list = built.complete
         self.neighbour_list_builds += 1
-        # A non-periodic system whose list already holds every ordered pair (a molecule
-        # smaller than the cutoff) can never miss a pair: no displacement check, no rebuild.
-        self._complete_list = not self.pbc.any() and sample.n_edges == self.n_atoms * (self.n_atoms - 1)
+
+    def _host_positions(self, state: MDState) -> tuple[np.ndarray, np.ndarray]:
+        positions = np.asarray(jax.device_get(state.positions[:self.n_atoms]), np.float64)
+        return positions, np.asarray(jax.device_get(state.cell), np.float64)
+
+    def _start_next_list(self, state: MDState) -> None:
+        if self._list_thread is None:
+            self._list_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlip-neighbours")
+        self._next_list = self._list_thread.submit(self._build_neighbours, *self._host_positions(state))
+
+    def _install_next_list(self) -> None:
+        start = time.perf_counter()
+        built = self._next_list.result()  # waits only if the host thread is slower than a block
+        self.neighbour_wait_s += time.perf_counter() - start
+        self._next_list = None
+        self._install(built)
 
     # ----------------------------------------------------------------------------- host loop
 
     def run(self, n_steps: int) -> MDReport:
         """Advance ``n_steps`` steps; raises `MDStabilityError` if the system blows up."""
         start = time.perf_counter()
-        builds = self.neighbour_list_builds
+        builds, waited = self.neighbour_list_builds, self.neighbour_wait_s
         target = self.steps_done + int(n_steps)
-        stalled = False
+        stalled = False  # the last block ran no step on a list built at the current positions
+        idle = False  # the last block ran no step
         while self.steps_done < target:
             remaining = min(target - self.steps_done, self.block_steps)
+            limits = self._block_limits()
+            # Overlap: with half the skin as the limit, a block stops once half is used.
+            # Never right after a block that ran no step, so a stuck run reaches the check below.
+            early = (self.overlap_neighbour_lists and self._next_list is None and not self._complete_list
+                     and not idle)
+            if early:
+                limits[0] = 0.5 * limits[0]
             state, status, detail, executed, records = _run_block(
-                self._program, self._potential, self.ensemble, jnp.asarray(self._block_limits(), self.dtype),
+                self._program, self._potential, self.ensemble, jnp.asarray(limits, self.dtype),
                 self.params, self._state, self._template, self._reference_positions, self._reference_cell,
                 jnp.asarray(remaining, jnp.int32))
             status, executed = int(status), int(executed)
             self._state = state
             self._record(jax.device_get(records))
             self.steps_done += executed
-            if status == _REBUILD:
+            idle = executed == 0
+            if status == _REBUILD and early:  # half the skin used: the next list on the host thread
+                self._start_next_list(state)
+                stalled = False
+            elif self._next_list is not None and status in (_RUNNING, _REBUILD):
+                self._install_next_list()  # one block after it was started, whatever the thread's speed
+                stalled = False
+            elif status == _REBUILD:
                 if executed == 0 and stalled:
                     raise MDStabilityError(
                         f"step {self.steps_done + 1}: atoms moved more than skin/2 = {self.skin / 2} Å in "
                         f"one step; the time step ({self.timestep_fs} fs) is too large or the system is "
                         f"exploding")
                 stalled = executed == 0
-                positions = np.asarray(jax.device_get(state.positions[:self.n_atoms]), np.float64)
-                self._rebuild_neighbours(positions, np.asarray(jax.device_get(state.cell), np.float64))
+                rebuild_start = time.perf_counter()
+                self._rebuild_neighbours(*self._host_positions(state))
+                self.neighbour_wait_s += time.perf_counter() - rebuild_start
             elif status != _RUNNING:
                 raise MDStabilityError(self._describe_failure(status, np.asarray(detail)))
             else:
                 stalled = False
         return MDReport(steps=int(n_steps), seconds=time.perf_counter() - start,
-                        neighbour_list_builds=self.neighbour_list_builds - builds)
+                        neighbour_list_builds=self.neighbour_list_builds - builds,
+                        neighbour_wait_s=self.neighbour_wait_s - waited)
 
     def _block_limits(self) -> np.ndarray:
         """[skin, min_distance_fraction, max_temperature_K] as the block checks them."""
