@@ -446,9 +446,16 @@ def model_at(arm: str, seed: int, work_dir: str, bought: int) -> Optional[str]:
         return None
     with open(os.path.join(al_dir, "report.csv")) as stream:
         rows = [row for row in csv.DictReader(stream) if row["iteration"] != "final"]
+    # A run stopped after training an iteration, before its exploration wrote the report row,
+    # keeps that iteration's row in state.json.
+    state = json.load(open(os.path.join(al_dir, "state.json"))) if os.path.exists(
+        os.path.join(al_dir, "state.json")) else {}
+    if state.get("row") and all(int(row["iteration"]) != state["row"]["iteration"] for row in rows):
+        rows.append(state["row"])
     for row in rows:
         if int(row["labels_total"]) - int(rows[0]["labels_total"]) == bought:
-            return os.path.join(al_dir, f"iter_{int(row['iteration']):03d}", "run")
+            run_dir = os.path.join(al_dir, f"iter_{int(row['iteration']):03d}", "run")
+            return run_dir if os.path.exists(os.path.join(run_dir, "summary.json")) else None  # trained
     return None
 
 
