@@ -267,12 +267,16 @@ def training_config(learner, folder: str, frames: list, seed: int) -> str:
     return path
 
 
+TRAINING_CORES = [0, 1]  # --training-cores: trainings from scratch run one per core, side by side
+
+
 def train_side_by_side(jobs: list, results: str, recorded: dict) -> None:
-    """Trainings (key, config path, folder, labels bought), two at a time, one core each; each one's test
-    force MAE goes into ``recorded["points"][key]``, saved to ``results`` as it finishes."""
-    for first in range(0, len(jobs), 2):
+    """Trainings (key, config path, folder, labels bought), one per core of ``TRAINING_CORES`` at a time;
+    each one's test force MAE goes into ``recorded["points"][key]``, saved to ``results`` as it finishes."""
+    width = len(TRAINING_CORES)
+    for first in range(0, len(jobs), width):
         processes = {}
-        for core, (key, path, folder, _) in enumerate(jobs[first:first + 2]):
+        for core, (key, path, folder, _) in zip(TRAINING_CORES, jobs[first:first + width]):
             run_dir = os.path.join(folder, "run")
             command = ["train", path]
             if os.path.exists(os.path.join(run_dir, "last.msgpack")):  # a killed benchmark: go on from there
@@ -282,7 +286,7 @@ def train_side_by_side(jobs: list, results: str, recorded: dict) -> None:
             log = open(os.path.join(folder, "train.log"), "a")
             processes[key] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "mlip.cli",
                                                *command], stdout=log, stderr=subprocess.STDOUT)
-        for (key, path, folder, bought), process in zip(jobs[first:first + 2], processes.values()):
+        for (key, path, folder, bought), process in zip(jobs[first:first + width], processes.values()):
             if process.wait() != 0:
                 raise SystemExit(f"training {key} failed: see {folder}/train.log")
             summary = json.load(open(os.path.join(folder, "run", "summary.json")))
@@ -768,6 +772,8 @@ def main(argv=None) -> int:
     parser.add_argument("--first-core", type=int, default=0,
                         help="run: the runs go on this core and the next (two invocations side by side, one job "
                              "each: --first-core 0 and 1)")
+    parser.add_argument("--training-cores", type=int, nargs="+", default=TRAINING_CORES,
+                        help="retrain/pool/iid: the cores whose trainings run side by side, one each")
     parser.add_argument("--iterations", type=int, nargs="+", default=[2, 4, 8],
                         help="retrain: the iterations whose training sets are retrained from scratch")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
@@ -781,6 +787,7 @@ def main(argv=None) -> int:
                         help="subsets: the label counts whose models are evaluated on each held-out subset")
     parser.add_argument("--docs", action="store_true")
     args = parser.parse_args(argv)
+    TRAINING_CORES[:] = args.training_cores
     system = SYSTEMS[args.system]
     if args.finetune_epochs is not None:
         n = args.finetune_epochs
