@@ -240,6 +240,7 @@ def test_md_cli_writes_trajectory_log_and_summary(cuau, tmp_path):
     assert log_lines[0].startswith("# step") and len(log_lines) == 1 + 5
     summary = json.loads((tmp_path / "md_summary.json").read_text())
     assert summary["steps"] == 40 and summary["stop_reason"] == "completed"
+    assert summary["overlap_neighbour_lists"] is False and summary["neighbour_wait_s"] >= 0  # CPU: off
     assert os.path.exists(tmp_path / "md.log")
 
 

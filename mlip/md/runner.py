@@ -147,7 +147,10 @@ def _summary(md, stop_reason: str, elapsed: float, compile_seconds: Optional[flo
     half = len(table["step"]) // 2
     summary = {"steps": md.steps_done, "stop_reason": stop_reason, "ensemble": md.ensemble.name,
                "n_atoms": md.n_atoms, "timestep_fs": md.timestep_fs, "elapsed_s": round(elapsed, 3),
-               "neighbour_list_builds": md.neighbour_list_builds, "compilations": md.compilations}
+               "neighbour_list_builds": md.neighbour_list_builds, "compilations": md.compilations,
+               # host seconds the steps waited for neighbour lists; overlapped builds hide most of it
+               "neighbour_wait_s": round(md.neighbour_wait_s, 3),
+               "overlap_neighbour_lists": md.overlap_neighbour_lists}
     measured = elapsed - (compile_seconds or 0.0)
     later_steps = md.steps_done - first_chunk_steps
     if later_steps > 0 and measured > 0:
