@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 20's device checks, prepared to run in one call of the device machine (up to 10 minutes;
-# about 8.5 on an H200 on 2026-11-30), stage by stage, each under its own time limit, so a broken
-# stage costs only its own time:
+# Issue 20's device checks, prepared to run in two calls of the device machine (15 minutes of
+# device time a session, starts included), stage by stage, each under its own time limit, so a
+# broken stage costs only its own time:
 #
 #   bash scripts/device_wheels.sh                       # here, once: .device/wheels (git-ignored)
 #   python scripts/benchmark_md.py --paths mlip-md-small --sizes 108 --max-steps 20 --no-docs \
