@@ -7,8 +7,8 @@
 #   python scripts/benchmark_md.py --paths mlip-md-small --sizes 108 --max-steps 20 --no-docs \
 #       --work-dir .device/md                           # here, once: the small model's run dir
 #   run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh", carry=[".device"], timeout_s=560)
-#   run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh overlap train", carry=[".device"],
-#       timeout_s=300)         # at once, while the machine is warm (30 s): it keeps the install
+#   run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh profile overlap", carry=[".device"],
+#       timeout_s=330)         # at once, while the machine is warm (30 s): it keeps the install
 #   run(command="bash scripts/gpu_check.sh install fits mace", carry=[".device"])   # others
 #
 # Every stage needs the install stage first on a fresh machine (a warm one keeps it). A command
@@ -21,6 +21,8 @@
 #             and cold with autotuning (MLIP_GPU_AUTOTUNE=1), side by side; then warm from the cache
 #   md        scripts/benchmark_md.py: mlip-md at 4000, 32000, 62500 atoms; mlip-md-small at
 #             4000, 32000, 108000, 256000 (the small model's run dir carried in .device/md)
+#   profile   scripts/profile_md.py: a step's device time per module of the model, forward and
+#             backward (the default model at 32000 atoms, the small one at 108000)
 #   overlap   mlip-md-small at 256000 atoms with neighbour lists built on a host thread (on) and
 #             without (off): the device's wait for host lists
 #   fits      the largest cells: mlip-md-small at 500000 and 1048576 atoms, mlip-md at 78732
@@ -57,7 +59,7 @@ results = {"stages": [json.loads(line) for line in open(os.path.join(work, "stag
            if os.path.exists(os.path.join(work, "stages.jsonl")) else []}
 for path in sorted(glob.glob(os.path.join(work, "startup_*.json"))):
     results[os.path.basename(path)[:-5]] = json.load(open(path))
-for name in ("replicas", "replicas_mixed", "al_compilation"):
+for name in ("replicas", "replicas_mixed", "al_compilation", "profile_default", "profile_small"):
     if os.path.exists(os.path.join(work, f"{name}.json")):
         results[name] = json.load(open(os.path.join(work, f"{name}.json")))
 for name in ("md_default", "md_small", "overlap_off", "overlap_on", "fits_small", "fits_default", "mace"):
@@ -90,6 +92,9 @@ for name in ("md_default", "md_small", "overlap_off", "overlap_on", "fits_small"
         print(name, row["path"], row["n_atoms"], row.get("us_per_atom_step"), row.get("warmup_s"),
               row.get("device_peak_GB"), row.get("neighbour_list_builds"), row.get("neighbour_wait_s"),
               row["status"], row.get("reason", "")[:200])
+for name in ("profile_default", "profile_small"):  # the modules that take the most device time
+    for row in results.get(name, {}).get("modules", [])[:8]:
+        print(name, row["direction"], row["module"], row["ms_per_step"], row["share"])
 short = {k: v for k, v in results.items() if k.startswith("startup") or k in ("stages", "train")}
 for report in short.values():  # the per-program detail stays in results.json
     for phase in report.values() if isinstance(report, dict) else ():
@@ -163,6 +168,10 @@ for name in $STAGES; do
       stage md_small 150 "$PY" scripts/benchmark_md.py --paths mlip-md-small --sizes $SIZES_SMALL \
         --min-seconds 2 --max-steps 1000 --block-steps 10 --case-timeout-s 60 --no-docs \
         --work-dir "$WORK/md_small" --device-note "gpu_check.sh" ;;
+    profile)
+      # Where a step's device time goes, per module of the model, forward and backward.
+      stage profile_default 120 "$PY" scripts/profile_md.py --model default --atoms "${PROFILE_ATOMS_DEFAULT:-32000}" --json "$WORK/profile_default.json"
+      stage profile_small 90 "$PY" scripts/profile_md.py --model small --atoms "${PROFILE_ATOMS_SMALL:-108000}" --json "$WORK/profile_small.json" ;;
     overlap)
       # Neighbour lists built on a host thread while the device steps, against the device waiting
       # for each: the small model at 256,000 atoms, where a host list takes seconds.
