@@ -9,7 +9,7 @@
 #   run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh", carry=[".device"], timeout_s=560)
 #   run(command="PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh profile overlap", carry=[".device"],
 #       timeout_s=330)         # at once, while the machine is warm (30 s): it keeps the install
-#   run(command="bash scripts/gpu_check.sh install fits mace", carry=[".device"])   # others
+#   run(command="bash scripts/gpu_check.sh install drift train fits mace", carry=[".device"])   # later
 #
 # Every stage needs the install stage first on a fresh machine (a warm one keeps it). A command
 # the device kills at its limit still returns $OUT: results.json is merged after each stage.
@@ -25,6 +25,7 @@
 #             backward (the default model at 32000 atoms, the small one at 108000)
 #   overlap   mlip-md-small at 256000 atoms with neighbour lists built on a host thread (on) and
 #             without (off): the device's wait for host lists
+#   drift     float32 NVE drift: mlip-md-small and mlip-md at 4000 atoms, 15 s of steps each
 #   fits      the largest cells: mlip-md-small at 500000 and 1048576 atoms, mlip-md at 78732
 #   train     mlip train configs/quickstart.yaml for 60 s: epochs, structures per second after compilation
 #   replicas  scripts/benchmark_replicas.py: 1, 6, 24 and 96 butane trajectories one by one and together
@@ -62,7 +63,7 @@ for path in sorted(glob.glob(os.path.join(work, "startup_*.json"))):
 for name in ("replicas", "replicas_mixed", "al_compilation", "profile_default", "profile_small"):
     if os.path.exists(os.path.join(work, f"{name}.json")):
         results[name] = json.load(open(os.path.join(work, f"{name}.json")))
-for name in ("md_default", "md_small", "overlap_off", "overlap_on", "fits_small", "fits_default", "mace"):
+for name in ("md_default", "md_small", "overlap_off", "overlap_on", "drift", "fits_small", "fits_default", "mace"):
     path = os.path.join(work, name, "benchmark_md.json")
     if not os.path.exists(path) and os.path.exists(os.path.join(work, name, "partial.json")):
         results[name] = json.load(open(os.path.join(work, name, "partial.json")))
@@ -87,11 +88,11 @@ with open(partial, "w") as stream:
 os.replace(partial, os.path.join(out, "results.json"))
 if sys.argv[3:] != ["--print"]:
     sys.exit(0)
-for name in ("md_default", "md_small", "overlap_off", "overlap_on", "fits_small", "fits_default", "mace"):  # one line per case
+for name in ("md_default", "md_small", "overlap_off", "overlap_on", "drift", "fits_small", "fits_default", "mace"):  # one line per case
     for row in results.get(name, {}).get("results", []):
         print(name, row["path"], row["n_atoms"], row.get("us_per_atom_step"), row.get("warmup_s"),
               row.get("device_peak_GB"), row.get("neighbour_list_builds"), row.get("neighbour_wait_s"),
-              row["status"], row.get("reason", "")[:200])
+              row.get("steps"), row.get("energy_drift_eV_per_atom_ps"), row["status"], row.get("reason", "")[:200])
 for name in ("profile_default", "profile_small"):  # the modules that take the most device time
     for row in results.get(name, {}).get("modules", [])[:8]:
         print(name, row["direction"], row["module"], row["ms_per_step"], row["share"])
@@ -168,6 +169,13 @@ for name in $STAGES; do
       stage md_small 150 "$PY" scripts/benchmark_md.py --paths mlip-md-small --sizes $SIZES_SMALL \
         --min-seconds 2 --max-steps 1000 --block-steps 10 --case-timeout-s 60 --no-docs \
         --work-dir "$WORK/md_small" --device-note "gpu_check.sh" ;;
+    drift)
+      # Float32 NVE drift on the GPU: a few thousand steps of each model at 4000 atoms.
+      mkdir -p "$WORK/drift"
+      cp -r .device/md/mlip_small_metal_* "$WORK/drift/" 2>/dev/null
+      stage drift 150 "$PY" scripts/benchmark_md.py --paths mlip-md-small,mlip-md --sizes 4000 --min-seconds 15 \
+        --max-steps 5000 --block-steps 50 --case-timeout-s 70 --no-docs --work-dir "$WORK/drift" \
+        --device-note "gpu_check.sh" ;;
     profile)
       # Where a step's device time goes, per module of the model, forward and backward.
       stage profile_default 120 "$PY" scripts/profile_md.py --model default --atoms "${PROFILE_ATOMS_DEFAULT:-32000}" --json "$WORK/profile_default.json"
