@@ -12,13 +12,16 @@ of compilation without it (docs/benchmarks.md, "GPU"), and every new system size
 again. `gpu_autotuning_off` adds ``--xla_gpu_autotune_level=0`` to ``XLA_FLAGS`` where a
 GPU plugin of JAX is installed, unless the user's ``XLA_FLAGS`` already set a level or
 ``MLIP_GPU_AUTOTUNE=1`` asks for XLA's default. ``import mlip`` runs it; XLA reads the
-flags when JAX first starts a backend, so it must come before the first JAX computation.
+flags when JAX first starts a backend, so it must come before the first JAX computation
+(a warning says so when it came too late).
 """
 
 from __future__ import annotations
 
 import os
 import pkgutil
+import sys
+import warnings
 
 DEFAULT_DIRECTORY = os.path.join("~", ".cache", "mlip", "xla")
 
@@ -58,4 +61,13 @@ def gpu_autotuning_off() -> bool:
     if not any(module.name.startswith(("jax_cuda", "jax_rocm")) for module in pkgutil.iter_modules()):
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {AUTOTUNE_OFF}".strip()
+    if "jax" in sys.modules:
+        try:
+            from jax._src.xla_bridge import backends_are_initialized
+        except ImportError:  # a JAX without it: nothing to tell
+            return True
+        if backends_are_initialized():
+            warnings.warn("mlip was imported after JAX started its backends, so XLA's GPU autotuning stays on "
+                          "for this process (minutes of compilation per new system size on a GPU); import mlip "
+                          "before the first JAX computation", stacklevel=3)
     return True
