@@ -66,7 +66,7 @@ def gpu_autotuning_off() -> bool:
             from jax._src.xla_bridge import backends_are_initialized
         except ImportError:  # a JAX without it: nothing to tell
             return True
-        if backends_are_initialized():
+        if backends_are_initialized() and sys.modules["jax"].default_backend() != "cpu":
             warnings.warn("mlip was imported after JAX started its backends, so XLA's GPU autotuning stays on "
                           "for this process (minutes of compilation per new system size on a GPU); import mlip "
                           "before the first JAX computation", stacklevel=3)

@@ -343,9 +343,9 @@ def test_python_api_uses_the_persistent_compilation_cache(tmp_path, monkeypatch)
 
 def test_gpu_autotuning_is_switched_off_only_where_a_gpu_plugin_is_and_the_user_set_nothing(monkeypatch):
     import pkgutil
+    from types import SimpleNamespace
 
     import jax
-    from types import SimpleNamespace
 
     from mlip import compilation_cache
 
@@ -358,9 +358,12 @@ def test_gpu_autotuning_is_switched_off_only_where_a_gpu_plugin_is_and_the_user_
     assert not compilation_cache.gpu_autotuning_off()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
     installed("jax_cuda13_plugin")
-    jax.devices()  # this process's backends have started: too late for the flag, and said so
+    jax.devices()  # this process's backends have started: too late for the flag, and said so on a GPU
+    backend = jax.default_backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.warns(UserWarning, match="autotuning stays on"):
         assert compilation_cache.gpu_autotuning_off()
+    monkeypatch.setattr(jax, "default_backend", backend)
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_gpu_autotune_level=0"
     assert not compilation_cache.gpu_autotuning_off()  # once only: a level is set now
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=4")  # the user's own level stays
