@@ -165,12 +165,19 @@ class Stopwatch:
         self.min_seconds, self.max_steps = min_seconds, max_steps
         self.step_limit_s, self.multiple = step_limit_s, multiple
 
-    def run(self, advance) -> dict:
-        done, elapsed, chunk = 0, 0.0, self.multiple
+    def run(self, advance, compilations=None) -> dict:
+        """``compilations() -> int``, where given: a chunk during which it grew (a program compiled,
+        or loaded from the cache, in the middle of the run) is left out of the timing."""
+        done, elapsed, chunk, left_out = 0, 0.0, self.multiple, 0
         while done < self.max_steps and elapsed < self.min_seconds:
+            compiled_before = compilations() if compilations else 0
             start = time.perf_counter()
             advance(chunk)
-            elapsed += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            if compilations and compilations() != compiled_before:
+                left_out += chunk
+                continue
+            elapsed += seconds
             done += chunk
             per_step = elapsed / done
             if per_step > self.step_limit_s:
@@ -178,7 +185,7 @@ class Stopwatch:
             wanted = int(math.ceil((self.min_seconds - elapsed) / per_step))
             chunk = max(self.multiple, min(wanted, self.max_steps - done, 4 * done + 10))
             chunk = int(math.ceil(chunk / self.multiple)) * self.multiple
-        return {"steps": done, "seconds": elapsed}
+        return {"steps": done, "seconds": elapsed, "steps_left_out_compiling": left_out}
 
 
 def _temperature(atoms) -> float:
@@ -285,7 +292,8 @@ def worker_mlip_md(spec: dict) -> dict:
     start = time.perf_counter()
     md.run(block)  # one block: compilation and the first steps
     warmup_s = time.perf_counter() - start
-    timing = Stopwatch(spec["min_seconds"], spec["max_steps"], spec["step_limit_s"], block).run(md.run)
+    timing = Stopwatch(spec["min_seconds"], spec["max_steps"], spec["step_limit_s"], block).run(
+        md.run, compilations=lambda: md.compilations)
     final = md.atoms
     result = {**timing, "setup_s": setup_s, "warmup_s": warmup_s, "block_steps": block,
               "temperature_start_K": t_start, "temperature_end_K": _temperature(final),
