@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import warnings
 
 import ase.io
 import jax
@@ -62,6 +63,11 @@ def test_recalibration_recovers_the_scale_and_reduces_nll():
     np.testing.assert_allclose(calibration.fit_interval_quantiles(*with_isolated),
                                calibration.fit_interval_quantiles(errors, overconfident))
     assert calibration.fit_variance_scale([0.1, 0.2], [0.0, 0.0]) == 1.0
+    fallback = calibration.fit_interval_quantiles([0.1, 0.2], [0.0, 0.0])  # Gaussian, finite for JSON
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow where the fallback's last level is the float maximum
+        levels = calibration.recalibrated_levels([0.5, 5.0], [1.0, 1.0], fallback)
+    np.testing.assert_allclose(levels, [0.383, 0.99], atol=2e-3)  # Gaussian: |e|/σ = 0.5, and 5 beyond z(0.99)
 
 
 def test_interval_recalibration_calibrates_heavy_tailed_errors():

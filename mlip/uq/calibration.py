@@ -178,8 +178,10 @@ def recalibrated_levels(errors, sigma, quantiles) -> np.ndarray:
     errors, sigma = _errors_and_sigma(errors, sigma)
     quantiles = np.asarray(quantiles, np.float64)
     levels = np.linspace(0.0, 1.0, quantiles.size)
-    # np.interp needs increasing knots; repeated quantiles (ties) get a negligible ramp.
-    knots = quantiles + np.arange(quantiles.size) * 1e-12 * max(1.0, float(quantiles[-1]))
+    # np.interp needs increasing knots; repeated quantiles (ties) get a negligible ramp. Its
+    # scale is the median quantile: the last one can be the float maximum (the fallback of
+    # `fit_interval_quantiles`), and a ramp scaled by it would overflow.
+    knots = quantiles + np.arange(quantiles.size) * 1e-12 * max(1.0, float(np.median(quantiles)))
     return np.interp(np.abs(errors) / sigma, knots, levels, left=0.0, right=1.0)
 
 
