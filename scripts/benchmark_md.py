@@ -487,7 +487,7 @@ _running_case: subprocess.Popen | None = None  # the case's process, its own ses
 def _stop_running_case(signum, frame) -> None:
     """SIGTERM (a stage's time limit): end the running case too. It runs in a session of its
     own, so a killed parent would otherwise leave it on the device (seen on the GPU: an
-    orphaned 62,500-atom case slowed the next stage's cases 8-fold)."""
+    orphaned 62,500-atom case slowed the next stage's cases 4 to 8 times)."""
     if _running_case is not None and _running_case.poll() is None:
         os.killpg(_running_case.pid, signal.SIGKILL)
     raise SystemExit(128 + signum)
