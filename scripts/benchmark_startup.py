@@ -75,6 +75,26 @@ def fcc_cell(n_atoms: int, seed: int = 0):
     return atoms
 
 
+def random_cuau_model(model: str):
+    """(potential, params): the default model or configs/small.yaml's backbone (``model``) for Cu/Au,
+    with random weights and unit statistics."""
+    import jax
+
+    from mlip.data.statistics import DatasetStatistics
+    from mlip.model_config import ModelConfig
+    from mlip.potential import Potential
+    from mlip.training.checkpoint import dummy_graph
+
+    config = {}
+    if model == "small":
+        from benchmark_common import small_backbone
+        config = {"backbone": small_backbone()}
+    statistics = DatasetStatistics(atomic_numbers=[29, 79], e0={29: 0.0, 79: 0.0}, shift=0.0, scale=1.0,
+                                   avg_num_neighbors=12.0)
+    potential = Potential(ModelConfig.model_validate(config), statistics)
+    return potential, potential.init(jax.random.PRNGKey(0), dummy_graph([29, 79]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--atoms", type=int, default=4000)
@@ -93,25 +113,14 @@ def main(argv=None) -> int:
     logging.getLogger("jax").setLevel(logging.DEBUG)
 
     from mlip.compilation_cache import enable_compilation_cache
-    from mlip.data.statistics import DatasetStatistics
     from mlip.md import MolecularDynamics
-    from mlip.model_config import ModelConfig
-    from mlip.potential import Potential
-    from mlip.training.checkpoint import dummy_graph
 
     report = {"atoms": args.atoms, "model": args.model, "block_steps": args.block_steps, "cache": args.cache,
               "device": str(jax.devices()[0]), "jax": jax.__version__}
     atoms = fcc_cell(args.atoms)
     enable_compilation_cache()  # as the calculator and MD do; here before the random initialisation too
     start = time.perf_counter()
-    backbone = {}
-    if args.model == "small":
-        from benchmark_common import small_backbone
-        backbone = small_backbone()
-    statistics = DatasetStatistics(atomic_numbers=[29, 79], e0={29: 0.0, 79: 0.0}, shift=0.0, scale=1.0,
-                                   avg_num_neighbors=12.0)
-    potential = Potential(ModelConfig.model_validate({"backbone": backbone} if backbone else {}), statistics)
-    params = potential.init(jax.random.PRNGKey(0), dummy_graph([29, 79]))
+    potential, params = random_cuau_model(args.model)
     jax.block_until_ready(params)
     report["init"] = {"wall_s": round(time.perf_counter() - start, 3), **log.take()}
 

@@ -76,20 +76,10 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from benchmark_common import small_backbone
-    from benchmark_startup import fcc_cell
-    from mlip.data.statistics import DatasetStatistics
-    from mlip.md import MolecularDynamics
-    from mlip.md import simulation
-    from mlip.model_config import ModelConfig
-    from mlip.potential import Potential
-    from mlip.training.checkpoint import dummy_graph
+    from benchmark_startup import fcc_cell, random_cuau_model
+    from mlip.md import MolecularDynamics, simulation
 
-    statistics = DatasetStatistics(atomic_numbers=[29, 79], e0={29: 0.0, 79: 0.0}, shift=0.0, scale=1.0,
-                                   avg_num_neighbors=12.0)
-    config = {"backbone": small_backbone()} if args.model == "small" else {}
-    potential = Potential(ModelConfig.model_validate(config), statistics)
-    params = potential.init(jax.random.PRNGKey(0), dummy_graph([29, 79]))
+    potential, params = random_cuau_model(args.model)
     md = MolecularDynamics(potential, params, fcc_cell(args.atoms), ensemble="nve", timestep_fs=1.0,
                            block_steps=args.block_steps, overlap_neighbour_lists=False)
     md.run(args.block_steps)  # compiles
