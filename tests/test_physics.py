@@ -274,6 +274,14 @@ def test_les_md_matches_ase_with_the_calculator_in_a_charged_cell(monkeypatch):
     assert md.neighbour_list_builds > 1 and md._template.mesh_shape
     np.testing.assert_allclose(md.atoms.positions, reference.positions, atol=1e-9)
     np.testing.assert_allclose(md.atoms.cell.array, reference.cell.array, atol=1e-9)
+    # The same with the next lists built on the host thread (the GPU default): the mesh and
+    # the list come in a block late, from the positions they were built at.
+    overlapped = MolecularDynamics(potential, params, atoms, ensemble="npt", timestep_fs=1.0, temperature_K=300.0,
+                                   pressure_GPa=1.0, skin=0.1, max_temperature_K=1e6, overlap_neighbour_lists=True)
+    overlapped.run(8)
+    assert overlapped._list_thread is not None
+    np.testing.assert_allclose(overlapped.atoms.positions, reference.positions, atol=1e-9)
+    np.testing.assert_allclose(overlapped.atoms.cell.array, reference.cell.array, atol=1e-9)
     charges = reference.calc.results["charges"]
     assert charges.shape == (7,) and charges.sum() == pytest.approx(-1.0, abs=1e-9)
     # The calculator notices a change of total charge in atoms.info.
